@@ -1,0 +1,192 @@
+"""Command line: ``python -m indexer {build,query,stats,remove}`` (also ``imgsearch-index``).
+
+Only argument parsing, logging set-up, output and exit codes live here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from indexer.build import BuildReport, build_index
+from indexer.errors import IndexerError
+from indexer.images import SheetEntry, render_contact_sheet
+from indexer.search import Match, SearchService
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # the command could not do its job
+EXIT_PARTIAL = 3  # it ran, but some queries or files failed
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if arguments.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return asyncio.run(arguments.handler(arguments))
+    except IndexerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("interrupted: everything committed so far is kept; run again to resume",
+              file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m indexer", description="Index a photo collection and find similar photos."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    build = commands.add_parser("build", help="index (or update the index of) a photo folder")
+    build.add_argument("photos", type=Path, help="folder of photos, searched recursively")
+    build.add_argument("--index", type=Path, required=True, help="index folder")
+    build.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    build.add_argument("--retrain", action="store_true", help="retrain the codebook")
+    build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    build.set_defaults(handler=_build)
+
+    query = commands.add_parser("query", help="find the photos most similar to some images")
+    query.add_argument("images", type=Path, nargs="+", help="query image files")
+    query.add_argument("--index", type=Path, required=True, help="index folder")
+    query.add_argument("--top", type=int, default=5, help="results per query (default 5)")
+    query.add_argument("--json", action="store_true", help="one JSON object per line")
+    query.add_argument("--sheet", type=Path, help="write a contact sheet PNG (first query)")
+    query.set_defaults(handler=_query)
+
+    stats = commands.add_parser("stats", help="describe an index")
+    stats.add_argument("--index", type=Path, required=True, help="index folder")
+    stats.set_defaults(handler=_stats)
+
+    remove = commands.add_parser("remove", help="remove a photo from the index")
+    remove.add_argument("path", type=Path, help="path of the indexed photo")
+    remove.add_argument("--index", type=Path, required=True, help="index folder")
+    remove.set_defaults(handler=_remove)
+    return parser
+
+
+async def _build(arguments: argparse.Namespace) -> int:
+    report = await build_index(
+        arguments.photos,
+        arguments.index,
+        workers=arguments.workers,
+        progress=not arguments.no_progress,
+        retrain=arguments.retrain,
+    )
+    _print_build_report(report)
+    return EXIT_PARTIAL if report.failed else EXIT_OK
+
+
+def _print_build_report(report: BuildReport) -> None:
+    print(
+        f"{report.scanned} files scanned: {report.added} added, {report.updated} updated, "
+        f"{report.removed} removed, {report.unchanged} unchanged, {len(report.failed)} failed"
+        + (f", {report.still_failing} still failing (unchanged)" if report.still_failing else "")
+    )
+    print(f"{report.images} images in the index (generation {report.generation}), "
+          f"{report.seconds:.1f} s")
+    for path, reason in report.failed:
+        print(f"  skipped {path!r}: {reason}")
+
+
+async def _query(arguments: argparse.Namespace) -> int:
+    if arguments.top < 1:
+        raise IndexerError("--top must be at least 1")
+    service = await SearchService.open(arguments.index)
+    failures = 0
+    try:
+        for position, image in enumerate(arguments.images):
+            try:
+                matches = await service.query(image, top=arguments.top)
+            except IndexerError as error:
+                failures += 1
+                _print_query_error(str(image), error, as_json=arguments.json)
+                continue
+            _print_matches(str(image), matches, as_json=arguments.json)
+            if arguments.sheet is not None and position == 0:
+                _write_sheet(arguments.sheet, image, matches)
+    finally:
+        await service.close()
+    return EXIT_PARTIAL if failures else EXIT_OK
+
+
+def _print_query_error(query: str, error: IndexerError, *, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"query": query, "error": str(error)}), flush=True)
+    else:
+        print(f"{query}: {error}", file=sys.stderr)
+
+
+def _print_matches(query: str, matches: list[Match], *, as_json: bool) -> None:
+    if as_json:
+        results = [
+            {
+                "path": str(m.path),
+                "score": round(m.score, 4),
+                "verified": m.verified,
+                "inliers": m.inliers,
+            }
+            for m in matches
+        ]
+        print(json.dumps({"query": query, "results": results}), flush=True)
+        return
+    print(query)
+    if not matches:
+        print("  (no similar photos)")
+    for rank, m in enumerate(matches, start=1):
+        mark = "same picture" + (", mirrored" if m.mirrored else "") if m.verified else ""
+        print(f"  {rank:>2}. {m.score * 100:5.1f}%  {m.inliers:>4} inliers  {mark:<22} {m.path}")
+
+
+def _write_sheet(target: Path, query: Path, matches: list[Match]) -> None:
+    entries = [
+        SheetEntry(
+            image=m.path,
+            label=f"#{rank} {m.path.name}\n{m.score * 100:.0f}%" + (" same" if m.verified else ""),
+            highlighted=m.verified,
+        )
+        for rank, m in enumerate(matches, start=1)
+    ]
+    target.write_bytes(render_contact_sheet(query, entries))
+    print(f"contact sheet written to {target}", file=sys.stderr)
+
+
+async def _stats(arguments: argparse.Namespace) -> int:
+    service = await SearchService.open(arguments.index)
+    try:
+        stats = await service.stats()
+    finally:
+        await service.close()
+    sizes = stats.bytes_per_image
+    print(f"images:            {stats.images}")
+    print(f"in Annoy index:    {stats.indexed} (generation {stats.generation})")
+    print(f"fresh (exact):     {stats.fresh}")
+    print(f"vector dimensions: {stats.dimensions} (codebook trained on "
+          f"{stats.codebook_trained_on} images)")
+    print(f"files that failed: {stats.failures}")
+    print(f"stored per image:  {sizes['features']:.0f} B features ({sizes['keypoints']:.0f} "
+          f"keypoints) + {sizes['vector']:.0f} B vector")
+    return EXIT_OK
+
+
+async def _remove(arguments: argparse.Namespace) -> int:
+    service = await SearchService.open(arguments.index)
+    try:
+        removed = await service.remove_path(arguments.path)
+    finally:
+        await service.close()
+    print(f"removed {len(removed)} image(s): " + ", ".join(f"#{r.id}" for r in removed))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,115 @@
+"""The CPU-heavy steps that run in worker processes: decode, extract, hash.
+
+Everything here is a pure function of its arguments, picklable both ways, so the
+same code runs inline (the CLI's single query) or in a process pool (the build,
+the bot).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from indexer.errors import IndexerError, SourceError
+from indexer.features import LocalFeatures, extract_features
+from indexer.images import load_working_image
+from indexer.settings import EngineSettings
+
+
+@dataclass(frozen=True, slots=True)
+class Analysis:
+    """What the engine needs to know about one image."""
+
+    features: LocalFeatures
+    content_hash: str
+    width: int  # original size, after EXIF orientation
+    height: int
+    file_size: int
+    format: str
+
+
+@dataclass(frozen=True, slots=True)
+class FileAnalysis:
+    """The outcome for one file of a photo folder: an analysis, or why there is none."""
+
+    path: str
+    file_size: int
+    file_mtime_ns: int
+    analysis: Analysis | None
+    error: str | None
+
+
+def analyze_bytes(data: bytes, settings: EngineSettings, *, for_query: bool = False) -> Analysis:
+    """Decode ``data`` and extract its features.
+
+    Raises:
+        ImageError: the bytes are not a usable image (each subclass says why).
+    """
+    image = load_working_image(
+        data,
+        working_side=settings.working_side,
+        min_side=settings.min_side,
+        max_bytes=settings.max_file_bytes,
+        max_pixels=settings.max_pixels,
+    )
+    features = extract_features(
+        image.gray,
+        max_keypoints=settings.query_keypoints if for_query else settings.max_keypoints,
+        params=settings.kaze,
+    )
+    return Analysis(
+        features=features,
+        content_hash=hashlib.sha256(data).hexdigest(),
+        width=image.width,
+        height=image.height,
+        file_size=len(data),
+        format=image.format,
+    )
+
+
+def analyze_path(path: Path, settings: EngineSettings, *, for_query: bool = False) -> Analysis:
+    """Read and analyse a file.
+
+    Raises:
+        SourceError: the file cannot be read.
+        ImageError: it is not a usable image.
+    """
+    return analyze_bytes(_read(path, settings.max_file_bytes), settings, for_query=for_query)
+
+
+def analyze_folder_file(path: str, settings: EngineSettings) -> FileAnalysis:
+    """Analyse one file of a photo folder; failures are returned, not raised.
+
+    Size and modification time are taken from the open file, so a file that
+    changes during the build is recorded as it was read.
+    """
+    try:
+        with Path(path).open("rb") as handle:
+            status = os.fstat(handle.fileno())
+            if status.st_size > settings.max_file_bytes:
+                return FileAnalysis(
+                    path, status.st_size, status.st_mtime_ns, None,
+                    f"too large ({status.st_size} bytes, limit {settings.max_file_bytes})",
+                )
+            data = handle.read()
+    except OSError as error:
+        return FileAnalysis(path, 0, 0, None, f"cannot read: {error.strerror or error}")
+    try:
+        analysis = analyze_bytes(data, settings)
+    except IndexerError as error:
+        return FileAnalysis(path, status.st_size, status.st_mtime_ns, None, str(error))
+    return FileAnalysis(path, status.st_size, status.st_mtime_ns, analysis, None)
+
+
+def _read(path: Path, max_bytes: int) -> bytes:
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            from indexer.errors import ImageTooLargeError
+
+            raise ImageTooLargeError(f"{path.name} has {size} bytes, the limit is {max_bytes}")
+        return path.read_bytes()
+    except OSError as error:
+        raise SourceError(f"cannot read {path}: {error.strerror or error}") from error

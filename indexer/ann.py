@@ -1,0 +1,303 @@
+"""Candidate search: Annoy generations on disk, plus an exact buffer of fresh vectors.
+
+This is the only module that imports annoy.
+
+Annoy cannot grow after ``build()`` (spotify/annoy#344, #677), so the index on
+disk is a *generation*: a folder holding the Annoy file, the image ids and
+scopes aligned with Annoy's dense item numbers (Annoy allocates max(id)+1 slots,
+so we never hand it catalog ids), the codebook that made the vectors, and a
+manifest with checksums. A generation is written under a temporary name,
+fsynced, renamed, and only then named in ``CURRENT`` by an atomic
+``os.replace``: a reader sees the old generation or the new one, never half of
+one. Images added since the generation was built live in :class:`ExactVectors`
+and are searched exhaustively beside Annoy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from annoy import AnnoyIndex
+
+from indexer.encoding import Codebook
+from indexer.errors import IndexCorruptError, IndexIncompatibleError
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+IdArray = npt.NDArray[np.int64]
+
+GENERATION_FORMAT = 1
+CURRENT_FILE = "CURRENT"
+MANIFEST_FILE = "manifest.json"
+ANNOY_FILE = "vectors.annoy"
+IDS_FILE = "ids.npy"
+SCOPES_FILE = "scopes.npy"
+CODEBOOK_FILE = "codebook.npz"
+_TEMPORARY_PREFIX = ".building-"
+
+
+@dataclass(frozen=True, slots=True)
+class Candidates:
+    """Nearest images to a query vector: catalog ids, scopes and cosine similarities, best first."""
+
+    ids: IdArray
+    scopes: IdArray
+    similarities: FloatArray
+
+    @classmethod
+    def empty(cls) -> Candidates:
+        return cls(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))
+
+
+class Generation:
+    """One immutable, memory-mapped generation of the index."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], codebook: Codebook) -> None:
+        self.path = path
+        self.name = path.name
+        self.manifest = manifest
+        self.codebook = codebook
+        self.dimensions = int(manifest["dimensions"])
+        self.max_image_id = int(manifest["max_image_id"])
+        self.ids: IdArray = np.load(path / IDS_FILE, mmap_mode="r", allow_pickle=False)
+        self.scopes: IdArray = np.load(path / SCOPES_FILE, mmap_mode="r", allow_pickle=False)
+        self._annoy = AnnoyIndex(self.dimensions, "angular")
+        if len(self.ids):
+            # Annoy mmaps the file: pages are shared between processes and loaded on demand.
+            self._annoy.load(str(path / ANNOY_FILE), prefault=False)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def search(self, vector: FloatArray, count: int, search_k: int) -> Candidates:
+        """The ``count`` approximate nearest images to ``vector``."""
+        if not len(self.ids) or count <= 0:
+            return Candidates.empty()
+        items, distances = self._annoy.get_nns_by_vector(
+            vector.tolist(), count, search_k=search_k, include_distances=True
+        )
+        # Annoy's angular distance is sqrt(2 - 2 cos) on unit vectors.
+        distance = np.asarray(distances, dtype=np.float32)
+        positions = np.asarray(items, dtype=np.int64)
+        return Candidates(
+            ids=np.asarray(self.ids[positions], dtype=np.int64),
+            scopes=np.asarray(self.scopes[positions], dtype=np.int64),
+            similarities=1.0 - distance * distance / 2.0,
+        )
+
+    def unload(self) -> None:
+        self._annoy.unload()
+
+
+class ExactVectors:
+    """Vectors searched exhaustively: the images added since the generation was built."""
+
+    def __init__(self, dimensions: int) -> None:
+        self.dimensions = dimensions
+        self._ids: list[int] = []
+        self._scopes: list[int] = []
+        self._rows: list[FloatArray] = []
+        self._matrix: FloatArray | None = None
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    @property
+    def ids(self) -> list[int]:
+        return list(self._ids)
+
+    def add(self, image_id: int, scope: int, vector: FloatArray) -> None:
+        self._ids.append(image_id)
+        self._scopes.append(scope)
+        self._rows.append(vector.astype(np.float32))
+        self._matrix = None
+
+    def discard(self, image_id: int) -> None:
+        if image_id in self._ids:
+            position = self._ids.index(image_id)
+            del self._ids[position], self._scopes[position], self._rows[position]
+            self._matrix = None
+
+    def scope_of(self, image_id: int) -> int | None:
+        if image_id in self._ids:
+            return self._scopes[self._ids.index(image_id)]
+        return None
+
+    def search(self, vector: FloatArray, count: int) -> Candidates:
+        if not self._ids or count <= 0:
+            return Candidates.empty()
+        if self._matrix is None:
+            self._matrix = np.stack(self._rows)
+        similarities = self._matrix @ vector
+        best = np.argsort(-similarities)[:count]
+        return Candidates(
+            ids=np.asarray(self._ids, dtype=np.int64)[best],
+            scopes=np.asarray(self._scopes, dtype=np.int64)[best],
+            similarities=similarities[best].astype(np.float32),
+        )
+
+
+class GenerationStore:
+    """The ``generations/`` folder: writes new generations, names the current one."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def current_name(self) -> str | None:
+        """The name in ``CURRENT``, or ``None`` when no generation was ever built."""
+        try:
+            name = (self.root / CURRENT_FILE).read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        return name or None
+
+    def load_current(self, *, verify_checksums: bool = True) -> Generation | None:
+        """Open the current generation, or return ``None`` when there is none yet.
+
+        Raises:
+            IndexCorruptError: a file of the generation is missing, truncated or altered.
+            IndexIncompatibleError: the generation was written in another format.
+        """
+        name = self.current_name()
+        if name is None:
+            return None
+        path = self.root / name
+        try:
+            manifest = json.loads((path / MANIFEST_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as error:
+            raise IndexCorruptError(f"generation {name}: unreadable manifest ({error})") from error
+        if manifest.get("format") != GENERATION_FORMAT:
+            raise IndexIncompatibleError(
+                f"generation {name} has format {manifest.get('format')!r}, "
+                f"this version reads {GENERATION_FORMAT}"
+            )
+        for file_name, expected in manifest["files"].items():
+            file_path = path / file_name
+            try:
+                size = file_path.stat().st_size
+            except OSError as error:
+                raise IndexCorruptError(f"generation {name}: {file_name} is missing") from error
+            if size != expected["size"]:
+                raise IndexCorruptError(
+                    f"generation {name}: {file_name} has {size} bytes, expected {expected['size']}"
+                )
+            if verify_checksums and _sha256(file_path) != expected["sha256"]:
+                raise IndexCorruptError(f"generation {name}: {file_name} fails its checksum")
+        codebook = Codebook.load(path / CODEBOOK_FILE)
+        try:
+            return Generation(path, manifest, codebook)
+        except (OSError, ValueError) as error:
+            raise IndexCorruptError(f"generation {name}: {error}") from error
+
+    def write(
+        self,
+        *,
+        codebook: Codebook,
+        ids: IdArray,
+        scopes: IdArray,
+        vectors: Iterable[FloatArray],
+        max_image_id: int,
+        trees: int,
+    ) -> str:
+        """Build a new generation from ``vectors`` (aligned with ``ids``) and make it current.
+
+        ``ids`` must be sorted ascending. Returns the new generation's name.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        name = f"g{time.time_ns():020d}"
+        temporary = self.root / f"{_TEMPORARY_PREFIX}{name}"
+        temporary.mkdir()
+        try:
+            annoy = AnnoyIndex(codebook.dimensions, "angular")
+            # Building straight into the file keeps a 1M-item build out of RAM.
+            annoy.on_disk_build(str(temporary / ANNOY_FILE))
+            for item, vector in enumerate(vectors):
+                annoy.add_item(item, vector.tolist())
+            if len(ids):
+                annoy.build(trees, n_jobs=-1)
+            annoy.unload()
+            np.save(temporary / IDS_FILE, np.ascontiguousarray(ids, dtype=np.int64))
+            np.save(temporary / SCOPES_FILE, np.ascontiguousarray(scopes, dtype=np.int64))
+            codebook.save(temporary / CODEBOOK_FILE)
+            files = {
+                file_name: {
+                    "size": (temporary / file_name).stat().st_size,
+                    "sha256": _sha256(temporary / file_name),
+                }
+                for file_name in (ANNOY_FILE, IDS_FILE, SCOPES_FILE, CODEBOOK_FILE)
+            }
+            manifest = {
+                "format": GENERATION_FORMAT,
+                "dimensions": codebook.dimensions,
+                "codebook_id": codebook.id,
+                "items": len(ids),
+                "max_image_id": max_image_id,
+                "trees": trees,
+                "built_at": time.time(),
+                "files": files,
+            }
+            (temporary / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), "utf-8")
+            for file_name in (*files, MANIFEST_FILE):
+                _fsync_file(temporary / file_name)
+            final = self.root / name
+            temporary.rename(final)
+            _fsync_directory(self.root)
+            pointer = self.root / f"{CURRENT_FILE}.tmp"
+            pointer.write_text(name, encoding="utf-8")
+            _fsync_file(pointer)
+            os.replace(pointer, self.root / CURRENT_FILE)
+            _fsync_directory(self.root)
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
+        self.remove_stale(keep={name})
+        return name
+
+    def remove_stale(self, keep: set[str]) -> None:
+        """Delete half-written and superseded generations.
+
+        Processes that still have an old Annoy file mapped keep reading it: on
+        POSIX an unlinked file lives until its last mapping is closed.
+        """
+        if not self.root.exists():
+            return
+        current = self.current_name()
+        for entry in self.root.iterdir():
+            if entry.is_dir() and entry.name not in keep and entry.name != current:
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def discard_current(self) -> None:
+        """Forget the current generation (after corruption); the next build starts afresh."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.root / CURRENT_FILE).unlink()
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_directory(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

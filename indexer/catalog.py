@@ -1,0 +1,565 @@
+"""The catalog: SQLite through aiosqlite, the source of truth of the index.
+
+This is the only module that imports aiosqlite. Every derived file (vectors,
+Annoy generations, codebooks) can be rebuilt from what is stored here: one row
+per image, its local features (compact, see :func:`pack_features`), and its
+global vector tagged with the codebook that made it.
+"""
+
+from __future__ import annotations
+
+import errno
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import aiosqlite
+import numpy as np
+import numpy.typing as npt
+
+from indexer.errors import CatalogError, IndexIncompatibleError, NotFoundError, StorageFullError
+from indexer.features import LocalFeatures, pack_features, unpack_features
+
+FloatArray = npt.NDArray[np.float32]
+IdArray = npt.NDArray[np.int64]
+
+GLOBAL_SCOPE = 0
+"""The scope of the offline collection, visible from every chat. Chat ids are never 0."""
+
+# Each entry upgrades the schema by one version (PRAGMA user_version).
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE images (
+        -- AUTOINCREMENT: an id shown to a user ("#42") is never reused after a removal.
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        content_hash TEXT NOT NULL,
+        scope INTEGER NOT NULL DEFAULT 0,
+        path TEXT NOT NULL,
+        file_size INTEGER NOT NULL,
+        file_mtime_ns INTEGER NOT NULL DEFAULT 0,
+        width INTEGER NOT NULL,
+        height INTEGER NOT NULL,
+        added_at REAL NOT NULL,
+        added_by TEXT,
+        origin_chat_id INTEGER,
+        origin_message_id INTEGER,
+        telegram_file_id TEXT,
+        UNIQUE (scope, path)
+    );
+    CREATE INDEX images_by_hash ON images (content_hash, scope);
+    CREATE TABLE features (
+        image_id INTEGER PRIMARY KEY REFERENCES images (id) ON DELETE CASCADE,
+        keypoints INTEGER NOT NULL,
+        width INTEGER NOT NULL,
+        height INTEGER NOT NULL,
+        data BLOB NOT NULL
+    );
+    CREATE TABLE vectors (
+        image_id INTEGER PRIMARY KEY REFERENCES images (id) ON DELETE CASCADE,
+        codebook TEXT NOT NULL,
+        vector BLOB NOT NULL
+    );
+    CREATE TABLE failures (
+        path TEXT PRIMARY KEY,
+        file_size INTEGER NOT NULL,
+        file_mtime_ns INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        failed_at REAL NOT NULL
+    );
+    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+_SQLITE_FULL = 13
+
+_IMAGE_COLUMNS = (
+    "id, content_hash, scope, path, file_size, width, height, added_at, added_by, "
+    "origin_chat_id, origin_message_id, telegram_file_id"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ImageRecord:
+    """One image of the collection, as the catalog knows it."""
+
+    id: int
+    content_hash: str
+    scope: int
+    path: str  # absolute for folder sources; relative to the index folder for stored originals
+    file_size: int
+    width: int
+    height: int
+    added_at: float
+    added_by: str | None
+    origin_chat_id: int | None
+    origin_message_id: int | None
+    telegram_file_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewImage:
+    """An image to insert, with its features (and vector, when a codebook exists)."""
+
+    content_hash: str
+    scope: int
+    path: str
+    file_size: int
+    file_mtime_ns: int
+    width: int
+    height: int
+    features: LocalFeatures
+    vector: FloatArray | None = None
+    codebook_id: str | None = None
+    added_by: str | None = None
+    origin_chat_id: int | None = None
+    origin_message_id: int | None = None
+    telegram_file_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SourceState:
+    """What the catalog remembers of a file in a photo folder (to skip unchanged files)."""
+
+    image_id: int | None  # None: the file failed last time
+    file_size: int
+    file_mtime_ns: int
+
+
+class Catalog:
+    """Async access to the catalog database. Open with :meth:`open`, close with :meth:`close`."""
+
+    def __init__(self, connection: aiosqlite.Connection, path: Path) -> None:
+        self._db = connection
+        self.path = path
+
+    @classmethod
+    async def open(cls, path: Path) -> Catalog:
+        """Open (creating if needed) and migrate the catalog at ``path``.
+
+        Raises:
+            IndexIncompatibleError: the catalog was written by a newer version.
+            CatalogError: the file is not a usable SQLite database.
+        """
+        try:
+            connection = await aiosqlite.connect(path, isolation_level=None)
+        except sqlite3.Error as error:
+            raise CatalogError(f"cannot open the catalog {path}: {error}") from error
+        catalog = cls(connection, path)
+        try:
+            await catalog._configure()
+        except BaseException:
+            await connection.close()
+            raise
+        return catalog
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def _configure(self) -> None:
+        async with _translated_errors():
+            await self._db.execute("PRAGMA journal_mode = WAL")
+            # FULL: a commit that returned has reached the disk; users' adds must survive power loss.
+            await self._db.execute("PRAGMA synchronous = FULL")
+            await self._db.execute("PRAGMA foreign_keys = ON")
+            await self._db.execute("PRAGMA busy_timeout = 10000")
+            version = await self._scalar("PRAGMA user_version")
+            if version > SCHEMA_VERSION:
+                raise IndexIncompatibleError(
+                    f"the catalog has schema version {version}; this version knows up to "
+                    f"{SCHEMA_VERSION}: upgrade the software"
+                )
+            for number in range(version, SCHEMA_VERSION):
+                await self._db.execute("BEGIN IMMEDIATE")
+                for statement in _statements(MIGRATIONS[number]):
+                    await self._db.execute(statement)
+                await self._db.execute(f"PRAGMA user_version = {number + 1}")
+                await self._db.execute("COMMIT")
+
+    # -- settings ---------------------------------------------------------------
+
+    async def settings(self) -> dict[str, str]:
+        async with _translated_errors():
+            rows = await self._db.execute_fetchall("SELECT key, value FROM settings")
+        return {str(key): str(value) for key, value in rows}
+
+    async def save_settings(self, values: dict[str, str]) -> None:
+        async with _translated_errors(), self._transaction():
+            await self._db.executemany(
+                "INSERT INTO settings (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                sorted(values.items()),
+            )
+
+    # -- images -----------------------------------------------------------------
+
+    async def insert_images(self, images: Sequence[NewImage]) -> list[int]:
+        """Insert images with their features (and vectors) in one transaction; return their ids.
+
+        A folder file that is already in the catalog in the same scope is replaced.
+        """
+        ids: list[int] = []
+        now = time.time()
+        async with _translated_errors(), self._transaction():
+            for image in images:
+                await self._db.execute(
+                    "DELETE FROM images WHERE scope = ? AND path = ?", (image.scope, image.path)
+                )
+                cursor = await self._db.execute(
+                    "INSERT INTO images (content_hash, scope, path, file_size, file_mtime_ns, "
+                    "width, height, added_at, added_by, origin_chat_id, origin_message_id, "
+                    "telegram_file_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        image.content_hash,
+                        image.scope,
+                        image.path,
+                        image.file_size,
+                        image.file_mtime_ns,
+                        image.width,
+                        image.height,
+                        now,
+                        image.added_by,
+                        image.origin_chat_id,
+                        image.origin_message_id,
+                        image.telegram_file_id,
+                    ),
+                )
+                image_id = int(cursor.lastrowid or 0)
+                ids.append(image_id)
+                features = image.features
+                await self._db.execute(
+                    "INSERT INTO features (image_id, keypoints, width, height, data) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (image_id, len(features), features.width, features.height,
+                     pack_features(features)),
+                )
+                if image.vector is not None and image.codebook_id is not None:
+                    await self._db.execute(
+                        "INSERT INTO vectors (image_id, codebook, vector) VALUES (?, ?, ?)",
+                        (image_id, image.codebook_id, _pack_vector(image.vector)),
+                    )
+                await self._db.execute("DELETE FROM failures WHERE path = ?", (image.path,))
+        return ids
+
+    async def delete_images(self, ids: Iterable[int]) -> list[int]:
+        """Remove images (features and vectors go with them); returns the ids that existed."""
+        id_list = [int(i) for i in ids]
+        async with _translated_errors(), self._transaction():
+            existing: list[int] = []
+            for chunk in _chunks(id_list, 500):
+                rows = await self._db.execute_fetchall(
+                    f"SELECT id FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk
+                )
+                existing.extend(int(row[0]) for row in rows)
+            await self._db.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in existing])
+        return existing
+
+    async def get(self, image_id: int) -> ImageRecord:
+        """The image with this id.
+
+        Raises:
+            NotFoundError: there is no such image.
+        """
+        async with _translated_errors():
+            rows = await self._db.execute_fetchall(
+                f"SELECT {_IMAGE_COLUMNS} FROM images WHERE id = ?", (image_id,)
+            )
+        if not rows:
+            raise NotFoundError(f"no image #{image_id}")
+        return _record(next(iter(rows)))
+
+    async def get_many(self, ids: Sequence[int]) -> dict[int, ImageRecord]:
+        """The images among ``ids`` that exist (removed ones are simply absent)."""
+        result: dict[int, ImageRecord] = {}
+        async with _translated_errors():
+            for chunk in _chunks(ids, 500):
+                rows = await self._db.execute_fetchall(
+                    f"SELECT {_IMAGE_COLUMNS} FROM images WHERE id IN "
+                    f"({','.join('?' * len(chunk))})",
+                    chunk,
+                )
+                result.update((record.id, record) for record in map(_record, rows))
+        return result
+
+    async def find_by_hash(self, content_hash: str, scopes: Sequence[int]) -> ImageRecord | None:
+        """An image with exactly these bytes visible from ``scopes``, if there is one."""
+        async with _translated_errors():
+            rows = await self._db.execute_fetchall(
+                f"SELECT {_IMAGE_COLUMNS} FROM images WHERE content_hash = ? AND scope IN "
+                f"({','.join('?' * len(scopes))}) ORDER BY id LIMIT 1",
+                (content_hash, *scopes),
+            )
+        return _record(next(iter(rows))) if rows else None
+
+    async def find_by_path(self, path: str) -> list[ImageRecord]:
+        async with _translated_errors():
+            rows = await self._db.execute_fetchall(
+                f"SELECT {_IMAGE_COLUMNS} FROM images WHERE path = ? ORDER BY id", (path,)
+            )
+        return [_record(row) for row in rows]
+
+    async def set_telegram_file_id(self, image_id: int, file_id: str) -> None:
+        async with _translated_errors(), self._transaction():
+            await self._db.execute(
+                "UPDATE images SET telegram_file_id = ? WHERE id = ?", (file_id, image_id)
+            )
+
+    async def count(self, scope: int | None = None) -> int:
+        if scope is None:
+            return await self._scalar("SELECT count(*) FROM images")
+        return await self._scalar("SELECT count(*) FROM images WHERE scope = ?", (scope,))
+
+    async def max_id(self) -> int:
+        return await self._scalar("SELECT coalesce(max(id), 0) FROM images")
+
+    async def bytes_per_image(self) -> dict[str, float]:
+        """Average stored bytes of features and vectors per image (payload, not page overhead)."""
+        async with _translated_errors():
+            rows = await self._db.execute_fetchall(
+                "SELECT (SELECT avg(length(data)) FROM features), "
+                "(SELECT avg(length(vector)) FROM vectors), "
+                "(SELECT avg(keypoints) FROM features)"
+            )
+        features, vector, keypoints = next(iter(rows))
+        return {
+            "features": float(features or 0),
+            "vector": float(vector or 0),
+            "keypoints": float(keypoints or 0),
+        }
+
+    # -- folder sources -----------------------------------------------------------
+
+    async def sources_under(self, root: str) -> dict[str, SourceState]:
+        """Every file path under ``root`` the catalog knows (indexed or failed)."""
+        prefix = root.rstrip("/") + "/"
+        pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        states: dict[str, SourceState] = {}
+        async with _translated_errors():
+            rows = await self._db.execute_fetchall(
+                "SELECT path, file_size, file_mtime_ns, reason FROM failures "
+                "WHERE path LIKE ? ESCAPE '\\'",
+                (pattern,),
+            )
+            for path, size, mtime, _reason in rows:
+                states[str(path)] = SourceState(None, int(size), int(mtime))
+            rows = await self._db.execute_fetchall(
+                "SELECT path, id, file_size, file_mtime_ns FROM images "
+                "WHERE scope = ? AND path LIKE ? ESCAPE '\\'",
+                (GLOBAL_SCOPE, pattern),
+            )
+            for path, image_id, size, mtime in rows:
+                states[str(path)] = SourceState(int(image_id), int(size), int(mtime))
+        return states
+
+    async def record_failures(self, failures: Sequence[tuple[str, int, int, str]]) -> None:
+        """Remember files that could not be indexed: (path, size, mtime_ns, reason)."""
+        now = time.time()
+        async with _translated_errors(), self._transaction():
+            await self._db.executemany(
+                "INSERT INTO failures (path, file_size, file_mtime_ns, reason, failed_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (path) DO UPDATE SET "
+                "file_size = excluded.file_size, file_mtime_ns = excluded.file_mtime_ns, "
+                "reason = excluded.reason, failed_at = excluded.failed_at",
+                [(*failure, now) for failure in failures],
+            )
+
+    async def failures(self) -> list[tuple[str, str]]:
+        """(path, reason) of every file that could not be indexed, by path."""
+        async with _translated_errors():
+            rows = await self._db.execute_fetchall(
+                "SELECT path, reason FROM failures ORDER BY path"
+            )
+        return [(str(path), str(reason)) for path, reason in rows]
+
+    async def forget_failures(self, paths: Iterable[str]) -> None:
+        async with _translated_errors(), self._transaction():
+            await self._db.executemany(
+                "DELETE FROM failures WHERE path = ?", [(p,) for p in paths]
+            )
+
+    # -- features and vectors ---------------------------------------------------------
+
+    async def features(self, ids: Sequence[int]) -> dict[int, LocalFeatures]:
+        """Local features of the images among ``ids`` that exist."""
+        result: dict[int, LocalFeatures] = {}
+        async with _translated_errors():
+            for chunk in _chunks(ids, 500):
+                rows = await self._db.execute_fetchall(
+                    "SELECT image_id, keypoints, width, height, data FROM features "
+                    f"WHERE image_id IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                )
+                for image_id, count, width, height, data in rows:
+                    result[int(image_id)] = unpack_features(
+                        bytes(data), count=int(count), width=int(width), height=int(height)
+                    )
+        return result
+
+    async def iter_features(
+        self, *, batch: int = 256, sample_every: int = 1
+    ) -> AsyncIterator[tuple[int, LocalFeatures]]:
+        """All images' features in id order; ``sample_every`` > 1 takes every n-th image."""
+        last = 0
+        while True:
+            async with _translated_errors():
+                rows = list(
+                    await self._db.execute_fetchall(
+                        "SELECT image_id, keypoints, width, height, data FROM features "
+                        "WHERE image_id > ? AND image_id % ? = 0 ORDER BY image_id LIMIT ?",
+                        (last, sample_every, batch),
+                    )
+                )
+            if not rows:
+                return
+            for image_id, count, width, height, data in rows:
+                yield int(image_id), unpack_features(
+                    bytes(data), count=int(count), width=int(width), height=int(height)
+                )
+            last = int(rows[-1][0])
+
+    async def ids_without_vector(self, codebook_id: str) -> list[int]:
+        """Images whose vector is missing or was made by another codebook."""
+        async with _translated_errors():
+            rows = await self._db.execute_fetchall(
+                "SELECT i.id FROM images i LEFT JOIN vectors v ON v.image_id = i.id "
+                "WHERE v.codebook IS NULL OR v.codebook != ? ORDER BY i.id",
+                (codebook_id,),
+            )
+        return [int(row[0]) for row in rows]
+
+    async def save_vectors(self, codebook_id: str, vectors: Sequence[tuple[int, FloatArray]]) -> None:
+        async with _translated_errors(), self._transaction():
+            await self._db.executemany(
+                "INSERT INTO vectors (image_id, codebook, vector) SELECT ?, ?, ? "
+                "WHERE EXISTS (SELECT 1 FROM images WHERE id = ?) "
+                "ON CONFLICT (image_id) DO UPDATE SET codebook = excluded.codebook, "
+                "vector = excluded.vector",
+                [(i, codebook_id, _pack_vector(v), i) for i, v in vectors],
+            )
+
+    async def iter_vectors(
+        self, codebook_id: str, *, after_id: int = 0, up_to_id: int | None = None, batch: int = 4096
+    ) -> AsyncIterator[tuple[IdArray, IdArray, FloatArray]]:
+        """(ids, scopes, vectors) in id order, in batches, for one codebook."""
+        last = after_id
+        ceiling = up_to_id if up_to_id is not None else 2**62
+        while True:
+            async with _translated_errors():
+                rows = list(
+                    await self._db.execute_fetchall(
+                        "SELECT v.image_id, i.scope, v.vector FROM vectors v "
+                        "JOIN images i ON i.id = v.image_id "
+                        "WHERE v.codebook = ? AND v.image_id > ? AND v.image_id <= ? "
+                        "ORDER BY v.image_id LIMIT ?",
+                        (codebook_id, last, ceiling, batch),
+                    )
+                )
+            if not rows:
+                return
+            ids = np.array([row[0] for row in rows], dtype=np.int64)
+            scopes = np.array([row[1] for row in rows], dtype=np.int64)
+            vectors = np.stack([_unpack_vector(row[2]) for row in rows])
+            yield ids, scopes, vectors
+            last = int(ids[-1])
+
+    # -- helpers ------------------------------------------------------------------------
+
+    async def _scalar(self, sql: str, parameters: tuple[Any, ...] = ()) -> int:
+        async with _translated_errors():
+            rows = await self._db.execute_fetchall(sql, parameters)
+        return int(next(iter(rows))[0])
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception (including cancellation)."""
+
+    def __init__(self, connection: aiosqlite.Connection) -> None:
+        self._db = connection
+
+    async def __aenter__(self) -> None:
+        await self._db.execute("BEGIN IMMEDIATE")
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            await self._db.execute("COMMIT")
+        else:
+            await self._db.execute("ROLLBACK")
+
+
+class _translated_errors:  # noqa: N801 - used like a function: `async with _translated_errors():`
+    """Turn sqlite3 errors into the engine's CatalogError / StorageFullError."""
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, sqlite3.Error):
+            if getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL or "full" in str(exc):
+                raise StorageFullError(f"the catalog's disk is full: {exc}") from exc
+            raise CatalogError(f"catalog error: {exc}") from exc
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise StorageFullError(f"the disk is full: {exc}") from exc
+
+
+def _record(row: Iterable[Any]) -> ImageRecord:
+    values = tuple(row)
+    return ImageRecord(
+        id=int(values[0]),
+        content_hash=str(values[1]),
+        scope=int(values[2]),
+        path=str(values[3]),
+        file_size=int(values[4]),
+        width=int(values[5]),
+        height=int(values[6]),
+        added_at=float(values[7]),
+        added_by=values[8],
+        origin_chat_id=values[9],
+        origin_message_id=values[10],
+        telegram_file_id=values[11],
+    )
+
+
+def _pack_vector(vector: FloatArray) -> bytes:
+    # float16 halves the catalog's share; ranking by cosine does not notice the rounding.
+    return vector.astype(np.float16).tobytes()
+
+
+def _unpack_vector(blob: bytes) -> FloatArray:
+    return np.frombuffer(blob, dtype=np.float16).astype(np.float32)
+
+
+def _statements(script: str) -> list[str]:
+    return [statement.strip() for statement in script.split(";") if statement.strip()]
+
+
+def _chunks(values: Sequence[int], size: int) -> Iterable[list[int]]:
+    items = [int(v) for v in values]
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

@@ -1,0 +1,67 @@
+"""Engine settings: what defines an index, and how a query is searched."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from indexer.features import KazeParams
+from indexer.verify import VerifyParams
+
+# Settings that change what is stored: an index keeps the values it was built with.
+_STORED_KEYS = (
+    "working_side",
+    "min_side",
+    "max_keypoints",
+    "kaze_threshold",
+    "kaze_octaves",
+    "kaze_octave_layers",
+    "centroids",
+    "dimensions",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    """Every tunable of the engine, with the defaults chosen in docs/BENCHMARKS.md."""
+
+    # -- what an index is made of (fixed for an index once built) --
+    working_side: int = 640  # longest side KAZE sees; cost grows with its square
+    min_side: int = 400  # smaller photos are upscaled first: thumbnails describe better
+    max_keypoints: int = 500  # strongest keypoints stored per image (68 bytes each)
+    kaze_threshold: float = 0.001
+    kaze_octaves: int = 4
+    kaze_octave_layers: int = 4
+    centroids: int = 64
+    dimensions: int = 256
+    # -- how a query is answered (free to change between runs) --
+    query_keypoints: int = 1000  # queries are not stored, so they may keep more
+    annoy_trees: int = 32
+    search_k: int = 4000
+    first_batch: int = 8  # candidates verified before deciding whether to look further
+    verify_limit: int = 32  # most candidates verified for one query
+    candidates_per_region: int = 4
+    rebuild_after_fresh: int = 500  # fresh images that trigger a background rebuild
+    retrain_growth: float = 2.0  # retrain the codebook once the collection grew this much
+    training_images: int = 20_000  # most images the codebook and PCA are trained on
+    annoy_build_trees: int = 32
+    max_file_bytes: int = 50 * 2**20
+    max_pixels: int = 60_000_000
+    verify: VerifyParams = field(default_factory=VerifyParams)
+
+    @property
+    def kaze(self) -> KazeParams:
+        return KazeParams(self.kaze_threshold, self.kaze_octaves, self.kaze_octave_layers)
+
+    def stored(self) -> dict[str, str]:
+        """The index-defining settings, as saved in the catalog."""
+        values = asdict(self)
+        return {key: repr(values[key]) for key in _STORED_KEYS}
+
+    def with_stored(self, stored: dict[str, str]) -> EngineSettings:
+        """These settings with the index-defining ones taken from an existing index."""
+        types = {f.name: f.type for f in fields(self)}
+        overrides: dict[str, int | float] = {}
+        for key in _STORED_KEYS:
+            if key in stored:
+                overrides[key] = float(stored[key]) if types[key] == "float" else int(stored[key])
+        return replace(self, **overrides)  # type: ignore[arg-type]

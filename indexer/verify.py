@@ -1,0 +1,226 @@
+"""Geometric verification: is a candidate the same picture as the query?
+
+Tentative matches come from mutual nearest neighbours that also pass Lowe's
+ratio test; a homography is fitted to them with MAGSAC. A bare inlier count is
+not a safe "same picture" verdict (unrelated photos reach 20+ inliers on
+repeated textures and text), so the verdict also asks for a sane geometry: a
+plausible scale, bounded anisotropy and perspective, and inliers spread over the
+picture rather than clustered on one detail.
+
+Mirrored copies are verified with the query's mirrored features (see
+:meth:`LocalFeatures.mirrored`), so a flip costs one more matching pass and no
+second KAZE extraction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from indexer.features import LocalFeatures, find_homography
+
+FloatArray = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyParams:
+    """Thresholds of the verdict, chosen on real photos (see docs/BENCHMARKS.md)."""
+
+    ratio: float = 0.85
+    min_matches: int = 8
+    min_inliers: int = 12
+    min_inlier_ratio: float = 0.25
+    # MAGSAC threshold as a fraction of the candidate's longest working side.
+    reprojection_error: float = 0.01
+    max_scale: float = 10.0
+    max_anisotropy: float = 4.0
+    max_perspective: float = 0.6
+    # Inliers must cover at least this share of one of the two pictures (bbox area).
+    min_spread: float = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    """The verdict for one candidate."""
+
+    inliers: int
+    verified: bool
+    mirrored: bool
+
+    @classmethod
+    def rejected(cls) -> Verification:
+        return cls(inliers=0, verified=False, mirrored=False)
+
+
+def verify_candidates(
+    query: LocalFeatures,
+    candidates: Sequence[LocalFeatures],
+    *,
+    params: VerifyParams = VerifyParams(),
+) -> list[Verification]:
+    """Verify each candidate against the query and against the mirrored query.
+
+    Both orientations and all candidates share one matrix product, which is
+    what makes verifying a dozen candidates cost a few milliseconds.
+    """
+    if not candidates:
+        return []
+    matches = batched_mutual_ratio_matches(
+        [query.descriptors, query.mirrored().descriptors],
+        [candidate.descriptors for candidate in candidates],
+        ratio=params.ratio,
+    )
+    orientations = (query, query.mirrored())
+    verdicts = []
+    for position, candidate in enumerate(candidates):
+        best = Verification.rejected()
+        for is_mirrored, oriented in enumerate(orientations):
+            query_index, candidate_index = matches[is_mirrored][position]
+            verdict = _verify_pair(
+                oriented, candidate, query_index, candidate_index, params, bool(is_mirrored)
+            )
+            if (verdict.verified, verdict.inliers) > (best.verified, best.inliers):
+                best = verdict
+        verdicts.append(best)
+    return verdicts
+
+
+def _verify_pair(
+    query: LocalFeatures,
+    candidate: LocalFeatures,
+    query_index: npt.NDArray[np.intp],
+    candidate_index: npt.NDArray[np.intp],
+    params: VerifyParams,
+    is_mirrored: bool,
+) -> Verification:
+    if len(query_index) < params.min_matches:
+        return Verification(inliers=0, verified=False, mirrored=is_mirrored)
+    source = query.points[query_index]
+    target = candidate.points[candidate_index]
+    threshold = params.reprojection_error * max(candidate.width, candidate.height)
+    fit = find_homography(source, target, reprojection_error=max(threshold, 2.0))
+    if fit is None:
+        return Verification(inliers=0, verified=False, mirrored=is_mirrored)
+    homography, inlier_mask = fit
+    inliers = int(inlier_mask.sum())
+    verified = (
+        inliers >= params.min_inliers
+        and inliers >= params.min_inlier_ratio * len(query_index)
+        and _plausible_geometry(homography, source[inlier_mask], query, params)
+        and _spread_enough(source[inlier_mask], target[inlier_mask], query, candidate, params)
+    )
+    return Verification(inliers=inliers, verified=verified, mirrored=is_mirrored)
+
+
+MatchPairs = tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]
+
+
+def batched_mutual_ratio_matches(
+    queries: Sequence[FloatArray], candidates: Sequence[FloatArray], *, ratio: float
+) -> list[list[MatchPairs]]:
+    """For every (query, candidate) pair: index pairs that are mutual nearest
+    neighbours and pass Lowe's ratio test.
+
+    Descriptors are unit length, so similarities come from one matrix product;
+    candidates are padded to a common length so that the per-candidate best and
+    second best are plain reductions over one axis.
+    """
+    longest = max(len(c) for c in candidates)
+    padded = np.zeros((len(candidates), longest, candidates[0].shape[1]), dtype=np.float32)
+    valid = np.zeros((len(candidates), longest), dtype=bool)
+    for position, descriptors in enumerate(candidates):
+        padded[position, : len(descriptors)] = descriptors
+        valid[position, : len(descriptors)] = True
+    stacked = np.concatenate(queries)
+    # (query keypoints, candidates, candidate keypoints); padding can never win.
+    similarity = (stacked @ padded.reshape(-1, padded.shape[2]).T).reshape(
+        len(stacked), len(candidates), longest
+    )
+    similarity[:, ~valid] = -3.0
+    best = np.argmax(similarity, axis=2)
+    best_score = np.take_along_axis(similarity, best[..., None], axis=2)[..., 0]
+    np.put_along_axis(similarity, best[..., None], -3.0, axis=2)
+    second_score = similarity.max(axis=2)
+    np.put_along_axis(similarity, best[..., None], best_score[..., None], axis=2)
+    best_distance = np.sqrt(np.maximum(2.0 - 2.0 * best_score, 0.0))
+    second_distance = np.sqrt(np.maximum(2.0 - 2.0 * second_score, 0.0))
+    passes_ratio = (best_distance < ratio * second_distance) & (second_score > -2.0)
+
+    results: list[list[MatchPairs]] = []
+    start = 0
+    for query in queries:
+        rows = slice(start, start + len(query))
+        start += len(query)
+        # Mutual: the query keypoint is also the candidate keypoint's best, i.e. its
+        # score equals that column's maximum (a max-reduction is far cheaper than an
+        # argmax across the first axis).
+        column_best = similarity[rows].max(axis=0)  # (candidates, candidate keypoints)
+        per_candidate: list[MatchPairs] = []
+        for position in range(len(candidates)):
+            chosen = best[rows, position]
+            mutual = best_score[rows, position] >= column_best[position, chosen]
+            keep = np.flatnonzero(passes_ratio[rows, position] & mutual)
+            per_candidate.append((keep, chosen[keep]))
+        results.append(per_candidate)
+    return results
+
+
+def _plausible_geometry(
+    homography: npt.NDArray[np.float64],
+    inlier_points: FloatArray,
+    query: LocalFeatures,
+    params: VerifyParams,
+) -> bool:
+    if abs(homography[2, 2]) < 1e-12:
+        return False
+    h = homography / homography[2, 2]
+    # The local affine map at the inliers' centre: under perspective the map at
+    # the origin can be far from what the matched region actually undergoes.
+    cx, cy = (float(v) for v in inlier_points.mean(axis=0))
+    w = h[2, 0] * cx + h[2, 1] * cy + 1.0
+    if w <= 1e-6:
+        return False
+    u = h[0, 0] * cx + h[0, 1] * cy + h[0, 2]
+    v = h[1, 0] * cx + h[1, 1] * cy + h[1, 2]
+    jacobian = np.array(
+        [
+            [(h[0, 0] - u * h[2, 0] / w) / w, (h[0, 1] - u * h[2, 1] / w) / w],
+            [(h[1, 0] - v * h[2, 0] / w) / w, (h[1, 1] - v * h[2, 1] / w) / w],
+        ]
+    )
+    determinant = float(np.linalg.det(jacobian))
+    if determinant <= 0:
+        return False  # a reflection: mirrored copies are matched by the mirrored pass
+    scale = math.sqrt(determinant)
+    if not 1.0 / params.max_scale <= scale <= params.max_scale:
+        return False
+    singular = np.linalg.svd(jacobian, compute_uv=False)
+    if singular[0] > params.max_anisotropy * singular[1]:
+        return False
+    # How much the scale changes across the query picture: large for a degenerate fit.
+    size = max(query.width, query.height)
+    return abs(h[2, 0]) * size + abs(h[2, 1]) * size <= params.max_perspective
+
+
+def _spread_enough(
+    source: FloatArray,
+    target: FloatArray,
+    query: LocalFeatures,
+    candidate: LocalFeatures,
+    params: VerifyParams,
+) -> bool:
+    def covered(points: FloatArray, width: int, height: int) -> float:
+        extent = points.max(axis=0) - points.min(axis=0)
+        return float(extent[0] * extent[1]) / float(max(width * height, 1))
+
+    return (
+        max(
+            covered(source, query.width, query.height),
+            covered(target, candidate.width, candidate.height),
+        )
+        >= params.min_spread
+    )

@@ -1,0 +1,57 @@
+"""Shared fixtures: small real photos (CC0, shipped with scikit-image) and a throwaway index."""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from skimage import data as skimage_data
+
+# PTB 22 warns that RetryAfter.retry_after becomes a timedelta; opting in now keeps
+# warnings-as-errors from turning every flood-control test into a warning failure.
+os.environ.setdefault("PTB_TIMEDELTA", "1")
+
+# Distinct, detailed CC0 photos from scikit-image (no network needed: they ship in the wheel).
+CC0_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "brick",
+              "grass", "gravel", "hubble_deep_field", "immunohistochemistry", "page", "text",
+              "coins", "horse", "moon", "clock", "retina")
+
+
+def photo_array(name: str) -> np.ndarray:
+    """An RGB uint8 array of the named scikit-image sample photo."""
+    image = getattr(skimage_data, name)()
+    if image.dtype == bool:
+        image = image.astype(np.uint8) * 255
+    if image.ndim == 2:
+        image = np.stack([image] * 3, axis=-1)
+    return np.ascontiguousarray(image[..., :3].astype(np.uint8))
+
+
+def jpeg_bytes(image: np.ndarray, quality: int = 92) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def photos_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of a dozen real photos as JPEG files (session-wide, do not modify)."""
+    folder = tmp_path_factory.mktemp("photos")
+    for name in CC0_PHOTOS[:12]:
+        (folder / f"{name}.jpg").write_bytes(jpeg_bytes(photo_array(name)))
+    return folder
+
+
+@pytest.fixture
+def photos_copy(tmp_path: Path, photos_dir: Path) -> Iterator[Path]:
+    """A private copy of ``photos_dir`` that a test may change."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for source in sorted(photos_dir.iterdir()):
+        (folder / source.name).write_bytes(source.read_bytes())
+    yield folder

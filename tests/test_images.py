@@ -1,0 +1,731 @@
+"""Tests of indexer.images: decoding hostile and odd input, working sizes,
+EXIF orientation, Telegram-ready photos and contact sheets."""
+
+from __future__ import annotations
+
+import functools
+import io
+import multiprocessing
+import resource
+import sys
+import warnings
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from bad_inputs import (
+    CORPUS_WORKING_SIDE,
+    FIRST_FRAME_PHOTO,
+    LATER_FRAME_PHOTO,
+    OK,
+    ORIENTATION_REFERENCE,
+    ORIENTED_CASES,
+    TRANSPARENT_LEFT_HALF,
+    BadInput,
+    BadInputCorpus,
+    case_names,
+    encoded,
+    png_header_only,
+    sample_photo,
+    write_bad_inputs,
+)
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from PIL import Image
+
+from indexer.errors import (
+    CorruptImageError,
+    EmptyImageError,
+    ImageTooLargeError,
+    ImageTooSmallError,
+    IndexerError,
+    SourceError,
+    UnsupportedFormatError,
+)
+from indexer.images import (
+    MIN_DESCRIBABLE_SIDE,
+    NEUTRAL_BACKGROUND,
+    SheetEntry,
+    WorkingImage,
+    fit_for_telegram,
+    image_format,
+    load_working_image,
+    render_contact_sheet,
+)
+
+Gray = npt.NDArray[np.uint8]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> BadInputCorpus:
+    return write_bad_inputs(tmp_path_factory.mktemp("bad_inputs"))
+
+
+def record_or_skip(corpus: BadInputCorpus, name: str) -> BadInput:
+    if name in corpus.skipped:
+        pytest.skip(f"{name}: {corpus.skipped[name]}")
+    return corpus[name]
+
+
+def decode(source: bytes | Path, **options: int) -> WorkingImage:
+    options.setdefault("working_side", CORPUS_WORKING_SIDE)
+    return load_working_image(source, **options)
+
+
+def assert_valid(result: WorkingImage) -> None:
+    assert isinstance(result, WorkingImage)
+    assert result.gray.dtype == np.uint8
+    assert result.gray.ndim == 2
+    assert result.gray.flags.c_contiguous
+    assert min(result.gray.shape) >= MIN_DESCRIBABLE_SIDE
+    assert result.width >= 1
+    assert result.height >= 1
+    assert result.format in {"JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"}
+
+
+def luma(picture: Image.Image) -> npt.NDArray[np.float64]:
+    """ITU-R 601 luma computed here, not by the code under test."""
+    rgb = np.asarray(picture.convert("RGB"), dtype=np.float64)
+    return rgb @ np.array([0.299, 0.587, 0.114])
+
+
+def mean_abs_diff(first: npt.ArrayLike, second: npt.ArrayLike) -> float:
+    return float(np.mean(np.abs(np.asarray(first, float) - np.asarray(second, float))))
+
+
+def correlation(first: npt.ArrayLike, second: npt.ArrayLike) -> float:
+    a, b = np.asarray(first, float).ravel(), np.asarray(second, float).ravel()
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+# --- the corpus ---------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("min_side", [0, 256])
+@pytest.mark.parametrize("name", case_names())
+def test_every_corpus_case_gives_exactly_its_outcome(
+    corpus: BadInputCorpus, name: str, min_side: int
+) -> None:
+    record = record_or_skip(corpus, name)
+    if record.expected == OK:
+        assert_valid(decode(record.path, min_side=min_side))
+        return
+    with pytest.raises(IndexerError) as raised:
+        decode(record.path, min_side=min_side)
+    assert type(raised.value) is record.expected, record.description
+
+
+@pytest.mark.parametrize("name", case_names())
+def test_corpus_files_give_the_same_outcome_from_bytes(corpus: BadInputCorpus, name: str) -> None:
+    record = record_or_skip(corpus, name)
+    if record.expected is SourceError:
+        pytest.skip("not a readable file, so there are no bytes to pass")
+    payload = record.path.read_bytes()
+    if record.expected == OK:
+        from_bytes, from_path = decode(payload), decode(record.path)
+        assert np.array_equal(from_bytes.gray, from_path.gray)
+        assert (from_bytes.width, from_bytes.height) == (from_path.width, from_path.height)
+        return
+    with pytest.raises(IndexerError) as raised:
+        decode(payload)
+    assert type(raised.value) is record.expected, record.description
+
+
+def test_flat_and_noise_cases_are_marked_for_the_feature_extractor(
+    corpus: BadInputCorpus,
+) -> None:
+    solid, noise = corpus["solid_colour"], corpus["pure_noise"]
+    assert (solid.expected, solid.expected_features) == (OK, "none")
+    assert (noise.expected, noise.expected_features) == (OK, "unstable")
+    assert np.ptp(decode(solid.path).gray) <= 2
+    assert np.std(decode(noise.path).gray) > 20
+
+
+def test_unreadable_file_is_a_source_error(corpus: BadInputCorpus) -> None:
+    record = record_or_skip(corpus, "unreadable_file")
+    with pytest.raises(SourceError):
+        decode(record.path)
+
+
+def test_skipped_cases_say_why(corpus: BadInputCorpus) -> None:
+    written = {record.name for record in corpus}
+    assert written | set(corpus.skipped) == set(case_names())
+    assert all(reason.strip() for reason in corpus.skipped.values())
+
+
+# --- orientation ----------------------------------------------------------------------
+
+
+def dihedral_variants(gray: Gray) -> dict[str, Gray]:
+    return {
+        "identity": gray,
+        "mirror": gray[:, ::-1],
+        "flip": gray[::-1, :],
+        "rotate 180": gray[::-1, ::-1],
+        "transpose": gray.T,
+        "rotate 90": np.rot90(gray, 1),
+        "rotate 270": np.rot90(gray, -1),
+        "transverse": gray[::-1, ::-1].T,
+    }
+
+
+@pytest.mark.parametrize("orientation", sorted(ORIENTED_CASES))
+def test_exif_orientation_gives_the_upright_pixels(
+    corpus: BadInputCorpus, orientation: int
+) -> None:
+    reference = decode(corpus[ORIENTATION_REFERENCE].path)
+    oriented = decode(corpus[ORIENTED_CASES[orientation]].path)
+
+    assert (oriented.width, oriented.height) == (reference.width, reference.height)
+    assert oriented.gray.shape == reference.gray.shape
+    distances = {
+        name: mean_abs_diff(oriented.gray, variant)
+        for name, variant in dihedral_variants(reference.gray).items()
+        if variant.shape == oriented.gray.shape
+    }
+    assert distances["identity"] < 3.0, distances
+    assert min(distances, key=distances.__getitem__) == "identity", distances
+
+
+def test_exif_orientation_in_a_png_is_honoured(corpus: BadInputCorpus) -> None:
+    reference = decode(corpus[ORIENTATION_REFERENCE].path)
+    oriented = decode(corpus["png_exif_orientation_6"].path)
+    assert (oriented.width, oriented.height) == (reference.width, reference.height)
+    assert mean_abs_diff(oriented.gray, reference.gray) < 3.0
+
+
+def test_orientation_applies_after_downscaling(corpus: BadInputCorpus) -> None:
+    oriented = decode(corpus[ORIENTED_CASES[6]].path, working_side=160)
+    reference = decode(corpus[ORIENTATION_REFERENCE].path, working_side=160)
+    assert oriented.gray.shape == reference.gray.shape == (112, 160)
+    assert mean_abs_diff(oriented.gray, reference.gray) < 3.0
+
+
+def test_corrupt_exif_is_ignored_not_fatal(corpus: BadInputCorpus) -> None:
+    damaged = decode(corpus["corrupt_exif"].path)
+    assert (damaged.width, damaged.height) == sample_photo().size
+
+
+# --- modes, depths, transparency, frames ---------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["png_16bit_gray", "tiff_16bit_gray"])
+def test_sixteen_bit_is_scaled_not_clipped(corpus: BadInputCorpus, name: str) -> None:
+    expected = np.asarray(sample_photo().convert("L"))
+    decoded = decode(corpus[name].path).gray
+    assert np.abs(decoded.astype(int) - expected.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("name", ["tiff_float", "tiff_int32"])
+def test_float_and_int32_are_stretched_to_their_range(corpus: BadInputCorpus, name: str) -> None:
+    gray = np.asarray(sample_photo().convert("L"), dtype=float)
+    stretched = (gray - gray.min()) * 255 / (gray.max() - gray.min())
+    decoded = decode(corpus[name].path).gray
+    assert np.abs(decoded - stretched).max() <= 1
+
+
+@pytest.mark.parametrize("name", TRANSPARENT_LEFT_HALF)
+def test_transparency_is_composited_on_neutral_grey(corpus: BadInputCorpus, name: str) -> None:
+    decoded = decode(corpus[name].path).gray.astype(int)
+    half = decoded.shape[1] // 2
+    assert np.all(decoded[:, :half] == NEUTRAL_BACKGROUND)
+    photo = luma(sample_photo())
+    assert correlation(decoded[:, half:], photo[:, half:]) > 0.95
+
+
+def test_cmyk_jpeg_looks_like_the_photo(corpus: BadInputCorpus) -> None:
+    decoded = decode(corpus["jpeg_cmyk"].path).gray
+    assert correlation(decoded, luma(sample_photo())) > 0.95
+
+
+@pytest.mark.parametrize(
+    "name", ["gif_animated", "png_animated", "webp_animated", "tiff_multipage", "mpo_two_frames"]
+)
+def test_only_the_first_frame_is_used(corpus: BadInputCorpus, name: str) -> None:
+    decoded = decode(corpus[name].path).gray
+    first = correlation(decoded, luma(sample_photo(FIRST_FRAME_PHOTO)))
+    later = correlation(decoded, luma(sample_photo(LATER_FRAME_PHOTO)))
+    assert first > 0.9
+    assert first > later + 0.3
+
+
+def test_lossless_gray_is_returned_unchanged() -> None:
+    gray = sample_photo().convert("L")
+    decoded = load_working_image(encoded(gray, "PNG"), working_side=512)
+    assert np.array_equal(decoded.gray, np.asarray(gray))
+
+
+# --- sizes --------------------------------------------------------------------------
+
+
+def photo_jpeg(size: tuple[int, int]) -> bytes:
+    return encoded(sample_photo("coffee", size), "JPEG", quality=92)
+
+
+@pytest.mark.parametrize(
+    ("size", "working_side", "min_side", "expected_shape"),
+    [
+        ((1200, 900), 512, 0, (384, 512)),  # downscaled: longest side = working_side
+        ((900, 1200), 512, 0, (512, 384)),  # portrait
+        ((384, 288), 512, 256, (288, 384)),  # between min_side and working_side: kept
+        ((96, 72), 512, 256, (192, 256)),  # below min_side: upscaled
+        ((96, 72), 512, 0, (72, 96)),  # min_side 0 disables upscaling
+        ((512, 384), 512, 512, (384, 512)),  # exactly working_side
+    ],
+)
+def test_working_size_rules(
+    size: tuple[int, int], working_side: int, min_side: int, expected_shape: tuple[int, int]
+) -> None:
+    result = load_working_image(photo_jpeg(size), working_side=working_side, min_side=min_side)
+    assert result.gray.shape == expected_shape
+    assert (result.width, result.height) == size
+    assert result.format == "JPEG"
+
+
+def test_upscaled_thumbnail_keeps_the_picture() -> None:
+    thumbnail = sample_photo("coffee", (96, 72))
+    result = load_working_image(encoded(thumbnail, "PNG"), working_side=512, min_side=256)
+    enlarged = luma(sample_photo("coffee", (256, 192)))
+    assert correlation(result.gray, enlarged) > 0.95
+
+
+def test_shorter_side_under_eight_pixels_after_scaling_is_too_small() -> None:
+    strip = encoded(sample_photo("coffee", (2000, 16)), "PNG")
+    # 16 * 938 / 2000 = 7.50 rounds to 8 rows; 16 * 937 / 2000 = 7.49 rounds to 7.
+    assert load_working_image(strip, working_side=938).gray.shape == (8, 938)
+    with pytest.raises(ImageTooSmallError):
+        load_working_image(strip, working_side=937)
+
+
+def test_jpeg_draft_downscale_is_close_to_a_full_decode() -> None:
+    large = encoded(sample_photo("astronaut", (2400, 2400)), "JPEG", quality=92)
+    result = load_working_image(large, working_side=300)
+    with Image.open(io.BytesIO(large)) as full:
+        reference = full.convert("L").resize((300, 300), Image.Resampling.LANCZOS)
+    assert result.gray.shape == (300, 300)
+    assert mean_abs_diff(result.gray, reference) < 1.0
+
+
+@pytest.mark.parametrize(
+    ("options", "names"),
+    [
+        ({"working_side": 0}, "working_side"),
+        ({"working_side": 512, "min_side": 600}, "min_side"),
+        ({"working_side": 512, "min_side": -1}, "min_side"),
+        ({"working_side": 512, "max_bytes": 0}, "max_bytes"),
+        ({"working_side": 512, "max_pixels": 0}, "max_pixels"),
+    ],
+)
+def test_inconsistent_arguments_are_refused(options: dict[str, int], names: str) -> None:
+    with pytest.raises(ValueError, match=names):
+        load_working_image(photo_jpeg((64, 48)), **options)
+
+
+# --- limits ------------------------------------------------------------------------------
+
+
+def peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize(("width", "height"), [(30_000, 30_000), (10_000, 10_000), (8_000, 8_000)])
+def test_pixel_bombs_are_refused_from_the_header(width: int, height: int) -> None:
+    bomb = png_header_only(width, height)
+    assert len(bomb) < 1000
+    peak_before = peak_rss_bytes()
+    with pytest.raises(ImageTooLargeError):
+        load_working_image(bomb, working_side=512)
+    assert peak_rss_bytes() - peak_before < 50 * 2**20
+
+
+def test_pixel_budget_is_exact() -> None:
+    picture = encoded(sample_photo("coffee", (100, 80)), "PNG")
+    assert_valid(load_working_image(picture, working_side=512, max_pixels=8000))
+    with pytest.raises(ImageTooLargeError):
+        load_working_image(picture, working_side=512, max_pixels=7999)
+
+
+def test_byte_budget_is_exact_for_bytes_and_files(tmp_path: Path) -> None:
+    picture = photo_jpeg((100, 80))
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(picture)
+    for source in (picture, path):
+        assert_valid(load_working_image(source, working_side=512, max_bytes=len(picture)))
+        with pytest.raises(ImageTooLargeError):
+            load_working_image(source, working_side=512, max_bytes=len(picture) - 1)
+
+
+def test_empty_bytes_are_an_empty_image() -> None:
+    with pytest.raises(EmptyImageError):
+        load_working_image(b"", working_side=512)
+
+
+# --- sniffing ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("image_format_name", ["JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF"])
+def test_image_format_names_each_supported_format(image_format_name: str) -> None:
+    assert image_format(encoded(sample_photo(), image_format_name)) == image_format_name
+
+
+@pytest.mark.parametrize(
+    ("payload", "named"),
+    [
+        (b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64), "HEIC"),
+        (b"\x00\x00\x00\x1cftypavif\x00\x00\x00\x00avifmif1miaf" + bytes(64), "AVIF"),
+        (b"%PDF-1.4\n", "PDF"),
+        (b"  <!DOCTYPE html><html></html>", "HTML"),
+        (b"BMW 3 series brochure", "not an image"),
+        (b"\x00" * 64, "not an image"),
+    ],
+)
+def test_unsupported_formats_are_named(payload: bytes, named: str) -> None:
+    with pytest.raises(UnsupportedFormatError, match=named):
+        image_format(payload)
+
+
+def test_image_format_of_nothing_is_empty() -> None:
+    with pytest.raises(EmptyImageError):
+        image_format(b"")
+
+
+# --- never anything but a WorkingImage or an IndexerError -----------------------------------
+
+
+def small_encodings() -> dict[str, bytes]:
+    photo = sample_photo("chelsea", (48, 40))
+    return {name: encoded(photo, name) for name in ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")}
+
+
+SMALL_ENCODINGS = small_encodings()
+FUZZ_SETTINGS = settings(
+    max_examples=150, deadline=2000, suppress_health_check=[HealthCheck.too_slow]
+)
+
+
+def decode_or_domain_error(payload: bytes) -> WorkingImage | IndexerError:
+    try:
+        return load_working_image(payload, working_side=64, min_side=16)
+    except IndexerError as error:
+        return error
+
+
+@FUZZ_SETTINGS
+@given(payload=st.binary(max_size=4096))
+def test_arbitrary_bytes_never_escape_the_error_tree(payload: bytes) -> None:
+    outcome = decode_or_domain_error(payload)
+    if isinstance(outcome, WorkingImage):
+        assert_valid(outcome)
+
+
+@FUZZ_SETTINGS
+@given(
+    original=st.sampled_from(sorted(SMALL_ENCODINGS)),
+    cut=st.integers(min_value=0, max_value=100),
+    flips=st.lists(st.tuples(st.integers(min_value=0), st.integers(1, 255)), max_size=8),
+)
+def test_damaged_real_files_never_escape_the_error_tree(
+    original: str, cut: int, flips: list[tuple[int, int]]
+) -> None:
+    payload = bytearray(SMALL_ENCODINGS[original])
+    del payload[len(payload) * cut // 100 or 1 :]
+    for position, mask in flips:
+        payload[position % len(payload)] ^= mask
+    outcome = decode_or_domain_error(bytes(payload))
+    if isinstance(outcome, WorkingImage):
+        assert_valid(outcome)
+
+
+def pillow_encodable_arrays() -> st.SearchStrategy[npt.NDArray[np.generic]]:
+    side = st.integers(min_value=1, max_value=40)
+    gray_shapes = st.tuples(side, side)
+    colour_shapes = st.tuples(side, side, st.sampled_from([2, 3, 4]))
+    return st.one_of(
+        hnp.arrays(np.uint8, st.one_of(gray_shapes, colour_shapes)),
+        hnp.arrays(np.uint16, gray_shapes),
+        hnp.arrays(np.bool_, gray_shapes),
+        hnp.arrays(np.int32, gray_shapes),
+        hnp.arrays(np.float32, gray_shapes),
+    )
+
+
+@FUZZ_SETTINGS
+@given(array=pillow_encodable_arrays())
+def test_arbitrary_arrays_decode_or_are_refused(array: npt.NDArray[np.generic]) -> None:
+    picture = Image.fromarray(array)
+    # PNG has no 32-bit modes; TIFF does.
+    container = "TIFF" if picture.mode in {"I", "F"} else "PNG"
+    outcome = decode_or_domain_error(encoded(picture, container))
+    if min(array.shape[:2]) < MIN_DESCRIBABLE_SIDE:
+        assert isinstance(outcome, ImageTooSmallError)
+        return
+    assert isinstance(outcome, WorkingImage), outcome
+    assert_valid(outcome)
+    assert (outcome.height, outcome.width) == array.shape[:2]
+    longest = max(array.shape[:2])
+    expected_longest = 64 if longest > 64 else max(longest, 16)
+    assert max(outcome.gray.shape) == expected_longest
+
+
+@FUZZ_SETTINGS
+@given(array=hnp.arrays(np.uint8, st.tuples(st.integers(8, 48), st.integers(8, 48))))
+def test_gray_png_within_the_working_size_round_trips_exactly(array: Gray) -> None:
+    decoded = load_working_image(encoded(Image.fromarray(array), "PNG"), working_side=48)
+    assert np.array_equal(decoded.gray, array)
+
+
+@FUZZ_SETTINGS
+@given(array=hnp.arrays(np.uint16, st.tuples(st.integers(8, 48), st.integers(8, 48))))
+def test_sixteen_bit_png_scales_every_value(array: npt.NDArray[np.uint16]) -> None:
+    decoded = load_working_image(encoded(Image.fromarray(array), "PNG"), working_side=48)
+    assert np.array_equal(decoded.gray, np.rint(array / 257).astype(np.uint8))
+
+
+# --- workers ----------------------------------------------------------------------------
+
+
+def decodable_paths(corpus: BadInputCorpus) -> list[Path]:
+    return [record.path for record in corpus if record.expected == OK]
+
+
+def test_threads_decode_concurrently_and_leave_warning_filters_alone(
+    corpus: BadInputCorpus,
+) -> None:
+    paths = decodable_paths(corpus) + [corpus["corrupt_exif"].path] * 8
+    serial = [decode(path) for path in paths]
+    filters_before = list(warnings.filters)
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        threaded = list(pool.map(decode, paths))
+    assert list(warnings.filters) == filters_before
+    for alone, together in zip(serial, threaded, strict=True):
+        assert np.array_equal(alone.gray, together.gray)
+
+
+@pytest.mark.timeout(120)
+def test_worker_processes_return_the_same_working_images(corpus: BadInputCorpus) -> None:
+    paths = decodable_paths(corpus)[:6]
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=2, mp_context=spawn) as pool:
+        in_workers = list(pool.map(functools.partial(load_working_image, working_side=256), paths))
+    for path, result in zip(paths, in_workers, strict=True):
+        here = load_working_image(path, working_side=256)
+        assert np.array_equal(result.gray, here.gray)
+        assert (result.width, result.height, result.format) == (
+            here.width,
+            here.height,
+            here.format,
+        )
+
+
+# --- file sources ---------------------------------------------------------------------------
+
+
+def test_missing_file_is_a_source_error(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="no_such"):
+        load_working_image(tmp_path / "no_such.jpg", working_side=512)
+
+
+@pytest.mark.timeout(10)
+def test_fifo_is_refused_without_waiting_for_a_writer(corpus: BadInputCorpus) -> None:
+    record = record_or_skip(corpus, "fifo")
+    with pytest.raises(SourceError, match="not a regular file"):
+        decode(record.path)
+
+
+def test_oversized_file_is_refused_from_its_size(corpus: BadInputCorpus) -> None:
+    record = corpus["oversized_sparse_file"]
+    with pytest.raises(ImageTooLargeError, match="bytes"):
+        decode(record.path)
+
+
+# --- Telegram ---------------------------------------------------------------------------
+
+
+def telegram_limits_hold(
+    photo: bytes, *, max_bytes: int = 10 * 2**20, max_dimension_sum: int = 10_000
+) -> tuple[int, int]:
+    assert len(photo) <= max_bytes
+    with Image.open(io.BytesIO(photo)) as picture:
+        assert picture.format in {"JPEG", "PNG"}
+        width, height = picture.size
+        picture.load()
+    assert width + height <= max_dimension_sum
+    assert max(width, height) <= 20 * min(width, height)
+    return width, height
+
+
+def test_very_wide_picture_is_scaled_and_padded_for_telegram() -> None:
+    panorama = encoded(sample_photo("coffee", (12_000, 300)), "PNG")
+    photo = fit_for_telegram(panorama)
+    width, height = telegram_limits_hold(photo)
+    assert width > 9000
+    with Image.open(io.BytesIO(photo)) as decoded:
+        middle_band = np.asarray(decoded.convert("L"))[height // 2 - 2 : height // 2 + 2]
+    assert np.std(middle_band) > 20  # the panorama itself, not padding
+
+
+def test_picture_over_ten_megabytes_is_recompressed() -> None:
+    noise = np.random.default_rng(1).integers(0, 256, (1600, 2400, 3), dtype=np.uint8)
+    heavy = encoded(Image.fromarray(noise), "PNG", compress_level=0)
+    assert len(heavy) > 10 * 2**20
+    photo = fit_for_telegram(heavy)
+    assert telegram_limits_hold(photo) == (2400, 1600)
+
+
+def test_byte_limit_is_met_by_shrinking() -> None:
+    photo = fit_for_telegram(photo_jpeg((1600, 1200)), max_bytes=30_000)
+    width, height = telegram_limits_hold(photo, max_bytes=30_000)
+    assert abs(width / height - 4 / 3) < 0.02
+
+
+def test_impossible_byte_limit_is_too_large() -> None:
+    with pytest.raises(ImageTooLargeError):
+        fit_for_telegram(photo_jpeg((320, 240)), max_bytes=100)
+
+
+@pytest.mark.parametrize("image_format_name", ["JPEG", "PNG"])
+def test_fitting_jpeg_or_png_is_returned_untouched(image_format_name: str) -> None:
+    original = encoded(sample_photo(), image_format_name)
+    assert fit_for_telegram(original) == original
+
+
+def test_other_formats_become_jpeg(corpus: BadInputCorpus) -> None:
+    photo = fit_for_telegram(corpus["webp_lossy"].path)
+    assert image_format(photo) == "JPEG"
+    telegram_limits_hold(photo)
+
+
+def test_re_encoded_photo_is_upright(corpus: BadInputCorpus) -> None:
+    sideways = corpus[ORIENTED_CASES[6]].path
+    upright_width, upright_height = decode(sideways).width, decode(sideways).height
+    width, height = telegram_limits_hold(
+        fit_for_telegram(sideways, max_dimension_sum=300), max_dimension_sum=300
+    )
+    assert (width > height) == (upright_width > upright_height)
+
+
+@settings(max_examples=25, deadline=None)
+@given(width=st.integers(1, 12_000), height=st.integers(1, 12_000))
+def test_telegram_limits_hold_for_any_shape(width: int, height: int) -> None:
+    assume(width * height <= 3_000_000)
+    solid = encoded(Image.new("RGB", (width, height), (90, 140, 200)), "PNG")
+    photo = fit_for_telegram(solid)
+    telegram_limits_hold(photo)
+    fits_already = width + height <= 10_000 and max(width, height) <= 20 * min(width, height)
+    assert (photo == solid) == fits_already
+
+
+# --- contact sheet ------------------------------------------------------------------------
+
+
+def solid_png(tmp_path: Path, name: str, colour: tuple[int, int, int]) -> Path:
+    path = tmp_path / f"{name}.png"
+    path.write_bytes(encoded(Image.new("RGB", (300, 200), colour), "PNG"))
+    return path
+
+
+def pixels_of(sheet: npt.NDArray[np.uint8], colour: tuple[int, int, int]) -> npt.NDArray:
+    return np.argwhere(np.all(sheet == np.array(colour, dtype=np.uint8), axis=2))
+
+
+def test_contact_sheet_shows_query_then_results_in_order(tmp_path: Path) -> None:
+    red, blue, yellow = (220, 20, 20), (20, 20, 220), (230, 220, 10)
+    query = solid_png(tmp_path, "query", red).read_bytes()
+    entries = [
+        SheetEntry(solid_png(tmp_path, "blue", blue), "1. blue.png 91%", highlighted=True),
+        SheetEntry(solid_png(tmp_path, "yellow", yellow), "2. yellow.png 40%", highlighted=False),
+    ]
+    sheet_png = render_contact_sheet(query, entries, thumb_side=128)
+
+    assert image_format(sheet_png) == "PNG"
+    with Image.open(io.BytesIO(sheet_png)) as decoded:
+        sheet = np.asarray(decoded.convert("RGB"))
+    centres = []
+    for colour in (red, blue, yellow):
+        where = pixels_of(sheet, colour)
+        # A 300x200 picture fits a 128 box as 128x85; frames may cover its rim.
+        assert len(where) > 0.8 * 128 * 85, colour
+        centres.append(where.mean(axis=0))
+    (red_y, red_x), (blue_y, blue_x), (yellow_y, yellow_x) = centres
+    assert red_x < blue_x < yellow_x
+    assert abs(red_y - blue_y) < 5
+    assert abs(blue_y - yellow_y) < 5
+
+
+def test_highlight_changes_only_its_own_cell(tmp_path: Path) -> None:
+    query = solid_png(tmp_path, "query", (200, 200, 200))
+    first, second = solid_png(tmp_path, "a", (10, 10, 10)), solid_png(tmp_path, "b", (90, 9, 9))
+
+    def sheet(highlight_first: bool) -> npt.NDArray[np.uint8]:
+        entries = [
+            SheetEntry(first, "1. a.png", highlighted=highlight_first),
+            SheetEntry(second, "2. b.png", highlighted=False),
+        ]
+        with Image.open(io.BytesIO(render_contact_sheet(query, entries))) as decoded:
+            return np.asarray(decoded.convert("RGB"))
+
+    plain, highlighted = sheet(False), sheet(True)
+    assert plain.shape == highlighted.shape
+    changed_columns = np.flatnonzero(np.any(plain != highlighted, axis=(0, 2)))
+    assert changed_columns.size > 0
+    width = plain.shape[1]
+    # Cells run query | a | b from left to right: only the middle third changes.
+    assert changed_columns.min() > width / 4
+    assert changed_columns.max() < width * 3 / 4
+
+
+def test_contact_sheet_survives_missing_results_and_odd_labels(tmp_path: Path) -> None:
+    query = tmp_path / "query.jpg"
+    query.write_bytes(photo_jpeg((400, 300)))
+    entries = [
+        SheetEntry(tmp_path / "deleted.jpg", "1. deleted.jpg 99%", highlighted=True),
+        # Cyrillic "photo", a tab, a NUL, an emoji and far too much text.
+        SheetEntry(
+            query,
+            "2. \u0444\u043e\u0442\u043e\t\x00 🐈 " + "very long name " * 20,
+            highlighted=False,
+        ),
+        SheetEntry(query, "3. line\nbreak\nand a third line", highlighted=False),
+    ]
+    with Image.open(io.BytesIO(render_contact_sheet(query, entries, thumb_side=96))) as decoded:
+        decoded.load()
+        assert decoded.width >= 4 * 96
+        assert decoded.height >= 96
+
+
+def test_contact_sheet_of_an_unusable_query_raises() -> None:
+    with pytest.raises(EmptyImageError):
+        render_contact_sheet(b"", [])
+
+
+def test_contact_sheet_thumbnails_are_upright(corpus: BadInputCorpus) -> None:
+    sideways = corpus[ORIENTED_CASES[8]].path
+    with Image.open(io.BytesIO(render_contact_sheet(sideways, [], thumb_side=128))) as decoded:
+        sheet = np.asarray(decoded.convert("L"), dtype=float)
+    upright = np.asarray(sample_photo("astronaut", (128, 90)).convert("L"), dtype=float)
+    # Find the lone query cell by correlation over the possible offsets rather
+    # than assuming the layout; a sideways thumbnail would not fit the window.
+    windows = (sheet[top : top + 90, left : left + 128] for top in range(64) for left in range(32))
+    best = max(
+        correlation(window, upright)
+        for window in windows
+        if window.shape == upright.shape and window.std() > 0
+    )
+    assert best > 0.9
+
+
+def test_corrupt_result_is_drawn_as_a_placeholder_not_raised(corpus: BadInputCorpus) -> None:
+    query = corpus[ORIENTATION_REFERENCE].path
+    broken = SheetEntry(corpus["jpeg_truncated"].path, "1. truncated.jpg", highlighted=False)
+    healthy = SheetEntry(query, "2. reference.jpg", highlighted=False)
+    sheet_png = render_contact_sheet(query, [broken, healthy], thumb_side=64)
+    with Image.open(io.BytesIO(sheet_png)) as decoded:
+        assert decoded.format == "PNG"
+    with pytest.raises(CorruptImageError):
+        decode(broken.image)
