@@ -30,7 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:
-        return asyncio.run(arguments.handler(arguments))
+        exit_code: int = asyncio.run(arguments.handler(arguments))
     except IndexerError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAILURE
@@ -38,6 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("interrupted: everything committed so far is kept; run again to resume",
               file=sys.stderr)
         return 130
+    return exit_code
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -258,7 +258,7 @@ class GenerationStore:
             pointer = self.root / f"{CURRENT_FILE}.tmp"
             pointer.write_text(name, encoding="utf-8")
             _fsync_file(pointer)
-            os.replace(pointer, self.root / CURRENT_FILE)
+            pointer.replace(self.root / CURRENT_FILE)
             _fsync_directory(self.root)
         except BaseException:
             shutil.rmtree(temporary, ignore_errors=True)

@@ -70,7 +70,9 @@ async def build_index(
         SourceError: ``photos_dir`` is not a readable folder.
     """
     started = time.perf_counter()
-    root = Path(os.path.abspath(photos_dir))  # normalised: stored paths must not hold ".."
+    # Normalised, not resolved: stored paths must not hold "..", but symlinked
+    # photo folders keep the names the user gave them.
+    root = Path(os.path.normpath(photos_dir.absolute()))
     if not root.is_dir():
         raise SourceError(f"{photos_dir} is not a folder")
     report = BuildReport()
@@ -101,7 +103,7 @@ async def build_index(
                     continue
                 todo.append((item, state is not None and state.image_id is not None))
             await _extract_all(service, pool, todo, report, progress=progress)
-            if todo or removed_ids or retrain or service._generation is None:  # noqa: SLF001
+            if todo or removed_ids or retrain or service.generation_name is None:
                 report.generation = await service.rebuild(retrain=retrain)
             else:
                 report.generation = (await service.stats()).generation
@@ -136,7 +138,9 @@ async def _extract_all(
                 if next_item is None:
                     break
                 pending.add(
-                    asyncio.ensure_future(pool.run(analyze_folder_file, next_item[0].path, settings))
+                    asyncio.ensure_future(
+                        pool.run(analyze_folder_file, next_item[0].path, settings)
+                    )
                 )
             if not pending:
                 break
@@ -179,7 +183,11 @@ async def _commit(
     if images:
         await service.catalog.insert_images(images)
     if failures:
-        stale = [image.id for path, *_ in failures for image in await service.catalog.find_by_path(path)]
+        stale = [
+            image.id
+            for path, *_ in failures
+            for image in await service.catalog.find_by_path(path)
+        ]
         if stale:
             await service.catalog.delete_images(stale)
         await service.catalog.record_failures(failures)

@@ -173,7 +173,7 @@ class Catalog:
     async def _configure(self) -> None:
         async with _translated_errors():
             await self._db.execute("PRAGMA journal_mode = WAL")
-            # FULL: a commit that returned has reached the disk; users' adds must survive power loss.
+            # FULL: a commit that returned is on disk; users' adds must survive power loss.
             await self._db.execute("PRAGMA synchronous = FULL")
             await self._db.execute("PRAGMA foreign_keys = ON")
             await self._db.execute("PRAGMA busy_timeout = 10000")
@@ -288,7 +288,7 @@ class Catalog:
         async with _translated_errors():
             for chunk in _chunks(ids, 500):
                 rows = await self._db.execute_fetchall(
-                    f"SELECT {_IMAGE_COLUMNS} FROM images WHERE id IN "
+                                        f"SELECT {_IMAGE_COLUMNS} FROM images WHERE id IN "
                     f"({','.join('?' * len(chunk))})",
                     chunk,
                 )
@@ -441,7 +441,9 @@ class Catalog:
             )
         return [int(row[0]) for row in rows]
 
-    async def save_vectors(self, codebook_id: str, vectors: Sequence[tuple[int, FloatArray]]) -> None:
+    async def save_vectors(
+        self, codebook_id: str, vectors: Sequence[tuple[int, FloatArray]]
+    ) -> None:
         async with _translated_errors(), self._transaction():
             await self._db.executemany(
                 "INSERT INTO vectors (image_id, codebook, vector) SELECT ?, ?, ? "
@@ -452,7 +454,12 @@ class Catalog:
             )
 
     async def iter_vectors(
-        self, codebook_id: str, *, after_id: int = 0, up_to_id: int | None = None, batch: int = 4096
+        self,
+        codebook_id: str,
+        *,
+        after_id: int = 0,
+        up_to_id: int | None = None,
+        batch: int = 4096,
     ) -> AsyncIterator[tuple[IdArray, IdArray, FloatArray]]:
         """(ids, scopes, vectors) in id order, in batches, for one codebook."""
         last = after_id

@@ -17,6 +17,7 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -82,7 +83,7 @@ class Codebook:
                 for r in regions
             ]
         ).astype(np.float32)
-        k, dims = self.centroids.shape
+        k = len(self.centroids)
         assignment = _nearest_centroid(features.descriptors, self.centroids)
         one_hot = np.zeros((len(assignment), k), dtype=np.float32)
         one_hot[np.arange(len(assignment)), assignment] = 1.0
@@ -150,7 +151,7 @@ def region_grid(scales: Sequence[float] = (0.5, 0.7)) -> list[Region]:
     A photo shown inside a larger frame (a screenshot, a post with a caption)
     fills one of these windows far better than it fills the whole query.
     """
-    regions = []
+    regions: list[Region] = []
     for scale in scales:
         steps = (0.0, (1.0 - scale) / 2.0, 1.0 - scale)
         regions.extend(Region(x, y, x + scale, y + scale) for y in steps for x in steps)
@@ -219,7 +220,7 @@ def _kmeans(points: FloatArray, k: int, rng: np.random.Generator) -> FloatArray:
         np.add.at(sums, assignment, points)
         counts = np.bincount(assignment, minlength=k)
         empty = counts == 0
-        centroids = sums / np.maximum(counts, 1)[:, None]
+        centroids = np.asarray(sums / np.maximum(counts, 1)[:, None], dtype=np.float32)
         if empty.any():
             centroids[empty] = points[rng.choice(len(points), int(empty.sum()), replace=False)]
     return centroids.astype(np.float32)
@@ -242,11 +243,11 @@ def _kmeans_plus_plus(points: FloatArray, k: int, rng: np.random.Generator) -> F
     return np.stack(chosen).astype(np.float32)
 
 
-def _normalized_rows(rows: FloatArray) -> FloatArray:
+def _normalized_rows(rows: npt.NDArray[np.floating[Any]]) -> FloatArray:
     norms = np.linalg.norm(rows, axis=1, keepdims=True)
-    return (rows / np.maximum(norms, 1e-12)).astype(np.float32)
+    return np.asarray(rows / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
-def _normalized(vector: FloatArray) -> FloatArray:
+def _normalized(vector: npt.NDArray[np.floating[Any]]) -> FloatArray:
     norm = float(np.linalg.norm(vector))
     return (vector / norm).astype(np.float32) if norm > 0 else vector.astype(np.float32)

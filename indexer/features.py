@@ -78,7 +78,8 @@ def extract_features(
         NoFeaturesError: fewer than ``MIN_KEYPOINTS`` keypoints were found
             (a flat colour, a tiny icon).
     """
-    kaze = cv2.KAZE_create(
+    # cv2.KAZE.create is cv2.KAZE_create under the name OpenCV's type stubs know.
+    kaze = cv2.KAZE.create(
         extended=False,
         upright=False,
         threshold=params.threshold,
@@ -104,14 +105,14 @@ def extract_features(
 def quantize_descriptors(descriptors: FloatArray) -> Int8Array:
     """Store descriptors in one byte per component (64 bytes each instead of 256)."""
     scaled = np.rint(descriptors * DESCRIPTOR_INT8_SCALE)
-    return np.clip(scaled, -127, 127).astype(np.int8)
+    return np.asarray(np.clip(scaled, -127, 127), dtype=np.int8)
 
 
 def dequantize_descriptors(quantized: Int8Array) -> FloatArray:
     """Back to unit-length float32, the form matching works on."""
     descriptors = quantized.astype(np.float32)
     norms = np.linalg.norm(descriptors, axis=1, keepdims=True)
-    return descriptors / np.maximum(norms, 1e-6)
+    return np.asarray(descriptors / np.maximum(norms, 1e-6), dtype=np.float32)
 
 
 def find_homography(

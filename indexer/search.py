@@ -258,7 +258,8 @@ class SearchService:
         vectors = np.stack([codebook.encode(f.descriptors) for f in oriented])
         timings.add("encode", time.perf_counter() - clock)
         clock = time.perf_counter()
-        similarity = self._candidates(generation, vectors, visible, max(top, self.settings.first_batch))
+        depth = max(top, self.settings.first_batch)
+        similarity = self._candidates(generation, vectors, visible, depth)
         timings.add("candidates", time.perf_counter() - clock)
 
         ranked = sorted(similarity, key=similarity.__getitem__, reverse=True)
@@ -447,7 +448,7 @@ class SearchService:
         Raises:
             NotFoundError: nothing is indexed from that path.
         """
-        records = await self.catalog.find_by_path(os.path.abspath(path))
+        records = await self.catalog.find_by_path(os.path.normpath(path.absolute()))
         if not records:
             raise NotFoundError(f"{path} is not in the index")
         return [await self.remove(record.id) for record in records]
@@ -465,7 +466,8 @@ class SearchService:
     def _store_original(self, data: bytes, analysis: Analysis) -> str:
         """Write the bytes durably under originals/, named by content (never by user input)."""
         extension = _EXTENSIONS.get(analysis.format, "img")
-        relative = f"{ORIGINALS_DIR}/{analysis.content_hash[:2]}/{analysis.content_hash}.{extension}"
+        digest = analysis.content_hash
+        relative = f"{ORIGINALS_DIR}/{digest[:2]}/{digest}.{extension}"
         target = self.index_dir / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         temporary = target.with_name(f".{target.name}.tmp")
@@ -500,6 +502,11 @@ class SearchService:
         threshold = max(self.settings.rebuild_after_fresh, len(generation or ()) // 10)
         if pending >= threshold and (self._rebuild_task is None or self._rebuild_task.done()):
             self._rebuild_task = asyncio.create_task(self.rebuild(), name="index-rebuild")
+
+    @property
+    def generation_name(self) -> str | None:
+        """The generation being served, ``None`` before the first build."""
+        return self._generation.name if self._generation is not None else None
 
     @property
     def rebuild_running(self) -> bool:
@@ -557,7 +564,8 @@ class SearchService:
     async def _train(self, total: int) -> Codebook:
         """Train centroids and whitening on a sample of the catalog's images."""
         every = max(1, math.ceil(total / self.settings.training_images))
-        per_image = max(16, CENTROID_TRAINING_DESCRIPTORS // min(total, self.settings.training_images))
+        sampled = min(total, self.settings.training_images)
+        per_image = max(16, CENTROID_TRAINING_DESCRIPTORS // sampled)
         sample: list[FloatArray] = []
         async for _, features in self.catalog.iter_features(sample_every=every):
             sample.append(features.descriptors[:per_image])
@@ -571,7 +579,9 @@ class SearchService:
             train_codebook, centroids, np.stack(vlads), dimensions=self.settings.dimensions
         )
         log.info(
-            "trained a codebook on %d images: %d dimensions", codebook.trained_on, codebook.dimensions
+            "trained a codebook on %d images: %d dimensions",
+            codebook.trained_on,
+            codebook.dimensions,
         )
         return codebook
 
@@ -601,7 +611,9 @@ class SearchService:
         )
 
 
-_EXTENSIONS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif", "GIF": "gif"}
+_EXTENSIONS = {
+    "JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif", "GIF": "gif"
+}
 
 
 def _analyze(source: bytes | Path, settings: EngineSettings) -> Analysis:

@@ -79,9 +79,12 @@ def verify_candidates(
     for position, candidate in enumerate(candidates):
         best = Verification.rejected()
         for is_mirrored, oriented in enumerate(orientations):
-            query_index, candidate_index = matches[is_mirrored][position]
             verdict = _verify_pair(
-                oriented, candidate, query_index, candidate_index, params, bool(is_mirrored)
+                oriented,
+                candidate,
+                matches[is_mirrored][position],
+                params=params,
+                is_mirrored=bool(is_mirrored),
             )
             if (verdict.verified, verdict.inliers) > (best.verified, best.inliers):
                 best = verdict
@@ -92,11 +95,12 @@ def verify_candidates(
 def _verify_pair(
     query: LocalFeatures,
     candidate: LocalFeatures,
-    query_index: npt.NDArray[np.intp],
-    candidate_index: npt.NDArray[np.intp],
+    matches: MatchPairs,
+    *,
     params: VerifyParams,
     is_mirrored: bool,
 ) -> Verification:
+    query_index, candidate_index = matches
     if len(query_index) < params.min_matches:
         return Verification(inliers=0, verified=False, mirrored=is_mirrored)
     source = query.points[query_index]
@@ -203,7 +207,7 @@ def _plausible_geometry(
         return False
     # How much the scale changes across the query picture: large for a degenerate fit.
     size = max(query.width, query.height)
-    return abs(h[2, 0]) * size + abs(h[2, 1]) * size <= params.max_perspective
+    return bool(abs(h[2, 0]) * size + abs(h[2, 1]) * size <= params.max_perspective)
 
 
 def _spread_enough(
