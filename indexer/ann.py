@@ -103,49 +103,60 @@ class Generation:
 
 
 class ExactVectors:
-    """Vectors searched exhaustively: the images added since the generation was built."""
+    """Vectors searched exhaustively: the images added since the generation was built.
+
+    Searches run on worker threads while adds happen on the event loop, so the
+    arrays are never changed under a reader: an add writes past the visible
+    length and then publishes the new length; growing or discarding builds new
+    arrays and swaps the reference.
+    """
 
     def __init__(self, dimensions: int) -> None:
         self.dimensions = dimensions
-        self._ids: list[int] = []
-        self._scopes: list[int] = []
-        self._rows: list[FloatArray] = []
-        self._matrix: FloatArray | None = None
+        self._ids: IdArray = np.empty(0, np.int64)
+        self._scopes: IdArray = np.empty(0, np.int64)
+        self._matrix: FloatArray = np.empty((0, dimensions), np.float32)
+        self._length = 0
 
     def __len__(self) -> int:
-        return len(self._ids)
+        return self._length
 
     @property
     def ids(self) -> list[int]:
-        return list(self._ids)
+        return [int(i) for i in self._ids[: self._length]]
 
     def add(self, image_id: int, scope: int, vector: FloatArray) -> None:
-        self._ids.append(image_id)
-        self._scopes.append(scope)
-        self._rows.append(vector.astype(np.float32))
-        self._matrix = None
+        if self._length == len(self._ids):
+            capacity = max(16, 2 * len(self._ids))
+            ids, scopes = np.zeros(capacity, np.int64), np.zeros(capacity, np.int64)
+            matrix = np.zeros((capacity, self.dimensions), np.float32)
+            ids[: self._length] = self._ids[: self._length]
+            scopes[: self._length] = self._scopes[: self._length]
+            matrix[: self._length] = self._matrix[: self._length]
+            self._ids, self._scopes, self._matrix = ids, scopes, matrix
+        self._ids[self._length] = image_id
+        self._scopes[self._length] = scope
+        self._matrix[self._length] = vector
+        self._length += 1
 
     def discard(self, image_id: int) -> None:
-        if image_id in self._ids:
-            position = self._ids.index(image_id)
-            del self._ids[position], self._scopes[position], self._rows[position]
-            self._matrix = None
-
-    def scope_of(self, image_id: int) -> int | None:
-        if image_id in self._ids:
-            return self._scopes[self._ids.index(image_id)]
-        return None
+        keep = self._ids[: self._length] != image_id
+        if keep.all():
+            return
+        self._ids = self._ids[: self._length][keep].copy()
+        self._scopes = self._scopes[: self._length][keep].copy()
+        self._matrix = self._matrix[: self._length][keep].copy()
+        self._length = len(self._ids)
 
     def search(self, vector: FloatArray, count: int) -> Candidates:
-        if not self._ids or count <= 0:
+        length, ids, scopes, matrix = self._length, self._ids, self._scopes, self._matrix
+        if not length or count <= 0:
             return Candidates.empty()
-        if self._matrix is None:
-            self._matrix = np.stack(self._rows)
-        similarities = self._matrix @ vector
+        similarities = matrix[:length] @ vector
         best = np.argsort(-similarities)[:count]
         return Candidates(
-            ids=np.asarray(self._ids, dtype=np.int64)[best],
-            scopes=np.asarray(self._scopes, dtype=np.int64)[best],
+            ids=ids[:length][best],
+            scopes=scopes[:length][best],
             similarities=similarities[best].astype(np.float32),
         )
 

@@ -8,6 +8,8 @@ global vector tagged with the codebook that made it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import sqlite3
 import time
@@ -135,6 +137,9 @@ class Catalog:
     def __init__(self, connection: aiosqlite.Connection, path: Path) -> None:
         self._db = connection
         self.path = path
+        # One connection serves every task: transactions must take turns, or a
+        # second BEGIN arrives inside the first one.
+        self._write_turn = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path) -> Catalog:
@@ -491,17 +496,24 @@ class Catalog:
         return int(next(iter(rows))[0])
 
     def _transaction(self) -> _Transaction:
-        return _Transaction(self._db)
+        return _Transaction(self._db, self._write_turn)
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, rolled back on any exception (including cancellation)."""
+    """BEGIN IMMEDIATE ... COMMIT, one at a time, rolled back on any exception
+    (including cancellation)."""
 
-    def __init__(self, connection: aiosqlite.Connection) -> None:
+    def __init__(self, connection: aiosqlite.Connection, turn: asyncio.Lock) -> None:
         self._db = connection
+        self._turn = turn
 
     async def __aenter__(self) -> None:
-        await self._db.execute("BEGIN IMMEDIATE")
+        await self._turn.acquire()
+        try:
+            await self._db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._turn.release()
+            raise
 
     async def __aexit__(
         self,
@@ -509,10 +521,19 @@ class _Transaction:
         exc: BaseException | None,
         traceback: TracebackType | None,
     ) -> None:
-        if exc_type is None:
-            await self._db.execute("COMMIT")
-        else:
-            await self._db.execute("ROLLBACK")
+        try:
+            if exc_type is None:
+                try:
+                    await self._db.execute("COMMIT")
+                except BaseException:
+                    # A failed COMMIT (a full disk) leaves the transaction open.
+                    with contextlib.suppress(sqlite3.Error):
+                        await self._db.execute("ROLLBACK")
+                    raise
+            else:
+                await self._db.execute("ROLLBACK")
+        finally:
+            self._turn.release()
 
 
 class _translated_errors:  # noqa: N801 - used like a function: `async with _translated_errors():`

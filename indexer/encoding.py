@@ -67,8 +67,11 @@ class Codebook:
             return vlad
         return _normalized((vlad - self.mean) @ self.projection)
 
-    def encode_regions(self, features: LocalFeatures, regions: Sequence[Region]) -> FloatArray:
-        """Global vectors of sub-windows of one image, one row per region.
+    def encode_regions(
+        self, features: LocalFeatures, regions: Sequence[Region], *, min_keypoints: int = 1
+    ) -> FloatArray:
+        """Global vectors of sub-windows of one image, one row per region that
+        holds at least ``min_keypoints`` keypoints.
 
         VLAD is a sum over descriptors, so a region's vector only needs the
         descriptors whose keypoints fall inside it: one assignment serves all.
@@ -83,6 +86,9 @@ class Codebook:
                 for r in regions
             ]
         ).astype(np.float32)
+        masks = masks[masks.sum(axis=1) >= min_keypoints]
+        if not len(masks):
+            return np.empty((0, self.dimensions), dtype=np.float32)
         k = len(self.centroids)
         assignment = _nearest_centroid(features.descriptors, self.centroids)
         one_hot = np.zeros((len(assignment), k), dtype=np.float32)
@@ -92,7 +98,7 @@ class Codebook:
         counts = masks @ one_hot  # (regions, centroids)
         residuals = sums - counts[:, :, None] * self.centroids[None]
         residuals /= np.maximum(np.linalg.norm(residuals, axis=2, keepdims=True), 1e-12)
-        flat = residuals.reshape(len(regions), -1)
+        flat = residuals.reshape(len(masks), -1)
         vlads = _normalized_rows(np.sign(flat) * np.sqrt(np.abs(flat)))
         if self.projection is None or self.mean is None:
             return vlads
@@ -160,11 +166,14 @@ def region_grid(scales: Sequence[float] = (0.5, 0.7)) -> list[Region]:
 
 def vlad_vector(descriptors: FloatArray, centroids: FloatArray) -> FloatArray:
     """Intra-normalised, power-normalised, L2-normalised VLAD of one image."""
-    k, dims = centroids.shape
+    k = len(centroids)
     assignment = _nearest_centroid(descriptors, centroids)
-    sums = np.zeros((k, dims), dtype=np.float32)
-    np.add.at(sums, assignment, descriptors)
-    counts = np.bincount(assignment, minlength=k).astype(np.float32)
+    # A one-hot product sums descriptors per centroid with BLAS; np.add.at would
+    # be ten times slower and hold the GIL throughout.
+    one_hot = np.zeros((len(assignment), k), dtype=np.float32)
+    one_hot[np.arange(len(assignment)), assignment] = 1.0
+    sums = one_hot.T @ descriptors
+    counts = one_hot.sum(axis=0)
     residuals = sums - counts[:, None] * centroids
     residuals /= np.maximum(np.linalg.norm(residuals, axis=1, keepdims=True), 1e-12)
     flat = residuals.reshape(-1)

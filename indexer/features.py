@@ -34,6 +34,9 @@ class KazeParams:
     threshold: float = 0.001
     octaves: int = 4
     octave_layers: int = 4
+    enough_keypoints: int = 300  # below this, detect again with a lower threshold
+    retries: int = 2
+    retry_divisor: float = 4.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,21 +77,30 @@ def extract_features(
 ) -> LocalFeatures:
     """Detect KAZE keypoints on ``gray`` and keep the ``max_keypoints`` strongest.
 
+    Low-contrast photos (fog, night, flat studio shots) give few keypoints at
+    the default threshold, too few to verify a match after a crop; for those,
+    detection is repeated with a lower threshold (``params.retries`` times).
+
     Raises:
         NoFeaturesError: fewer than ``MIN_KEYPOINTS`` keypoints were found
             (a flat colour, a tiny icon).
     """
-    # cv2.KAZE.create is cv2.KAZE_create under the name OpenCV's type stubs know.
-    kaze = cv2.KAZE.create(
-        extended=False,
-        upright=False,
-        threshold=params.threshold,
-        nOctaves=params.octaves,
-        nOctaveLayers=params.octave_layers,
-    )
-    keypoints, descriptors = kaze.detectAndCompute(gray, None)
-    if descriptors is None or len(keypoints) < MIN_KEYPOINTS:
+    threshold = params.threshold
+    for attempt in range(params.retries + 1):
+        # cv2.KAZE.create is cv2.KAZE_create under the name OpenCV's type stubs know.
+        kaze = cv2.KAZE.create(
+            extended=False,
+            upright=False,
+            threshold=threshold,
+            nOctaves=params.octaves,
+            nOctaveLayers=params.octave_layers,
+        )
+        keypoints, descriptors = kaze.detectAndCompute(gray, None)
         found = 0 if descriptors is None else len(keypoints)
+        if found >= params.enough_keypoints or attempt == params.retries:
+            break
+        threshold /= params.retry_divisor
+    if descriptors is None or found < MIN_KEYPOINTS:
         raise NoFeaturesError(f"only {found} keypoints found (need {MIN_KEYPOINTS})")
     responses = np.fromiter((k.response for k in keypoints), np.float32, len(keypoints))
     order = np.argsort(-responses, kind="stable")[:max_keypoints]

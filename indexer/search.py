@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from indexer.analysis import Analysis, analyze_bytes, analyze_path
-from indexer.ann import Candidates, ExactVectors, Generation, GenerationStore
+from indexer.ann import ExactVectors, Generation, GenerationStore
 from indexer.catalog import GLOBAL_SCOPE, Catalog, ImageRecord, NewImage
 from indexer.encoding import Codebook, region_grid, train_centroids, train_codebook, vlad_vector
 from indexer.errors import (
@@ -95,6 +95,36 @@ class StageTimings:
 
     def add(self, stage: str, seconds: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+
+Ranking = list[tuple[int, float]]  # (image id, similarity), best first
+# Regions with fewer keypoints than this describe too little to rank by.
+MIN_REGION_KEYPOINTS = 24
+# Reciprocal-rank fusion constant: how much a first place outweighs a fifth.
+RANK_FUSION_K = 3.0
+
+
+def _best_similarity(rankings: Sequence[Ranking]) -> dict[int, float]:
+    best: dict[int, float] = {}
+    for ranking in rankings:
+        for image_id, value in ranking:
+            best[image_id] = max(value, best.get(image_id, -2.0))
+    return best
+
+
+def _fused_ranking(rankings: Sequence[Ranking]) -> list[int]:
+    """Image ids by reciprocal-rank fusion over several rankings.
+
+    Regional vectors are noisy one by one (a window of sky resembles many
+    photos), but the true original tends to rank well in several overlapping
+    windows; summing 1/(k + rank) rewards that agreement where a plain maximum
+    of similarities rewards the luckiest window.
+    """
+    scores: dict[int, float] = {}
+    for ranking in rankings:
+        for rank, (image_id, _) in enumerate(ranking):
+            scores[image_id] = scores.get(image_id, 0.0) + 1.0 / (RANK_FUSION_K + rank)
+    return sorted(scores, key=scores.__getitem__, reverse=True)
 
 
 def match_score(verification: Verification, similarity: float) -> float:
@@ -250,34 +280,30 @@ class SearchService:
         generation = self._generation
         if generation is None:
             return []
-        codebook = generation.codebook
         visible = {GLOBAL_SCOPE, scope}
         oriented = (features, features.mirrored())
 
-        clock = time.perf_counter()
-        vectors = np.stack([codebook.encode(f.descriptors) for f in oriented])
-        timings.add("encode", time.perf_counter() - clock)
+        # Encoding and Annoy are pure CPU work of a few milliseconds each: on a
+        # thread they never stall the event loop (numpy and annoy release the GIL).
         clock = time.perf_counter()
         depth = max(top, self.settings.first_batch)
-        similarity = self._candidates(generation, vectors, visible, depth)
+        rankings = await asyncio.to_thread(
+            self._rank_whole, generation, oriented, visible, depth
+        )
         timings.add("candidates", time.perf_counter() - clock)
-
+        similarity = _best_similarity(rankings)
         ranked = sorted(similarity, key=similarity.__getitem__, reverse=True)
         verdicts = await self._verify(features, ranked[: self.settings.first_batch], timings)
         if not any(v.verified for v in verdicts.values()):
             clock = time.perf_counter()
-            regional = np.concatenate([codebook.encode_regions(f, REGIONS) for f in oriented])
-            timings.add("encode", time.perf_counter() - clock)
-            clock = time.perf_counter()
-            more = self._candidates(
-                generation, regional, visible, self.settings.candidates_per_region
+            regional = await asyncio.to_thread(
+                self._rank_regions, generation, oriented, visible
             )
             timings.add("candidates", time.perf_counter() - clock)
-            for image_id, value in more.items():
+            for image_id, value in _best_similarity(regional).items():
                 similarity[image_id] = max(similarity.get(image_id, -1.0), value)
-            extra = [
-                i for i in sorted(more, key=more.__getitem__, reverse=True) if i not in verdicts
-            ][: max(self.settings.verify_limit - len(verdicts), 0)]
+            budget = max(self.settings.verify_limit - len(verdicts), 0)
+            extra = [i for i in _fused_ranking(regional) if i not in verdicts][:budget]
             verdicts.update(await self._verify(features, extra, timings))
 
         clock = time.perf_counter()
@@ -303,30 +329,57 @@ class SearchService:
         matches.sort(key=lambda m: (m.score, m.inliers), reverse=True)
         return matches[:top]
 
-    def _candidates(
-        self, generation: Generation, vectors: FloatArray, visible: set[int], count: int
-    ) -> dict[int, float]:
-        """Best similarity per visible image id, over all ``vectors``."""
+    def _rank(
+        self,
+        generation: Generation,
+        vectors: Sequence[FloatArray],
+        visible: set[int],
+        count: int,
+    ) -> list[Ranking]:
+        """For each vector, the nearest visible images (Annoy and fresh buffer merged)."""
         # Other chats' images are filtered out after the search, so a chat's own
         # (rarer) images need a deeper look to stay among the results.
         depth = count if visible == {GLOBAL_SCOPE} else count * 4
-        best: dict[int, float] = {}
+        fresh, removed = self._fresh, self._removed
+        rankings = []
         for vector in vectors:
+            merged: dict[int, float] = {}
             for found in (
                 generation.search(vector, depth, self.settings.search_k),
-                self._fresh.search(vector, depth),
+                fresh.search(vector, depth),
             ):
-                self._merge(found, visible, best)
-        return best
+                for image_id, scope, value in zip(
+                    found.ids.tolist(), found.scopes.tolist(), found.similarities.tolist(),
+                    strict=True,
+                ):
+                    if scope in visible and image_id not in removed:
+                        merged[image_id] = max(value, merged.get(image_id, -2.0))
+            ordered = sorted(merged.items(), key=lambda item: item[1], reverse=True)
+            rankings.append(ordered[:count])
+        return rankings
 
-    def _merge(self, found: Candidates, visible: set[int], best: dict[int, float]) -> None:
-        for image_id, scope, value in zip(
-            found.ids.tolist(), found.scopes.tolist(), found.similarities.tolist(), strict=True
-        ):
-            if scope in visible and image_id not in self._removed and value > best.get(
-                image_id, -2.0
-            ):
-                best[image_id] = value
+    def _rank_whole(
+        self,
+        generation: Generation,
+        oriented: Sequence[LocalFeatures],
+        visible: set[int],
+        count: int,
+    ) -> list[Ranking]:
+        vectors = [generation.codebook.encode(f.descriptors) for f in oriented]
+        return self._rank(generation, vectors, visible, count)
+
+    def _rank_regions(
+        self, generation: Generation, oriented: Sequence[LocalFeatures], visible: set[int]
+    ) -> list[Ranking]:
+        codebook = generation.codebook
+        vectors = [
+            row
+            for features in oriented
+            for row in codebook.encode_regions(
+                features, REGIONS, min_keypoints=MIN_REGION_KEYPOINTS
+            )
+        ]
+        return self._rank(generation, vectors, visible, self.settings.candidates_per_region)
 
     async def _verify(
         self, features: LocalFeatures, ids: Sequence[int], timings: StageTimings

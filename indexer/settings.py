@@ -15,6 +15,7 @@ _STORED_KEYS = (
     "kaze_threshold",
     "kaze_octaves",
     "kaze_octave_layers",
+    "kaze_enough_keypoints",
     "centroids",
     "dimensions",
 )
@@ -31,6 +32,7 @@ class EngineSettings:
     kaze_threshold: float = 0.001
     kaze_octaves: int = 4
     kaze_octave_layers: int = 4
+    kaze_enough_keypoints: int = 300
     centroids: int = 64
     dimensions: int = 256
     # -- how a query is answered (free to change between runs) --
@@ -38,8 +40,8 @@ class EngineSettings:
     annoy_trees: int = 32
     search_k: int = 4000
     first_batch: int = 8  # candidates verified before deciding whether to look further
-    verify_limit: int = 32  # most candidates verified for one query
-    candidates_per_region: int = 4
+    verify_limit: int = 48  # most candidates verified for one query
+    candidates_per_region: int = 12
     rebuild_after_fresh: int = 500  # fresh images that trigger a background rebuild
     retrain_growth: float = 2.0  # retrain the codebook once the collection grew this much
     training_images: int = 20_000  # most images the codebook and PCA are trained on
@@ -50,7 +52,12 @@ class EngineSettings:
 
     @property
     def kaze(self) -> KazeParams:
-        return KazeParams(self.kaze_threshold, self.kaze_octaves, self.kaze_octave_layers)
+        return KazeParams(
+            threshold=self.kaze_threshold,
+            octaves=self.kaze_octaves,
+            octave_layers=self.kaze_octave_layers,
+            enough_keypoints=self.kaze_enough_keypoints,
+        )
 
     def stored(self) -> dict[str, str]:
         """The index-defining settings, as saved in the catalog."""

@@ -1,0 +1,57 @@
+# The Telegram bot (and the indexer CLI) in a slim image.
+#
+#   docker build -t imgsearch .
+#   docker run --rm -v imgsearch-data:/data -v "$PWD/photos:/photos:ro" \
+#       --entrypoint imgsearch-index imgsearch build /photos --index /data/index
+#   docker run -d --name imgsearch --restart unless-stopped --stop-timeout 30 \
+#       -e TELEGRAM_BOT_TOKEN -v imgsearch-data:/data -v "$PWD/photos:/photos:ro" \
+#       -v "$PWD/config.toml:/config/config.toml:ro" imgsearch
+#
+# config.toml must say dir = "/data/index" under [index]. The offline collection's photos are
+# read from /photos (results are sent from there), photos added in chats are kept under
+# /data/index/originals: keep /data on a volume. SIGTERM lets the adds in flight finish first.
+
+ARG PYTHON_VERSION=3.11
+
+# --- builder: compiles annoy's C++ extension, installs everything into a venv -------------
+FROM python:${PYTHON_VERSION}-slim AS builder
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends g++ \
+    && rm -rf /var/lib/apt/lists/*
+
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+RUN python -m venv /opt/venv
+# Dependencies first, so that editing the code does not rebuild them.
+COPY pyproject.toml README.md /src/
+RUN mkdir -p /src/indexer /src/bot && touch /src/indexer/__init__.py /src/bot/__init__.py \
+    && /opt/venv/bin/pip install /src \
+    && /opt/venv/bin/pip uninstall -y imgsearch
+COPY indexer /src/indexer
+COPY bot /src/bot
+RUN /opt/venv/bin/pip install --no-deps /src
+
+# --- runtime: no compiler, a non-root user ---------------------------------------------------
+FROM python:${PYTHON_VERSION}-slim
+
+# tini reaps the worker processes and forwards SIGTERM to the bot.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends tini \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --user-group --home-dir /app --shell /usr/sbin/nologin bot \
+    && mkdir -p /app /config /data/index /photos \
+    && chown bot:bot /data /data/index
+
+COPY --from=builder /opt/venv /opt/venv
+COPY config.example.toml /app/
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+WORKDIR /app
+USER bot
+VOLUME ["/data", "/photos"]
+
+ENTRYPOINT ["tini", "--", "imgsearch-bot"]
+CMD ["--config", "/config/config.toml"]

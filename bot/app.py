@@ -1,0 +1,216 @@
+"""Wiring: validated settings in, a ready python-telegram-bot ``Application`` out.
+
+The search engine (a process pool and the index) is opened in ``post_init`` and closed in
+``post_shutdown``, so it lives exactly as long as the bot runs. PTB's ``Application.stop()``
+lets the updates in flight finish first, so an add that started is completed (and committed
+by the engine) before the index is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from pathlib import Path
+from typing import Any, Final, TypeAlias, TypeVar
+
+from telegram import BotCommand, LinkPreviewOptions
+from telegram.constants import ParseMode
+from telegram.ext import (
+    AIORateLimiter,
+    Application,
+    ApplicationBuilder,
+    CallbackContext,
+    CommandHandler,
+    ContextTypes,
+    Defaults,
+    ExtBot,
+    MessageHandler,
+    filters,
+)
+
+from bot import handlers, replies
+from bot.access import AccessPolicy, SlidingWindowLimiter
+from bot.messages import CaptionCommand, MentionsThisBot
+from bot.settings import BotSettings
+from indexer.errors import IndexNotFoundError
+from indexer.search import SearchService
+from indexer.settings import EngineSettings
+from indexer.workers import CpuPool
+
+log = logging.getLogger(__name__)
+
+# AIORateLimiter waits out a 429's retry_after and tries again this many times.
+FLOOD_RETRIES: Final = 3
+ADMIN_ALERTS_PER_HOUR: Final = 6
+
+T = TypeVar("T")
+
+
+class BotData:
+    """PTB's ``bot_data``: what all handlers share. Read it through :class:`BotContext`."""
+
+    def __init__(self) -> None:
+        self.settings: BotSettings | None = None  # set by build_application
+        self.access: AccessPolicy | None = None  # set by build_application
+        self.service: SearchService | None = None  # open between post_init and post_shutdown
+        self.admin_alerts = SlidingWindowLimiter(ADMIN_ALERTS_PER_HOUR, 3600.0)
+        # Workaround: the engine's catalog lets two coroutines open write transactions on its
+        # one connection at once ("cannot start a transaction within a transaction"), so the
+        # bot runs its own writes (add, remove, remember_file_id) one at a time.
+        self.catalog_writes = asyncio.Lock()
+
+
+class BotContext(CallbackContext[ExtBot[int], dict[Any, Any], dict[Any, Any], BotData]):
+    """The context handlers receive, with typed access to the bot's services."""
+
+    @property
+    def settings(self) -> BotSettings:
+        return _required(self.bot_data.settings, "settings")
+
+    @property
+    def access(self) -> AccessPolicy:
+        return _required(self.bot_data.access, "access policy")
+
+    @property
+    def service(self) -> SearchService:
+        return _required(self.bot_data.service, "search service")
+
+    @property
+    def admin_alerts(self) -> SlidingWindowLimiter:
+        """How often the admins may be told about failures."""
+        return self.bot_data.admin_alerts
+
+    @property
+    def catalog_writes(self) -> asyncio.Lock:
+        """Hold it while calling a service method that writes to the catalog."""
+        return self.bot_data.catalog_writes
+
+
+BotApplication: TypeAlias = Application[
+    ExtBot[int], BotContext, dict[Any, Any], dict[Any, Any], BotData, None
+]
+
+
+def build_application(
+    settings: BotSettings, *, engine_settings: EngineSettings | None = None
+) -> BotApplication:
+    """The bot, ready for ``run_polling()``; nothing is opened or contacted yet.
+
+    ``engine_settings`` apply to a new index (an existing one keeps the settings it was built
+    with); the default suits real collections.
+    """
+    builder = (
+        ApplicationBuilder()
+        .token(settings.telegram.token.reveal())
+        .context_types(ContextTypes(context=BotContext, bot_data=BotData))
+        .defaults(
+            Defaults(
+                parse_mode=ParseMode.HTML,
+                do_quote=True,  # answer in the thread of the request, in groups and forums
+                allow_sending_without_reply=True,  # even if the request was deleted meanwhile
+                link_preview_options=LinkPreviewOptions(is_disabled=True),
+            )
+        )
+        .rate_limiter(AIORateLimiter(max_retries=FLOOD_RETRIES))
+        .concurrent_updates(settings.runtime.concurrent_updates)
+        .job_queue(None)  # nothing is scheduled: no need for APScheduler's thread
+        .post_init(functools.partial(_open_engine, engine_settings=engine_settings))
+        .post_shutdown(_close_engine)
+    )
+    if settings.telegram.api_base_url is not None and settings.telegram.api_file_url is not None:
+        builder = builder.base_url(settings.telegram.api_base_url).base_file_url(
+            settings.telegram.api_file_url
+        )
+    application: BotApplication = builder.build()
+    application.bot_data.settings = settings
+    application.bot_data.access = AccessPolicy(settings.access)
+    _add_handlers(application, settings)
+    return application
+
+
+def _add_handlers(application: BotApplication, settings: BotSettings) -> None:
+    new_message = filters.UpdateType.MESSAGE  # edits of old requests are not new requests
+    image = filters.PHOTO | filters.Document.ALL
+    if settings.access.allowed_chats:
+        allowed = filters.Chat(chat_id=settings.access.allowed_chats | settings.access.admins)
+        application.add_handler(MessageHandler(~allowed, handlers.refuse_chat), group=-1)
+    application.add_handlers(
+        [
+            CommandHandler("start", handlers.start, filters=new_message),
+            CommandHandler("help", handlers.help_command, filters=new_message),
+            CommandHandler("stats", handlers.stats, filters=new_message),
+            CommandHandler("search", handlers.search, filters=new_message),
+            CommandHandler("add", handlers.add, filters=new_message),
+            CommandHandler("remove", handlers.remove, filters=new_message),
+            MessageHandler(new_message & image & CaptionCommand("search"), handlers.search),
+            MessageHandler(new_message & image & CaptionCommand("add"), handlers.add),
+            MessageHandler(new_message & image & CaptionCommand("remove"), handlers.remove),
+            # Any other image: searched in private chats; in groups only when it names the bot,
+            # so a bot that is a group admin (and sees every photo) does not answer them all.
+            MessageHandler(
+                new_message & image & (filters.ChatType.PRIVATE | MentionsThisBot()),
+                handlers.search,
+            ),
+        ]
+    )
+    application.add_error_handler(handlers.on_error)
+
+
+async def _open_engine(
+    application: BotApplication, *, engine_settings: EngineSettings | None
+) -> None:
+    settings = _required(application.bot_data.settings, "settings")
+    pool = CpuPool.processes(settings.index.workers)
+    try:
+        application.bot_data.service = await _open_service(
+            settings.index.dir, engine_settings=engine_settings, pool=pool
+        )
+    except BaseException:
+        pool.shutdown(cancel_pending=True)
+        raise
+    await application.bot.set_my_commands(
+        [BotCommand(command, description) for command, description in replies.COMMANDS]
+    )
+
+
+async def _close_engine(application: BotApplication) -> None:
+    service = application.bot_data.service
+    if service is None:  # post_init failed before opening it
+        return
+    application.bot_data.service = None
+    await service.close()
+    service.pool.shutdown()
+    log.info("search service closed")
+
+
+async def _open_service(
+    index_dir: Path, *, engine_settings: EngineSettings | None, pool: CpuPool
+) -> SearchService:
+    """The index in ``index_dir``, or a new empty one if there is none yet (logged).
+
+    Raises:
+        IndexStateError: the index cannot be used (incompatible, damaged beyond repair).
+        CatalogError: its catalog cannot be opened.
+    """
+    try:
+        service = await SearchService.open(index_dir, settings=engine_settings, pool=pool)
+    except IndexNotFoundError:
+        log.warning(
+            "no index in %s yet: starting with an empty collection (build one with "
+            "`python -m indexer build PHOTOS --index %s`)",
+            index_dir,
+            index_dir,
+        )
+        service = await SearchService.open(
+            index_dir, settings=engine_settings, pool=pool, create=True
+        )
+    report = await service.stats()
+    log.info("serving %d photos from %s with %d workers", report.images, index_dir, pool.workers)
+    return service
+
+
+def _required(value: T | None, what: str) -> T:
+    if value is None:
+        raise RuntimeError(f"the bot's {what} is not set up: build it with build_application()")
+    return value

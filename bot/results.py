@@ -1,0 +1,133 @@
+"""Sending search results back: one album (or one photo), each with its caption.
+
+A result photo is uploaded once: the file_id Telegram gives it is remembered in the catalog
+and sent instead of the bytes from then on. Files over Telegram's photo limits are downscaled
+before upload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from telegram import InputMediaPhoto, Message
+from telegram.constants import ChatAction
+from telegram.error import BadRequest, TelegramError
+
+from bot import replies
+from indexer.errors import CatalogError, IndexerError
+from indexer.images import fit_for_telegram
+from indexer.search import Match, SearchService
+
+log = logging.getLogger(__name__)
+
+# Telegram shows a chat action for 5 s; refreshing a little sooner keeps it steady.
+_CHAT_ACTION_REFRESH_S: Final = 4.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Outgoing:
+    match: Match
+    media: str | bytes  # a remembered file_id, or the bytes to upload
+    caption: str
+
+
+async def send_results(
+    message: Message, matches: Sequence[Match], service: SearchService, write_lock: asyncio.Lock
+) -> None:
+    """Reply to ``message`` with ``matches`` (best first): an album, one photo, or a sentence
+    saying nothing was found. File ids are remembered while holding ``write_lock``.
+
+    Raises:
+        TelegramError: the Bot API refused the reply.
+    """
+    outgoing = await _prepare(matches, use_file_ids=True)
+    try:
+        await _send(message, outgoing, service, write_lock)
+    except BadRequest as error:
+        # File ids belong to one bot token; after a token change the cached ones are refused.
+        if "file identifier" not in error.message.lower() or all(
+            isinstance(item.media, bytes) for item in outgoing
+        ):
+            raise
+        log.warning("a remembered file_id was refused (%s); uploading the results again", error)
+        await _send(message, await _prepare(matches, use_file_ids=False), service, write_lock)
+
+
+@contextlib.asynccontextmanager
+async def showing_action(
+    message: Message, action: str = ChatAction.UPLOAD_PHOTO
+) -> AsyncIterator[None]:
+    """Show ``action`` ("sending a photo...") in the chat for as long as the block runs."""
+
+    async def keep_showing() -> None:
+        try:
+            while True:
+                await message.reply_chat_action(action)
+                await asyncio.sleep(_CHAT_ACTION_REFRESH_S)
+        except TelegramError as error:
+            # Only cosmetic: the answer itself must not fail because of it.
+            log.warning("could not show the %s chat action: %s", action, error)
+
+    task = asyncio.create_task(keep_showing(), name=f"chat-action-{message.chat_id}")
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _prepare(matches: Sequence[Match], *, use_file_ids: bool) -> list[_Outgoing]:
+    outgoing = []
+    for rank, match in enumerate(matches, start=1):
+        file_id = match.image.telegram_file_id if use_file_ids else None
+        if file_id is not None:
+            media: str | bytes = file_id
+        else:
+            try:
+                # Decoding and re-encoding a large photo takes a while: keep it off the loop.
+                media = await asyncio.to_thread(fit_for_telegram, match.path)
+            except IndexerError as error:
+                log.warning("result #%d cannot be sent: %s", match.image.id, error)
+                continue
+        outgoing.append(_Outgoing(match, media, replies.result_caption(rank, match)))
+    return outgoing
+
+
+async def _send(
+    message: Message,
+    outgoing: Sequence[_Outgoing],
+    service: SearchService,
+    write_lock: asyncio.Lock,
+) -> None:
+    if not outgoing:
+        await message.reply_text(replies.no_results())
+        return
+    if len(outgoing) == 1:
+        [only] = outgoing
+        sent = [await message.reply_photo(only.media, caption=only.caption)]
+    else:
+        sent = list(
+            await message.reply_media_group(
+                [InputMediaPhoto(item.media, caption=item.caption) for item in outgoing]
+            )
+        )
+    uploaded = [
+        (item.match.image.id, posted.photo[-1].file_id)
+        for item, posted in zip(outgoing, sent, strict=True)
+        if isinstance(item.media, bytes) and posted.photo
+    ]
+    if not uploaded:
+        return
+    try:
+        async with write_lock:
+            for image_id, file_id in uploaded:
+                await service.remember_file_id(image_id, file_id)
+    except CatalogError as error:
+        # The results were delivered; only the upload cache missed out (next time uploads again).
+        log.warning("could not remember the file ids of %d results: %s", len(uploaded), error)

@@ -1,0 +1,74 @@
+"""The real entry point, ``python -m bot``, as a process: start-up, serving, SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from bot_fixtures import REPLY_DEADLINE_S, photo_bytes
+from telegram_emulator import TelegramEmulator
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+async def emu() -> AsyncIterator[TelegramEmulator]:
+    async with TelegramEmulator() as emulator:
+        yield emulator
+
+
+async def test_the_bot_process_serves_until_sigterm_then_stops_cleanly(
+    emu: TelegramEmulator, tmp_path: Path
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        "[telegram]\n"
+        f'api_base_url = "{emu.api_base_url}"\n'
+        f'api_file_url = "{emu.file_base_url}"\n'
+        "[index]\n"
+        'dir = "index"\n'
+        "workers = 1\n"
+    )
+    environment = {**os.environ, "TELEGRAM_BOT_TOKEN": emu.token}
+    alice = emu.create_user("Alice")
+    chat = emu.private_chat(alice)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot",
+        "--config",
+        str(config),
+        cwd=REPOSITORY,
+        env=environment,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stderr is not None
+    log = asyncio.create_task(process.stderr.read())
+    try:
+        emu.user_sends_text(chat, alice, "/start")
+        emu.user_sends_photo(chat, alice, photo_bytes("coffee"), caption="/add")
+        replies = await emu.wait_for_messages(chat, 2, timeout=REPLY_DEADLINE_S)
+        process.send_signal(signal.SIGTERM)
+        status = await asyncio.wait_for(process.wait(), REPLY_DEADLINE_S)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    stderr = (await log).decode()
+
+    assert status == 0, stderr
+    texts = sorted(reply.text or "" for reply in replies)
+    assert texts[0].startswith("✅ Added as #1.")
+    assert texts[1].startswith("👋")
+    assert "starting with an empty collection" in stderr
+    assert "search service closed" in stderr
+    assert "Traceback" not in stderr
+    assert emu.token not in stderr
+    assert (tmp_path / "index" / "catalog.sqlite").exists()
+    polls = emu.calls_of("getUpdates")
+    assert polls[0].params["allowed_updates"] == ["message"]

@@ -1,0 +1,658 @@
+"""Tests of indexer.search: the search service end to end on real photos.
+
+Queries are edits of the CC0 photos of ``photos_dir`` (cropped, rotated,
+flipped, shrunk and recompressed, brightened, captioned, framed); the index of
+those photos is built once per session and copied here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from bad_inputs import OK, BadInput, BadInputCorpus, stored_for_orientation, write_bad_inputs
+from conftest import jpeg_bytes, photo_array
+from engine_fixtures import (
+    EDITS,
+    QUERY_PHOTOS,
+    UNINDEXED_PHOTOS,
+    VERIFIED_SCORE,
+    FifoWatchdog,
+    copy_index,
+    copy_of_shared_index,
+    edited_jpeg,
+    noise_jpeg,
+    opened_service,
+    shapes_jpeg,
+    stem,
+)
+from PIL import Image
+
+from indexer.ann import ANNOY_FILE, CODEBOOK_FILE, CURRENT_FILE, IDS_FILE, MANIFEST_FILE
+from indexer.catalog import GLOBAL_SCOPE
+from indexer.errors import (
+    ImageError,
+    IndexerError,
+    IndexNotFoundError,
+    NoFeaturesError,
+    NotFoundError,
+    SourceError,
+    StorageFullError,
+)
+from indexer.search import GENERATIONS_DIR, ORIGINALS_DIR, Match, SearchService
+from indexer.workers import CpuPool
+
+CHAT_A = -1001
+CHAT_B = -1002
+MAX_STORED_KEYPOINTS = 500
+BYTES_PER_KEYPOINT = 68
+
+
+@pytest.fixture(scope="module")
+def search_index(tmp_path_factory: pytest.TempPathFactory, photos_dir: Path) -> Path:
+    """This module's copy of the 12-photo index; tests that change it copy it again."""
+    return copy_of_shared_index(tmp_path_factory, photos_dir, "search")
+
+
+@pytest.fixture
+def private_index(search_index: Path, tmp_path: Path) -> Path:
+    return copy_index(search_index, tmp_path / "index")
+
+
+def describe(matches: list[Match]) -> str:
+    """Results as shown in a failure message: name, verified, inliers, score."""
+    return ", ".join(
+        f"{stem(m)}(verified={m.verified}, inliers={m.inliers}, score={m.score:.3f})"
+        for m in matches
+    )
+
+
+def jpeg_of(image: np.ndarray, quality: int = 90, **options: object) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="JPEG", quality=quality, **options)
+    return buffer.getvalue()
+
+
+# --- edits find their originals ------------------------------------------------------------
+
+
+def edit_cases() -> list[object]:
+    """Every (photo, edit) pair. Half of them, chosen so that each edit meets three
+    photos and each photo four edits, run by default; the other half is marked
+    slow (``make test-slow``): each query costs a KAZE extraction."""
+    cases = []
+    for photo_number, photo in enumerate(QUERY_PHOTOS):
+        for edit_number, edit in enumerate(EDITS):
+            marks = [pytest.mark.slow] if (photo_number + edit_number) % 2 else []
+            cases.append(pytest.param(photo, edit, marks=marks, id=f"{photo}-{edit}"))
+    return cases
+
+
+@pytest.mark.parametrize(("photo", "edit"), edit_cases())
+async def test_an_edited_photo_finds_its_original_first_and_verified(
+    search_index: Path, photo: str, edit: str
+) -> None:
+    async with opened_service(search_index) as service:
+        matches = await service.query(edited_jpeg(photo, edit), top=3)
+
+    assert matches, "no results at all"
+    best = matches[0]
+    assert (stem(best), best.verified) == (photo, True), describe(matches)
+    assert best.mirrored == (edit == "flip"), describe(matches)
+    assert best.score > VERIFIED_SCORE
+    assert best.path.is_absolute()
+    assert best.path.exists()
+    # Only the original is the same picture; the rest rank below it, unverified.
+    assert not any(m.verified for m in matches[1:]), describe(matches)
+    assert [m.score for m in matches] == sorted((m.score for m in matches), reverse=True)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [*UNINDEXED_PHOTOS, "noise_1", "shapes_1", "shapes_2"],
+)
+async def test_a_picture_not_in_the_collection_verifies_nothing(
+    search_index: Path, query: str
+) -> None:
+    kind, _, seed = query.partition("_")
+    if kind == "noise":
+        data = noise_jpeg(int(seed))
+    elif kind == "shapes":
+        data = shapes_jpeg(int(seed))
+    else:
+        data = jpeg_bytes(photo_array(query))
+
+    async with opened_service(search_index) as service:
+        matches = await service.query(data, top=12)
+
+    assert matches, "the closest photos are still listed"
+    assert not any(m.verified for m in matches), describe(matches)
+    assert all(m.score < VERIFIED_SCORE for m in matches)
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory: pytest.TempPathFactory) -> BadInputCorpus:
+    return write_bad_inputs(tmp_path_factory.mktemp("bad-inputs"))
+
+
+def refused(corpus: BadInputCorpus) -> list[BadInput]:
+    """Inputs a query must refuse: those the decoder refuses, and flat pictures."""
+    return [r for r in corpus if r.expected != OK or r.expected_features == "none"]
+
+
+def expected_error(record: BadInput) -> type[IndexerError]:
+    return NoFeaturesError if record.expected == OK else record.expected
+
+
+async def test_every_bad_input_is_refused_with_its_own_error(
+    search_index: Path, bad_inputs: BadInputCorpus
+) -> None:
+    outcomes = {}
+    async with opened_service(search_index) as service:
+        for record in refused(bad_inputs):
+            if record.name == "fifo":
+                continue  # its own test: it could hang
+            try:
+                await service.query(record.path)
+            except IndexerError as error:
+                outcomes[record.name] = (type(error), error.user_message)
+            else:
+                outcomes[record.name] = (None, "accepted")
+
+    expected = {
+        r.name: (expected_error(r), expected_error(r).user_message)
+        for r in refused(bad_inputs)
+        if r.name != "fifo"
+    }
+    assert outcomes == expected
+    assert len(expected) >= 20
+
+
+async def test_bad_bytes_are_refused_like_bad_files(
+    search_index: Path, bad_inputs: BadInputCorpus
+) -> None:
+    """The bot hands over bytes, not paths."""
+    files = [
+        r
+        for r in refused(bad_inputs)
+        if r.path.is_file() and issubclass(expected_error(r), ImageError)
+    ]
+    async with opened_service(search_index) as service:
+        for record in files:
+            with pytest.raises(expected_error(record)):
+                await service.query(record.path.read_bytes())
+    assert len(files) >= 15
+
+
+async def test_a_fifo_is_refused_without_waiting_for_a_writer(
+    search_index: Path, bad_inputs: BadInputCorpus
+) -> None:
+    if "fifo" in bad_inputs.skipped:
+        pytest.skip(bad_inputs.skipped["fifo"])
+    fifo = bad_inputs["fifo"].path
+
+    async with opened_service(search_index) as service:
+        with FifoWatchdog(fifo) as watchdog, pytest.raises(IndexerError) as raised:
+            await service.query(fifo)
+
+    assert watchdog.released == 0, "the query opened the FIFO and waited for a writer"
+    assert isinstance(raised.value, SourceError)
+
+
+# --- EXIF orientation -----------------------------------------------------------------------------
+
+
+def exif_oriented_jpeg(upright: np.ndarray, orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return jpeg_of(stored_for_orientation(upright, orientation), 92, exif=exif.tobytes())
+
+
+async def test_a_photo_saved_with_exif_orientation_6_is_the_same_picture(
+    search_index: Path,
+) -> None:
+    async with opened_service(search_index) as service:
+        matches = await service.query(exif_oriented_jpeg(photo_array("coffee"), 6), top=2)
+
+    assert (stem(matches[0]), matches[0].verified, matches[0].mirrored) == (
+        "coffee",
+        True,
+        False,
+    ), describe(matches)
+
+
+async def test_a_transposed_exif_photo_is_not_taken_for_a_mirror_image(
+    search_index: Path,
+) -> None:
+    """Orientation 5 stores the picture transposed (a rotation plus a flip). Read
+    with its EXIF it is the upright photo; read without, it would only match as
+    a mirror image. So this tells whether orientation is honoured."""
+    async with opened_service(search_index) as service:
+        matches = await service.query(exif_oriented_jpeg(photo_array("chelsea"), 5), top=2)
+
+    assert (stem(matches[0]), matches[0].verified) == ("chelsea", True), describe(matches)
+    assert not matches[0].mirrored
+
+
+async def test_an_added_exif_rotated_photo_is_stored_with_its_upright_size(
+    private_index: Path,
+) -> None:
+    upright = photo_array("horse")  # 400 x 328, landscape
+    async with opened_service(private_index) as service:
+        added = await service.add(exif_oriented_jpeg(upright, 6))
+        matches = await service.query(jpeg_of(upright), top=1)
+
+    assert added.created
+    assert (added.image.width, added.image.height) == (400, 328)
+    assert (matches[0].image.id, matches[0].verified, matches[0].mirrored) == (
+        added.image.id,
+        True,
+        False,
+    )
+
+
+# --- adding and removing --------------------------------------------------------------------------
+
+
+async def test_an_added_photo_is_searchable_at_once(private_index: Path) -> None:
+    coins = jpeg_bytes(photo_array("coins"))
+    async with opened_service(private_index) as service:
+        before = await service.stats()
+
+        added = await service.add(coins, added_by="alice", origin_chat_id=CHAT_A)
+        during = await service.stats()
+        matches = await service.query(edited_jpeg("coins", "crop"), top=2)
+
+    assert added.created
+    assert added.image.added_by == "alice"
+    assert added.image.origin_chat_id == CHAT_A
+    assert during.images == before.images + 1
+    assert during.fresh == 1  # searched exactly, no rebuild needed
+    assert during.generation == before.generation
+    assert (matches[0].image.id, matches[0].verified) == (added.image.id, True), describe(matches)
+    assert matches[0].path.read_bytes() == coins
+    assert matches[0].path.is_relative_to(private_index / ORIGINALS_DIR)
+
+
+async def test_an_added_photo_stays_searchable_after_a_rebuild(private_index: Path) -> None:
+    async with opened_service(private_index) as service:
+        added = await service.add(jpeg_bytes(photo_array("moon")))
+        await service.rebuild()
+        stats = await service.stats()
+        matches = await service.query(edited_jpeg("moon", "rotate_15"), top=1)
+
+    assert (stats.fresh, stats.indexed, stats.images) == (0, 13, 13)
+    assert (matches[0].image.id, matches[0].verified) == (added.image.id, True)
+
+
+async def test_adding_the_same_bytes_again_creates_nothing(private_index: Path) -> None:
+    clock = jpeg_bytes(photo_array("clock"))
+    async with opened_service(private_index) as service:
+        first = await service.add(clock)
+        again = await service.add(clock)
+        images = (await service.stats()).images
+
+    assert first.created
+    assert not again.created
+    assert again.image.id == first.image.id
+    assert images == 13
+
+
+async def test_adding_a_recompressed_smaller_copy_creates_nothing(private_index: Path) -> None:
+    retina = photo_array("retina")
+    smaller = np.asarray(Image.fromarray(retina).resize((600, 600), Image.Resampling.LANCZOS))
+    async with opened_service(private_index) as service:
+        first = await service.add(jpeg_bytes(retina, 92))
+        copy = await service.add(jpeg_of(smaller, 60))
+        images = (await service.stats()).images
+
+    assert first.created
+    assert (copy.created, copy.image.id) == (False, first.image.id)
+    assert images == 13
+
+
+async def test_adding_a_copy_of_a_collection_photo_returns_the_collection_photo(
+    private_index: Path,
+) -> None:
+    async with opened_service(private_index) as service:
+        result = await service.add(edited_jpeg("camera", "brighter"), scope=CHAT_A)
+
+    assert not result.created
+    assert (Path(result.image.path).stem, result.image.scope) == ("camera", GLOBAL_SCOPE)
+
+
+async def test_a_removed_photo_is_no_longer_found(private_index: Path) -> None:
+    async with opened_service(private_index) as service:
+        added = await service.add(jpeg_bytes(photo_array("coins")))
+        stored_original = service.resolve_path(added.image)
+
+        removed = await service.remove(added.image.id)
+        matches = await service.query(edited_jpeg("coins", "crop"), top=12)
+
+        assert removed.id == added.image.id
+        assert added.image.id not in [m.image.id for m in matches]
+        assert not stored_original.exists()
+        with pytest.raises(NotFoundError) as raised:
+            await service.remove(added.image.id)
+        assert raised.value.user_message
+
+
+async def test_a_removed_collection_photo_leaves_the_annoy_results(private_index: Path) -> None:
+    async with opened_service(private_index) as service:
+        [astronaut] = [
+            m.image for m in await service.query(edited_jpeg("astronaut", "crop"), top=1)
+        ]
+        await service.remove(astronaut.id)
+        matches = await service.query(edited_jpeg("astronaut", "crop"), top=12)
+
+    assert astronaut.id not in [m.image.id for m in matches]
+    assert not any(m.verified for m in matches), describe(matches)
+
+
+async def test_a_photo_cannot_be_removed_from_another_chat(private_index: Path) -> None:
+    async with opened_service(private_index) as service:
+        added = await service.add(jpeg_bytes(photo_array("horse")), scope=CHAT_A)
+
+        with pytest.raises(NotFoundError):
+            await service.remove(added.image.id, scope=CHAT_B)
+        with pytest.raises(NotFoundError):
+            await service.remove(added.image.id, scope=GLOBAL_SCOPE)
+        still_there = await service.query(jpeg_bytes(photo_array("horse")), scope=CHAT_A, top=1)
+
+        assert still_there[0].image.id == added.image.id
+        assert (await service.remove(added.image.id, scope=CHAT_A)).id == added.image.id
+
+
+async def test_removing_a_path_removes_the_collection_photo(
+    private_index: Path, photos_dir: Path
+) -> None:
+    async with opened_service(private_index) as service:
+        [removed] = await service.remove_path(photos_dir / "rocket.jpg")
+        matches = await service.query(edited_jpeg("rocket", "border"), top=12)
+        with pytest.raises(NotFoundError):
+            await service.remove_path(photos_dir / "rocket.jpg")
+
+    assert Path(removed.path).stem == "rocket"
+    assert "rocket" not in [stem(m) for m in matches]
+
+
+# --- scopes ---------------------------------------------------------------------------------
+
+
+async def test_a_chat_photo_is_never_shown_to_another_chat(private_index: Path) -> None:
+    horse = jpeg_bytes(photo_array("horse"))
+    async with opened_service(private_index) as service:
+        added = await service.add(horse, scope=CHAT_A)
+        in_a = await service.query(horse, scope=CHAT_A, top=20)
+        in_b = await service.query(horse, scope=CHAT_B, top=20)
+        in_collection = await service.query(horse, scope=GLOBAL_SCOPE, top=20)
+        await service.rebuild()  # from Annoy too, not only from the fresh buffer
+        in_b_after_rebuild = await service.query(horse, scope=CHAT_B, top=20)
+
+    assert (in_a[0].image.id, in_a[0].verified) == (added.image.id, True)
+    for results in (in_b, in_collection, in_b_after_rebuild):
+        assert added.image.id not in [m.image.id for m in results]
+        assert {m.image.scope for m in results} == {GLOBAL_SCOPE}
+
+
+async def test_collection_photos_are_shown_to_every_chat(private_index: Path) -> None:
+    query = edited_jpeg("chelsea", "caption")
+    async with opened_service(private_index) as service:
+        await service.add(jpeg_bytes(photo_array("coins")), scope=CHAT_A)
+        for scope in (CHAT_A, CHAT_B, GLOBAL_SCOPE):
+            matches = await service.query(query, scope=scope, top=1)
+            assert (stem(matches[0]), matches[0].verified) == ("chelsea", True)
+
+
+async def test_the_same_upload_in_two_chats_is_kept_for_each(private_index: Path) -> None:
+    horse = jpeg_bytes(photo_array("horse"))
+    async with opened_service(private_index) as service:
+        in_a = await service.add(horse, scope=CHAT_A)
+        in_b = await service.add(horse, scope=CHAT_B)
+        await service.remove(in_a.image.id, scope=CHAT_A)
+        matches = await service.query(horse, scope=CHAT_B, top=1)
+
+    assert in_a.created
+    assert in_b.created
+    assert in_b.image.id != in_a.image.id
+    assert (matches[0].image.id, matches[0].verified) == (in_b.image.id, True)
+    # Both rows share one stored file: removing chat A's must not delete chat B's.
+    assert matches[0].path.exists()
+
+
+# --- sizes and stats ---------------------------------------------------------------------------
+
+
+async def test_stored_features_stay_within_500_keypoints_a_photo(private_index: Path) -> None:
+    async with opened_service(private_index) as service:
+        collection = (await service.stats()).bytes_per_image
+        # A query keeps up to 1000 keypoints; an add must store no more than 500.
+        added = await service.add(jpeg_bytes(photo_array("retina")))
+        stored = (await service.catalog.features([added.image.id]))[added.image.id]
+        with_upload = (await service.stats()).bytes_per_image
+
+    assert collection["features"] <= MAX_STORED_KEYPOINTS * BYTES_PER_KEYPOINT
+    assert collection["features"] == collection["keypoints"] * BYTES_PER_KEYPOINT
+    assert len(stored) == MAX_STORED_KEYPOINTS
+    assert with_upload["features"] <= MAX_STORED_KEYPOINTS * BYTES_PER_KEYPOINT
+
+
+async def test_stats_describe_the_index(search_index: Path, photos_dir: Path) -> None:
+    async with opened_service(search_index) as service:
+        stats = await service.stats()
+
+    assert (stats.images, stats.indexed, stats.fresh, stats.failures) == (12, 12, 0, 0)
+    assert stats.generation is not None
+    assert (search_index / GENERATIONS_DIR / stats.generation).is_dir()
+    assert stats.codebook_trained_on == 12
+    # Too few images to whiten: the exact VLAD of 64 centroids x 64 components.
+    assert stats.dimensions == 64 * 64
+
+
+async def test_the_telegram_file_id_is_remembered(private_index: Path) -> None:
+    async with opened_service(private_index) as service:
+        [match] = await service.query(edited_jpeg("coffee", "crop"), top=1)
+        await service.remember_file_id(match.image.id, "AgACAgQAAx0CfileId")
+        [again] = await service.query(edited_jpeg("coffee", "crop"), top=1)
+
+    assert again.image.telegram_file_id == "AgACAgQAAx0CfileId"
+
+
+# --- opening ------------------------------------------------------------------------------------
+
+
+async def test_opening_a_folder_without_an_index_fails_clearly(tmp_path: Path) -> None:
+    with pytest.raises(IndexNotFoundError) as raised:
+        await SearchService.open(tmp_path / "nothing-here")
+
+    assert raised.value.user_message
+    assert not (tmp_path / "nothing-here").exists()
+
+
+async def test_a_new_empty_index_answers_with_no_results_then_learns_from_adds(
+    tmp_path: Path,
+) -> None:
+    async with opened_service(tmp_path / "index", create=True) as service:
+        empty = await service.query(jpeg_bytes(photo_array("coffee")))
+        first = await service.add(jpeg_bytes(photo_array("coffee")))
+        second = await service.add(jpeg_bytes(photo_array("rocket")))
+        coffee = await service.query(edited_jpeg("coffee", "flip"), top=1)
+        rocket = await service.query(edited_jpeg("rocket", "rotate_90"), top=1)
+
+    assert empty == []
+    assert (first.created, second.created) == (True, True)
+    assert (coffee[0].image.id, coffee[0].verified) == (first.image.id, True)
+    assert (rocket[0].image.id, rocket[0].verified) == (second.image.id, True)
+
+
+# --- damaged derived files ------------------------------------------------------------------------
+
+
+def current_generation(index: Path) -> Path:
+    name = (index / GENERATIONS_DIR / CURRENT_FILE).read_text(encoding="utf-8").strip()
+    return index / GENERATIONS_DIR / name
+
+
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncate":
+        path.write_bytes(data[: len(data) // 3])
+    else:  # garble: same size, other bytes
+        path.write_bytes(np.random.default_rng(31).bytes(len(data)))
+
+
+@pytest.mark.parametrize(
+    ("file_name", "how"),
+    [
+        (ANNOY_FILE, "truncate"),
+        (CODEBOOK_FILE, "garble"),
+        (CODEBOOK_FILE, "truncate"),
+        (IDS_FILE, "garble"),
+        (MANIFEST_FILE, "garble"),
+    ],
+)
+async def test_a_damaged_derived_file_is_rebuilt_from_the_catalog_on_open(
+    private_index: Path, file_name: str, how: str
+) -> None:
+    damaged = current_generation(private_index)
+    damage(damaged / file_name, how)
+
+    async with opened_service(private_index) as service:
+        stats = await service.stats()
+        matches = await service.query(edited_jpeg("hubble_deep_field", "crop"), top=1)
+
+    assert stats.generation != damaged.name
+    assert (stats.images, stats.indexed) == (12, 12)
+    assert (stem(matches[0]), matches[0].verified) == ("hubble_deep_field", True)
+    # The rebuilt generation is whole: it opens with every checksum verified.
+    async with opened_service(private_index) as reopened:
+        assert (await reopened.stats()).generation == stats.generation
+
+
+async def test_current_naming_a_vanished_generation_is_rebuilt(private_index: Path) -> None:
+    pointer = private_index / GENERATIONS_DIR / CURRENT_FILE
+    pointer.write_text("g00000000000000000042", encoding="utf-8")
+
+    async with opened_service(private_index) as service:
+        matches = await service.query(edited_jpeg("camera", "rotate_15"), top=1)
+
+    assert (stem(matches[0]), matches[0].verified) == ("camera", True)
+
+
+# --- generations swapped while queries run -------------------------------------------------------
+
+
+async def test_queries_keep_finding_originals_while_generations_are_swapped(
+    private_index: Path,
+) -> None:
+    """Queries run on worker threads (as on the bot's process pool) while the index
+    is rebuilt and swapped several times, once with a retrained codebook."""
+    queries = {photo: edited_jpeg(photo, "quarter_size_jpeg_20") for photo in QUERY_PHOTOS[:3]}
+    rebuilds_done = asyncio.Event()
+    answers: list[tuple[str, str, bool]] = []
+    failures: list[str] = []
+
+    async def keep_querying(service: SearchService) -> None:
+        while True:
+            for photo, data in queries.items():
+                try:
+                    [best, *_] = await service.query(data, top=2)
+                except Exception as error:  # any failure is what this test looks for
+                    failures.append(f"{photo}: {type(error).__name__}: {error}")
+                else:
+                    answers.append((photo, stem(best), best.verified))
+            if rebuilds_done.is_set():
+                return
+
+    pool = CpuPool(ThreadPoolExecutor(max_workers=2), workers=2)
+    try:
+        async with opened_service(private_index, pool=pool) as service:
+            readers = [asyncio.create_task(keep_querying(service)) for _ in range(2)]
+            names = []
+            for round_number in range(6):
+                names.append(await service.rebuild(retrain=round_number == 3))
+                await asyncio.sleep(0)
+            rebuilds_done.set()
+            await asyncio.gather(*readers)
+    finally:
+        pool.shutdown()
+
+    assert failures == []
+    assert len(set(names)) == 6
+    assert len(answers) >= 2 * len(queries)
+    assert [a for a in answers if a[1:] != (a[0], True)] == []
+
+
+def read_current_generation(root: Path) -> str | None:
+    """What a reader in another process sees: None if CURRENT names a whole
+    generation, else what is wrong with it."""
+    name = (root / CURRENT_FILE).read_text(encoding="utf-8").strip()
+    try:
+        manifest = json.loads((root / name / MANIFEST_FILE).read_text(encoding="utf-8"))
+        for file_name, expected in manifest["files"].items():
+            size = (root / name / file_name).stat().st_size
+            if size != expected["size"]:
+                return f"{name}/{file_name}: {size} bytes, manifest says {expected['size']}"
+    except (OSError, ValueError, KeyError) as error:
+        return f"{name}: {type(error).__name__}: {error}"
+    return None
+
+
+async def test_a_reader_never_sees_a_missing_or_partial_generation(private_index: Path) -> None:
+    root = private_index / GENERATIONS_DIR
+    stop = threading.Event()
+    problems: list[str] = []
+    reads = 0
+
+    def keep_reading() -> None:
+        nonlocal reads
+        while not stop.is_set():
+            problem = read_current_generation(root)
+            reads += 1
+            if problem is not None:
+                problems.append(problem)
+
+    reader = threading.Thread(target=keep_reading, name="generation-reader")
+    reader.start()
+    try:
+        async with opened_service(private_index) as service:
+            for _ in range(8):
+                await service.rebuild()
+    finally:
+        stop.set()
+        reader.join()
+
+    assert reads > 0
+    assert problems == []
+
+
+# --- a full disk ---------------------------------------------------------------------------------
+
+
+async def test_an_add_on_a_full_disk_saves_nothing(private_index: Path) -> None:
+    async with opened_service(private_index) as service:
+        before = await service.stats()
+        connection = service.catalog._db  # max_page_count is per connection: see test_catalog
+        [(pages,)] = list(await connection.execute_fetchall("PRAGMA page_count"))
+        await connection.execute(f"PRAGMA max_page_count = {int(pages)}")
+
+        with pytest.raises(StorageFullError):
+            await service.add(jpeg_bytes(photo_array("coins")))
+
+        after = await service.stats()
+        leftovers = list((private_index / ORIGINALS_DIR).rglob("*"))
+        await connection.execute(f"PRAGMA max_page_count = {int(pages) + 100_000}")
+        retried = await service.add(jpeg_bytes(photo_array("coins")))
+
+    assert (after.images, after.fresh) == (before.images, before.fresh)
+    assert [p for p in leftovers if p.is_file()] == []
+    assert retried.created

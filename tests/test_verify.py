@@ -1,0 +1,285 @@
+"""Tests of indexer.verify: tentative matches and the "same picture" verdict.
+
+Most cases use synthetic features (random, well separated descriptors placed
+at chosen points), so the geometry each verdict sees is exactly known; a few use
+KAZE features of real photos.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+import pytest
+from conftest import photo_array
+from engine_fixtures import rotated
+
+from indexer.features import DESCRIPTOR_SIZE, LocalFeatures, extract_features
+from indexer.verify import (
+    Verification,
+    VerifyParams,
+    batched_mutual_ratio_matches,
+    verify_candidates,
+)
+
+FloatArray = npt.NDArray[np.float32]
+WIDTH, HEIGHT = 640, 480
+PARAMS = VerifyParams()
+
+
+def unit_rows(rows: npt.NDArray[np.floating]) -> FloatArray:
+    return (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+
+
+def synthetic_features(seed: int, count: int = 200) -> LocalFeatures:
+    rng = np.random.default_rng(seed)
+    return LocalFeatures(
+        points=rng.uniform([20, 20], [WIDTH - 20, HEIGHT - 20], size=(count, 2)).astype(
+            np.float32
+        ),
+        descriptors=unit_rows(rng.normal(size=(count, DESCRIPTOR_SIZE))),
+        width=WIDTH,
+        height=HEIGHT,
+    )
+
+
+def moved(features: LocalFeatures, homography: npt.ArrayLike) -> LocalFeatures:
+    """The same keypoints and descriptors, with the points mapped by ``homography``."""
+    matrix = np.asarray(homography, dtype=np.float64)
+    points = cv2.perspectiveTransform(features.points[None].astype(np.float64), matrix)[0]
+    return LocalFeatures(
+        points=points.astype(np.float32),
+        descriptors=features.descriptors.copy(),
+        width=features.width,
+        height=features.height,
+    )
+
+
+def similarity(degrees: float, scale: float, shift: tuple[float, float]) -> npt.NDArray:
+    matrix = np.eye(3)
+    matrix[:2] = cv2.getRotationMatrix2D((WIDTH / 2, HEIGHT / 2), degrees, scale)
+    matrix[:2, 2] += shift
+    return matrix
+
+
+def verdict_for(query: LocalFeatures, candidate: LocalFeatures) -> Verification:
+    [verdict] = verify_candidates(query, [candidate], params=PARAMS)
+    return verdict
+
+
+# --- synthetic geometry ------------------------------------------------------------------
+
+
+def test_a_rotated_scaled_shifted_copy_is_verified() -> None:
+    query = synthetic_features(1)
+
+    verdict = verdict_for(query, moved(query, similarity(20, 0.8, (15, -10))))
+
+    assert verdict.verified
+    assert not verdict.mirrored
+    assert verdict.inliers >= 0.9 * len(query)
+
+
+def test_a_copy_under_mild_perspective_is_verified() -> None:
+    query = synthetic_features(2)
+    perspective = [[1.0, 0.05, 10.0], [0.02, 0.95, 5.0], [2e-4, 1e-4, 1.0]]
+
+    verdict = verdict_for(query, moved(query, perspective))
+
+    assert verdict.verified
+    assert verdict.inliers >= 0.9 * len(query)
+
+
+def test_a_mirrored_copy_is_verified_through_the_mirrored_pass() -> None:
+    query = synthetic_features(3)
+    candidate = moved(query.mirrored(), similarity(-10, 1.1, (5, 5)))
+
+    verdict = verdict_for(query, candidate)
+
+    assert verdict.verified
+    assert verdict.mirrored
+
+
+def test_a_reflection_without_mirrored_descriptors_is_not_the_same_picture() -> None:
+    """Descriptors unchanged but every point reflected: no real photo does that,
+    and the direct pass must not accept a homography that reflects."""
+    query = synthetic_features(4)
+    reflection = [[-1.0, 0.0, WIDTH - 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
+
+    verdict = verdict_for(query, moved(query, reflection))
+
+    assert not verdict.verified
+
+
+@pytest.mark.parametrize(
+    ("case", "homography"),
+    [
+        ("shrunk_twentyfold", similarity(0, 0.05, (0, 0))),
+        ("stretched_sixfold", [[3.0, 0.0, 0.0], [0.0, 0.5, 0.0], [0.0, 0.0, 1.0]]),
+        ("strong_perspective", [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [3e-3, 0.0, 1.0]]),
+    ],
+)
+def test_an_implausible_geometry_is_not_the_same_picture(case: str, homography: object) -> None:
+    query = synthetic_features(5)
+
+    verdict = verdict_for(query, moved(query, homography))
+
+    assert not verdict.verified, case
+    assert verdict.inliers >= PARAMS.min_inliers  # the points do agree: geometry decides
+
+
+def test_matches_bunched_on_one_small_detail_are_not_the_same_picture() -> None:
+    """Every match inside a 20-pixel square in both pictures: a shared logo or
+    word, not the same photo."""
+    rng = np.random.default_rng(6)
+    query = synthetic_features(6, count=60)
+    bunched = LocalFeatures(
+        points=rng.uniform([300, 200], [320, 220], size=(60, 2)).astype(np.float32),
+        descriptors=query.descriptors,
+        width=WIDTH,
+        height=HEIGHT,
+    )
+
+    verdict = verdict_for(bunched, moved(bunched, similarity(0, 1.0, (40, 30))))
+
+    assert not verdict.verified
+    assert verdict.inliers >= PARAMS.min_inliers
+
+
+def test_descriptors_that_agree_on_no_geometry_are_not_verified() -> None:
+    query = synthetic_features(7)
+    shuffled_points = query.points[np.random.default_rng(7).permutation(len(query))]
+    scrambled = LocalFeatures(shuffled_points, query.descriptors.copy(), WIDTH, HEIGHT)
+
+    verdict = verdict_for(query, scrambled)
+
+    assert not verdict.verified
+    assert verdict.inliers < PARAMS.min_inliers
+
+
+def test_too_few_matches_are_rejected_without_fitting() -> None:
+    query = synthetic_features(8)
+    few = PARAMS.min_matches - 1
+    candidate = LocalFeatures(
+        query.points[:few] + 5, query.descriptors[:few].copy(), WIDTH, HEIGHT
+    )
+
+    verdict = verdict_for(query, candidate)
+
+    assert (verdict.verified, verdict.inliers) == (False, 0)
+
+
+def test_verdicts_come_back_in_candidate_order_for_a_mixed_batch() -> None:
+    query = synthetic_features(9)
+    same = moved(query, similarity(5, 1.0, (3, 3)))
+    unrelated = synthetic_features(10, count=350)  # longer: padding must not matter
+    mirrored = query.mirrored()
+    short_same = LocalFeatures(query.points[:40], query.descriptors[:40].copy(), WIDTH, HEIGHT)
+
+    verdicts = verify_candidates(query, [same, unrelated, mirrored, short_same], params=PARAMS)
+
+    assert [v.verified for v in verdicts] == [True, False, True, True]
+    assert [v.mirrored for v in verdicts if v.verified] == [False, True, False]
+    assert verdicts[3].inliers <= 40
+
+
+def test_no_candidates_give_no_verdicts() -> None:
+    assert verify_candidates(synthetic_features(11), []) == []
+
+
+# --- tentative matches -----------------------------------------------------------------------
+
+
+def test_identical_descriptor_sets_match_one_to_one() -> None:
+    descriptors = synthetic_features(12, count=50).descriptors
+
+    [[(query_index, candidate_index)]] = batched_mutual_ratio_matches(
+        [descriptors], [descriptors], ratio=PARAMS.ratio
+    )
+
+    np.testing.assert_array_equal(query_index, np.arange(50))
+    np.testing.assert_array_equal(candidate_index, np.arange(50))
+
+
+def test_an_ambiguous_descriptor_fails_the_ratio_test() -> None:
+    """A candidate holding the same descriptor twice (a picture tiled from one
+    digital patch): the query's best and second best are equally good, so the
+    match must not be trusted. Float rounding in the similarity product must not
+    decide the tie: 1 - 1e-7 is a distance of 5e-4 after the square root."""
+    descriptors = synthetic_features(13, count=20).descriptors
+    candidate = np.concatenate([descriptors, descriptors[:1]])
+
+    [[(query_index, _)]] = batched_mutual_ratio_matches(
+        [descriptors], [candidate], ratio=PARAMS.ratio
+    )
+
+    assert 0 not in query_index.tolist()
+    assert sorted(query_index.tolist()) == list(range(1, 20))
+
+
+def test_padding_of_short_candidates_never_matches() -> None:
+    descriptors = synthetic_features(14, count=30).descriptors
+    short = descriptors[:3]
+    other = synthetic_features(15, count=30).descriptors
+
+    [[(_, long_index), (short_query, short_index)]] = batched_mutual_ratio_matches(
+        [descriptors], [other, short], ratio=PARAMS.ratio
+    )
+
+    assert short_index.max() < 3
+    assert sorted(short_query.tolist()) == [0, 1, 2]
+    assert len(long_index) < 5  # unrelated random descriptors rarely pass
+
+
+def test_each_query_set_gets_its_own_matches() -> None:
+    features = synthetic_features(16, count=40)
+    mirrored = features.mirrored()
+
+    direct, flipped = batched_mutual_ratio_matches(
+        [features.descriptors, mirrored.descriptors], [features.descriptors], ratio=PARAMS.ratio
+    )
+
+    assert len(direct[0][0]) == 40
+    assert len(flipped[0][0]) < len(direct[0][0])
+
+
+# --- real photos --------------------------------------------------------------------------------
+
+
+def features_of(image: npt.NDArray[np.uint8], keypoints: int = 500) -> LocalFeatures:
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    height, width = gray.shape
+    scale = 640 / max(height, width)
+    gray = cv2.resize(gray, (round(width * scale), round(height * scale)))
+    return extract_features(gray, max_keypoints=keypoints)
+
+
+@pytest.fixture(scope="module")
+def astronaut() -> LocalFeatures:
+    return features_of(photo_array("astronaut"))
+
+
+def test_a_rotated_photo_is_verified_against_its_original(astronaut: LocalFeatures) -> None:
+    query = features_of(rotated(photo_array("astronaut"), 15), keypoints=1000)
+
+    verdict = verdict_for(query, astronaut)
+
+    assert verdict.verified
+    assert not verdict.mirrored
+    assert verdict.inliers >= 50
+
+
+def test_a_flipped_photo_is_verified_as_mirrored(astronaut: LocalFeatures) -> None:
+    query = features_of(np.ascontiguousarray(photo_array("astronaut")[:, ::-1]), keypoints=1000)
+
+    verdict = verdict_for(query, astronaut)
+
+    assert verdict.verified
+    assert verdict.mirrored
+
+
+@pytest.mark.parametrize("other", ["coffee", "chelsea", "camera", "coins"])
+def test_different_photos_are_not_verified(astronaut: LocalFeatures, other: str) -> None:
+    verdict = verdict_for(features_of(photo_array(other), keypoints=1000), astronaut)
+
+    assert not verdict.verified
