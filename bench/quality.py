@@ -261,14 +261,17 @@ def link_collection(config: Config, split: Split) -> tuple[Path, Path]:
     return photos_dir, index_dir
 
 
-def bare_kaze_seconds(path: Path, work_size: int) -> float:
-    """Seconds of ``KAZE.detectAndCompute`` alone on the image in grey, resized to a longer
-    side of ``work_size``: what one KAZE extraction of that query costs at the working size."""
+def bare_kaze_seconds(path: Path, work_size: int, min_side: int = 400) -> float:
+    """Seconds of ``KAZE.detectAndCompute`` alone on the image in grey, at the engine's
+    working size (longest side at most ``work_size``; smaller photos brought up to
+    ``min_side``, as the engine does): what one KAZE extraction of that query costs."""
     import cv2
 
     grey = cv2.cvtColor(load_rgb(path), cv2.COLOR_RGB2GRAY)
     height, width = grey.shape
-    scale = work_size / max(height, width)
+    longest = max(height, width)
+    target = work_size if longest > work_size else max(longest, min_side)
+    scale = target / longest
     interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     resized = cv2.resize(grey, (max(1, round(width * scale)), max(1, round(height * scale))),
                          interpolation=interpolation)

@@ -60,6 +60,7 @@ from bench.edits import EDITS_BY_NAME, encode_jpeg
 from indexer import build as build_module
 from indexer.analysis import Analysis, FileAnalysis, analyze_folder_file
 from indexer.build import build_index
+from indexer.encoding import Codebook
 from indexer.errors import IndexerError
 from indexer.features import KazeParams, extract_features, limit_threads
 from indexer.images import load_working_image
@@ -71,7 +72,8 @@ GrayImage = npt.NDArray[np.uint8]
 
 QUERY_EDITS = ("crop", "rotate")
 UNRELATED_KIND = "unrelated"
-ENGINE_STAGES = ("analyze", "encode", "candidates", "verify", "catalog")
+# Stages the engine times itself (StageTimings); encoding is inside "candidates".
+ENGINE_STAGES = ("analyze", "candidates", "verify", "catalog")
 PROFILE_ROWS = 15
 # Below this many keypoints the engine extracts again at a lower threshold (0: no such rule).
 ENOUGH_KEYPOINTS = int(getattr(EngineSettings().kaze, "enough_keypoints", 0))
@@ -531,6 +533,7 @@ class QueryRun:
     kind: str
     total: float
     stages: dict[str, float]
+    encode: float  # measured inside the engine's "candidates" stage
     decode: float
     extract: float
     bare_kaze: float
@@ -561,6 +564,36 @@ def make_queries(config: Config, collection: Sequence[Path], unrelated: Sequence
     return queries
 
 
+class EncodeClock:
+    """Seconds spent in Codebook.encode and encode_regions, which the engine times as part
+    of "candidates": the class methods are wrapped while the clock is installed."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._originals: dict[str, Any] = {}
+
+    def install(self) -> None:
+        for name in ("encode", "encode_regions"):
+            original = getattr(Codebook, name)
+            self._originals[name] = original
+            setattr(Codebook, name, self._timed(original))
+
+    def uninstall(self) -> None:
+        for name, original in self._originals.items():
+            setattr(Codebook, name, original)
+        self._originals.clear()
+
+    def _timed(self, original: Any) -> Any:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - started
+
+        return timed
+
+
 class VerifyCounter:
     """Counts the service's verification passes: a second one means the regional look ran."""
 
@@ -575,8 +608,8 @@ class VerifyCounter:
         service._verify = counted  # type: ignore[method-assign]
 
 
-async def run_query(service: SearchService, counter: VerifyCounter, query: Query,
-                    detector: cv2.KAZE) -> QueryRun:
+async def run_query(service: SearchService, counter: VerifyCounter, encode_clock: EncodeClock,
+                    query: Query, detector: cv2.KAZE) -> QueryRun:
     settings = service.settings
     clock = time.perf_counter()
     image = load_working_image(
@@ -591,6 +624,7 @@ async def run_query(service: SearchService, counter: VerifyCounter, query: Query
     bare = time.perf_counter() - extracted
     timings = StageTimings()
     counter.calls = 0
+    encode_clock.seconds = 0.0
     started = time.perf_counter()
     matches = await service.query(query.path, top=5, timings=timings)
     total = time.perf_counter() - started
@@ -601,6 +635,7 @@ async def run_query(service: SearchService, counter: VerifyCounter, query: Query
         kind=query.kind,
         total=total,
         stages=dict(timings.seconds),
+        encode=encode_clock.seconds,
         decode=decoded - clock,
         extract=extracted - decoded,
         bare_kaze=bare,
@@ -636,6 +671,10 @@ def stage_table(runs: Sequence[QueryRun]) -> dict[str, dict[str, float]]:
     }
     for stage in ENGINE_STAGES:
         columns[stage] = [r.stages.get(stage, 0.0) for r in runs]
+    columns["  encode (inside candidates)"] = [r.encode for r in runs]
+    columns["  search (candidates - encode)"] = [
+        r.stages.get("candidates", 0.0) - r.encode for r in runs
+    ]
     columns["other"] = [r.total - sum(r.stages.values()) for r in runs]
     columns["total"] = [r.total for r in runs]
     columns["bare KAZE"] = [r.bare_kaze for r in runs]
@@ -680,16 +719,21 @@ async def measure_queries(config: Config, queries: Sequence[Query], index_dir: P
         async with opened_service(index_dir, EngineSettings(**overrides)) as service:  # type: ignore[arg-type]
             detector = kaze_detector(service.settings.kaze)
             counter = VerifyCounter(service)
-            await run_query(service, counter, queries[0], detector)  # warm caches, imports
-            runs = [await run_query(service, counter, query, detector)
-                    for query in tqdm(queries, unit="query", desc=variant)]
+            clock = EncodeClock()
+            clock.install()
+            try:
+                await run_query(service, counter, clock, queries[0], detector)  # warm-up
+                runs = [await run_query(service, counter, clock, query, detector)
+                        for query in tqdm(queries, unit="query", desc=variant)]
+            finally:
+                clock.uninstall()
             by_kind = {kind: latency_summary([r for r in runs if r.kind == kind])
                        for kind in (*QUERY_EDITS, UNRELATED_KIND)}
             summary = {"all": latency_summary(runs), "by_kind": by_kind}
             if variant == "default":
-                generation = service._generation
-                result["index_images"] = await service.catalog.count()
-                result["vector_dimensions"] = generation.dimensions if generation else None
+                stats = await service.stats()
+                result["index_images"] = stats.images
+                result["vector_dimensions"] = stats.dimensions
                 result["runs"] = [asdict(r) for r in runs]
                 result["profile"] = await profile_queries(service, queries,
                                                           config.profile_queries)

@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     build.set_defaults(handler=_build)
 
     query = commands.add_parser("query", help="find the photos most similar to some images")
-    query.add_argument("images", type=Path, nargs="+", help="query image files")
+    # Kept as typed: the JSON output echoes each query exactly as given.
+    query.add_argument("images", nargs="+", help="query image files")
     query.add_argument("--index", type=Path, required=True, help="index folder")
     query.add_argument("--top", type=int, default=5, help="results per query (default 5)")
     query.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -107,14 +108,14 @@ async def _query(arguments: argparse.Namespace) -> int:
     try:
         for position, image in enumerate(arguments.images):
             try:
-                matches = await service.query(image, top=arguments.top)
+                matches = await service.query(Path(image), top=arguments.top)
             except IndexerError as error:
                 failures += 1
-                _print_query_error(str(image), error, as_json=arguments.json)
+                _print_query_error(image, error, as_json=arguments.json)
                 continue
-            _print_matches(str(image), matches, as_json=arguments.json)
+            _print_matches(image, matches, as_json=arguments.json)
             if arguments.sheet is not None and position == 0:
-                _write_sheet(arguments.sheet, image, matches)
+                _write_sheet(arguments.sheet, Path(image), matches)
     finally:
         await service.close()
     return EXIT_PARTIAL if failures else EXIT_OK

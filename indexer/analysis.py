@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from indexer.errors import IndexerError, SourceError
+from indexer.errors import ImageTooLargeError, IndexerError, SourceError
 from indexer.features import LocalFeatures, extract_features
 from indexer.images import load_working_image
 from indexer.settings import EngineSettings
@@ -76,40 +77,53 @@ def analyze_path(path: Path, settings: EngineSettings, *, for_query: bool = Fals
         SourceError: the file cannot be read.
         ImageError: it is not a usable image.
     """
-    return analyze_bytes(_read(path, settings.max_file_bytes), settings, for_query=for_query)
+    data, _ = read_regular_file(path, settings.max_file_bytes)
+    return analyze_bytes(data, settings, for_query=for_query)
 
 
 def analyze_folder_file(path: str, settings: EngineSettings) -> FileAnalysis:
     """Analyse one file of a photo folder; failures are returned, not raised.
 
-    Size and modification time are taken from the open file, so a file that
-    changes during the build is recorded as it was read.
+    The size and modification time recorded are those of the file as read, so a
+    file that changes during the build is extracted again on the next run, and
+    one that failed is not retried until it changes.
     """
     try:
-        with Path(path).open("rb") as handle:
-            status = os.fstat(handle.fileno())
-            if status.st_size > settings.max_file_bytes:
-                return FileAnalysis(
-                    path, status.st_size, status.st_mtime_ns, None,
-                    f"too large ({status.st_size} bytes, limit {settings.max_file_bytes})",
-                )
-            data = handle.read()
+        status = Path(path).stat()
     except OSError as error:
         return FileAnalysis(path, 0, 0, None, f"cannot read: {error.strerror or error}")
     try:
+        data, status = read_regular_file(Path(path), settings.max_file_bytes)
         analysis = analyze_bytes(data, settings)
     except IndexerError as error:
         return FileAnalysis(path, status.st_size, status.st_mtime_ns, None, str(error))
     return FileAnalysis(path, status.st_size, status.st_mtime_ns, analysis, None)
 
 
-def _read(path: Path, max_bytes: int) -> bytes:
-    try:
-        size = path.stat().st_size
-        if size > max_bytes:
-            from indexer.errors import ImageTooLargeError
+def read_regular_file(path: Path, max_bytes: int) -> tuple[bytes, os.stat_result]:
+    """The bytes of a regular file and its status, as one consistent read.
 
-            raise ImageTooLargeError(f"{path.name} has {size} bytes, the limit is {max_bytes}")
-        return path.read_bytes()
+    Opened non-blocking and checked before reading: a named pipe or a device
+    in a photo folder must not hang the build waiting for a writer.
+
+    Raises:
+        SourceError: not a regular file, or unreadable.
+        ImageTooLargeError: more than ``max_bytes`` bytes.
+    """
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as error:
         raise SourceError(f"cannot read {path}: {error.strerror or error}") from error
+    status = os.fstat(descriptor)
+    if not stat.S_ISREG(status.st_mode):
+        os.close(descriptor)
+        raise SourceError(f"{path} is not a regular file")
+    with os.fdopen(descriptor, "rb") as handle:
+        if status.st_size > max_bytes:
+            raise ImageTooLargeError(
+                f"{path.name} has {status.st_size} bytes, the limit is {max_bytes}"
+            )
+        try:
+            return handle.read(max_bytes + 1), status
+        except OSError as error:
+            raise SourceError(f"cannot read {path}: {error.strerror or error}") from error

@@ -47,6 +47,7 @@ IDS_FILE = "ids.npy"
 SCOPES_FILE = "scopes.npy"
 CODEBOOK_FILE = "codebook.npz"
 _TEMPORARY_PREFIX = ".building-"
+_ABANDONED_AFTER_SECONDS = 3600
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +229,7 @@ class GenerationStore:
         ``ids`` must be sorted ascending. Returns the new generation's name.
         """
         self.root.mkdir(parents=True, exist_ok=True)
+        previous = self.current_name()
         name = f"g{time.time_ns():020d}"
         temporary = self.root / f"{_TEMPORARY_PREFIX}{name}"
         temporary.mkdir()
@@ -274,11 +276,14 @@ class GenerationStore:
         except BaseException:
             shutil.rmtree(temporary, ignore_errors=True)
             raise
-        self.remove_stale(keep={name})
+        # The previous generation stays one more round: a reader in another process
+        # may have read CURRENT just before the swap and be opening it right now.
+        self.remove_stale(keep={name} | ({previous} if previous else set()))
         return name
 
     def remove_stale(self, keep: set[str]) -> None:
-        """Delete half-written and superseded generations.
+        """Delete superseded generations, and half-written ones older than an hour
+        (a younger one may be another process's build in progress).
 
         Processes that still have an old Annoy file mapped keep reading it: on
         POSIX an unlinked file lives until its last mapping is closed.
@@ -287,8 +292,13 @@ class GenerationStore:
             return
         current = self.current_name()
         for entry in self.root.iterdir():
-            if entry.is_dir() and entry.name not in keep and entry.name != current:
-                shutil.rmtree(entry, ignore_errors=True)
+            if not entry.is_dir() or entry.name in keep or entry.name == current:
+                continue
+            if entry.name.startswith(_TEMPORARY_PREFIX) and (
+                time.time() - entry.stat().st_mtime < _ABANDONED_AFTER_SECONDS
+            ):
+                continue
+            shutil.rmtree(entry, ignore_errors=True)
 
     def discard_current(self) -> None:
         """Forget the current generation (after corruption); the next build starts afresh."""

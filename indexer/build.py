@@ -28,7 +28,9 @@ log = logging.getLogger(__name__)
 
 COMMIT_EVERY = 64  # files per catalog transaction: what a crash can cost at most
 IMAGE_SUFFIXES = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif"}
+    # HEIC and AVIF are listed so that they are reported as unsupported, not ignored.
+    {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif",
+     ".heic", ".heif", ".avif"}
 )
 
 

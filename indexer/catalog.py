@@ -530,7 +530,8 @@ class _Transaction:
                     with contextlib.suppress(sqlite3.Error):
                         await self._db.execute("ROLLBACK")
                     raise
-            else:
+            elif self._db.in_transaction:
+                # SQLite has already rolled back after some errors (SQLITE_FULL).
                 await self._db.execute("ROLLBACK")
         finally:
             self._turn.release()

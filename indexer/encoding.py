@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,7 +126,8 @@ class Codebook:
             IndexCorruptError: the file is missing, truncated or malformed.
         """
         try:
-            with np.load(path, allow_pickle=False) as data:
+            # Read whole first: np.load on a damaged file would leave it open.
+            with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as data:
                 centroids = np.asarray(data["centroids"], dtype=np.float32)
                 trained_on = int(data["trained_on"][0])
                 mean = np.asarray(data["mean"], dtype=np.float32) if "mean" in data else None
@@ -134,7 +136,7 @@ class Codebook:
                     if "projection" in data
                     else None
                 )
-        except (OSError, ValueError, KeyError, EOFError) as error:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
             raise IndexCorruptError(f"codebook {path.name} is unreadable: {error}") from error
         if centroids.ndim != 2 or (projection is not None and projection.ndim != 2):
             raise IndexCorruptError(f"codebook {path.name} has malformed arrays")

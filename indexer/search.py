@@ -97,6 +97,20 @@ class StageTimings:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
 
 
+@dataclass(frozen=True, slots=True)
+class _Serving:
+    """What queries search: a generation and what changed since it was built.
+
+    Replaced as a whole when a new generation is installed, so a query that
+    took it keeps a consistent view (same codebook, same dimensions) even if a
+    swap happens while it runs.
+    """
+
+    generation: Generation | None
+    fresh: ExactVectors
+    removed: set[int]
+
+
 Ranking = list[tuple[int, float]]  # (image id, similarity), best first
 # Regions with fewer keypoints than this describe too little to rank by.
 MIN_REGION_KEYPOINTS = 24
@@ -151,9 +165,7 @@ class SearchService:
         self.settings = settings
         self.pool = pool
         self._store = store
-        self._generation: Generation | None = None
-        self._fresh = ExactVectors(0)
-        self._removed: set[int] = set()
+        self._serving = _Serving(None, ExactVectors(0), set())
         self._write_lock = asyncio.Lock()
         self._rebuild_lock = asyncio.Lock()
         self._rebuild_task: asyncio.Task[str | None] | None = None
@@ -209,8 +221,7 @@ class SearchService:
         if self._rebuild_task is not None:
             with contextlib.suppress(Exception):
                 await self._rebuild_task
-        if self._generation is not None:
-            self._generation.unload()
+        self._serving = _Serving(None, ExactVectors(0), set())
         await self.catalog.close()
 
     async def _load(self) -> None:
@@ -238,10 +249,10 @@ class SearchService:
             ):
                 for image_id, scope, vector in zip(ids, scopes, vectors, strict=True):
                     fresh.add(int(image_id), int(scope), vector)
-        previous = self._generation
-        self._generation, self._fresh, self._removed = generation, fresh, set()
-        if previous is not None and previous is not generation:
-            previous.unload()
+        # No explicit unload of the previous generation: queries still running on
+        # worker threads hold it, and Annoy crashes if unmapped under a search.
+        # It is released with the last reference.
+        self._serving = _Serving(generation, fresh, set())
 
     # -- queries ------------------------------------------------------------------
 
@@ -277,7 +288,8 @@ class SearchService:
     ) -> list[Match]:
         """Search with features already extracted (see :meth:`query`)."""
         timings = timings if timings is not None else StageTimings()
-        generation = self._generation
+        serving = self._serving  # one consistent view for the whole query
+        generation = serving.generation
         if generation is None:
             return []
         visible = {GLOBAL_SCOPE, scope}
@@ -287,18 +299,14 @@ class SearchService:
         # thread they never stall the event loop (numpy and annoy release the GIL).
         clock = time.perf_counter()
         depth = max(top, self.settings.first_batch)
-        rankings = await asyncio.to_thread(
-            self._rank_whole, generation, oriented, visible, depth
-        )
+        rankings = await asyncio.to_thread(self._rank_whole, serving, oriented, visible, depth)
         timings.add("candidates", time.perf_counter() - clock)
         similarity = _best_similarity(rankings)
         ranked = sorted(similarity, key=similarity.__getitem__, reverse=True)
         verdicts = await self._verify(features, ranked[: self.settings.first_batch], timings)
         if not any(v.verified for v in verdicts.values()):
             clock = time.perf_counter()
-            regional = await asyncio.to_thread(
-                self._rank_regions, generation, oriented, visible
-            )
+            regional = await asyncio.to_thread(self._rank_regions, serving, oriented, visible)
             timings.add("candidates", time.perf_counter() - clock)
             for image_id, value in _best_similarity(regional).items():
                 similarity[image_id] = max(similarity.get(image_id, -1.0), value)
@@ -331,7 +339,7 @@ class SearchService:
 
     def _rank(
         self,
-        generation: Generation,
+        serving: _Serving,
         vectors: Sequence[FloatArray],
         visible: set[int],
         count: int,
@@ -340,7 +348,8 @@ class SearchService:
         # Other chats' images are filtered out after the search, so a chat's own
         # (rarer) images need a deeper look to stay among the results.
         depth = count if visible == {GLOBAL_SCOPE} else count * 4
-        fresh, removed = self._fresh, self._removed
+        generation, fresh, removed = serving.generation, serving.fresh, serving.removed
+        assert generation is not None  # noqa: S101 - callers return early without one
         rankings = []
         for vector in vectors:
             merged: dict[int, float] = {}
@@ -360,18 +369,20 @@ class SearchService:
 
     def _rank_whole(
         self,
-        generation: Generation,
+        serving: _Serving,
         oriented: Sequence[LocalFeatures],
         visible: set[int],
         count: int,
     ) -> list[Ranking]:
-        vectors = [generation.codebook.encode(f.descriptors) for f in oriented]
-        return self._rank(generation, vectors, visible, count)
+        assert serving.generation is not None  # noqa: S101 - checked by the caller
+        vectors = [serving.generation.codebook.encode(f.descriptors) for f in oriented]
+        return self._rank(serving, vectors, visible, count)
 
     def _rank_regions(
-        self, generation: Generation, oriented: Sequence[LocalFeatures], visible: set[int]
+        self, serving: _Serving, oriented: Sequence[LocalFeatures], visible: set[int]
     ) -> list[Ranking]:
-        codebook = generation.codebook
+        assert serving.generation is not None  # noqa: S101 - checked by the caller
+        codebook = serving.generation.codebook
         vectors = [
             row
             for features in oriented
@@ -379,7 +390,7 @@ class SearchService:
                 features, REGIONS, min_keypoints=MIN_REGION_KEYPOINTS
             )
         ]
-        return self._rank(generation, vectors, visible, self.settings.candidates_per_region)
+        return self._rank(serving, vectors, visible, self.settings.candidates_per_region)
 
     async def _verify(
         self, features: LocalFeatures, ids: Sequence[int], timings: StageTimings
@@ -426,7 +437,7 @@ class SearchService:
                 return AddResult(existing, created=False)
             relative = self._store_original(data, analysis)
             stored_features = _strongest(analysis.features, self.settings.max_keypoints)
-            generation = self._generation
+            generation = self._serving.generation
             vector = (
                 generation.codebook.encode(stored_features.descriptors)
                 if generation is not None
@@ -457,7 +468,7 @@ class SearchService:
                 self._delete_original(relative)
                 raise
             if generation is not None and vector is not None:
-                self._fresh.add(image_id, scope, vector)
+                self._serving.fresh.add(image_id, scope, vector)
             record = await self.catalog.get(image_id)
         if generation is None:
             await self.rebuild()  # the first image: train a codebook so search works at once
@@ -486,8 +497,8 @@ class SearchService:
             if scope is not None and record.scope != scope:
                 raise NotFoundError(f"no image #{image_id} in this chat")
             await self.catalog.delete_images([image_id])
-            self._fresh.discard(image_id)
-            self._removed.add(image_id)
+            self._serving.fresh.discard(image_id)
+            self._serving.removed.add(image_id)
             if record.path.startswith(f"{ORIGINALS_DIR}/") and not await self.catalog.find_by_path(
                 record.path
             ):
@@ -550,8 +561,8 @@ class SearchService:
     # -- rebuilding ---------------------------------------------------------------------------
 
     def _maybe_rebuild_in_background(self) -> None:
-        generation = self._generation
-        pending = len(self._fresh) + len(self._removed)
+        generation = self._serving.generation
+        pending = len(self._serving.fresh) + len(self._serving.removed)
         threshold = max(self.settings.rebuild_after_fresh, len(generation or ()) // 10)
         if pending >= threshold and (self._rebuild_task is None or self._rebuild_task.done()):
             self._rebuild_task = asyncio.create_task(self.rebuild(), name="index-rebuild")
@@ -559,7 +570,7 @@ class SearchService:
     @property
     def generation_name(self) -> str | None:
         """The generation being served, ``None`` before the first build."""
-        return self._generation.name if self._generation is not None else None
+        return self._serving.generation.name if self._serving.generation is not None else None
 
     @property
     def rebuild_running(self) -> bool:
@@ -576,7 +587,7 @@ class SearchService:
             total = await self.catalog.count()
             if total == 0:
                 return None
-            generation = self._generation
+            generation = self._serving.generation
             codebook = generation.codebook if generation is not None else None
             if codebook is None or retrain or self._should_retrain(codebook, total):
                 codebook = await self._train(total)
@@ -650,11 +661,11 @@ class SearchService:
     # -- reporting -------------------------------------------------------------------------------
 
     async def stats(self) -> IndexStats:
-        generation = self._generation
+        generation = self._serving.generation
         return IndexStats(
             images=await self.catalog.count(),
             indexed=len(generation) if generation is not None else 0,
-            fresh=len(self._fresh),
+            fresh=len(self._serving.fresh),
             generation=generation.name if generation is not None else None,
             built_at=float(generation.manifest["built_at"]) if generation is not None else None,
             dimensions=generation.dimensions if generation is not None else None,

@@ -121,6 +121,7 @@ def _verify_pair(
 
 
 MatchPairs = tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]
+_TIE_DISTANCE = 1e-2
 
 
 def batched_mutual_ratio_matches(
@@ -152,7 +153,14 @@ def batched_mutual_ratio_matches(
     np.put_along_axis(similarity, best[..., None], best_score[..., None], axis=2)
     best_distance = np.sqrt(np.maximum(2.0 - 2.0 * best_score, 0.0))
     second_distance = np.sqrt(np.maximum(2.0 - 2.0 * second_score, 0.0))
-    passes_ratio = (best_distance < ratio * second_distance) & (second_score > -2.0)
+    # A second neighbour within float rounding of the first is a tie, not a match:
+    # identical descriptors can come out of the matrix product as 1.0000001 and
+    # 0.99999994, i.e. distances 0 and 3.5e-4.
+    passes_ratio = (
+        (best_distance < ratio * second_distance)
+        & (second_distance > _TIE_DISTANCE)
+        & (second_score > -2.0)
+    )
 
     results: list[list[MatchPairs]] = []
     start = 0

@@ -4,6 +4,8 @@ checksums, Annoy's recall against exact search, and the exact fresh buffer."""
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -257,17 +259,27 @@ def test_a_new_generation_replaces_the_old_one_and_leftovers_are_removed(
     rng = np.random.default_rng(25)
     store = GenerationStore(tmp_path)
     first = write_generation(store, unit_rows(rng.normal(size=(10, 8))))
-    # What a build killed half-way leaves behind.
-    (tmp_path / ".building-g0001").mkdir()
-    (tmp_path / ".building-g0001" / ANNOY_FILE).write_bytes(b"half")
+    # What a build killed half-way two hours ago leaves behind, and what another
+    # process's build still in progress looks like.
+    abandoned, in_progress = tmp_path / ".building-g0001", tmp_path / ".building-g0002"
+    for folder in (abandoned, in_progress):
+        folder.mkdir()
+        (folder / ANNOY_FILE).write_bytes(b"half")
+    two_hours_ago = time.time() - 7200
+    os.utime(abandoned, (two_hours_ago, two_hours_ago))
 
     second = write_generation(store, unit_rows(rng.normal(size=(12, 8))))
+    third = write_generation(store, unit_rows(rng.normal(size=(12, 8))))
 
-    assert second != first
-    assert store.current_name() == second
-    assert (tmp_path / CURRENT_FILE).read_text(encoding="utf-8").strip() == second
-    assert ".building-g0001" not in generation_folders(tmp_path)
-    assert second in generation_folders(tmp_path)
+    assert len({first, second, third}) == 3
+    assert store.current_name() == third
+    assert (tmp_path / CURRENT_FILE).read_text(encoding="utf-8").strip() == third
+    folders = generation_folders(tmp_path)
+    assert ".building-g0001" not in folders
+    assert ".building-g0002" in folders
+    # The current generation and the one before it (a reader may be opening it).
+    assert first not in folders
+    assert {second, third} <= set(folders)
     assert len(loaded(store)) == 12
 
 

@@ -1,0 +1,648 @@
+"""Crash safety: SIGKILL at random points of a build, of a bot's /add and of a background
+rebuild; damaged derived files at start-up; a full disk.
+
+Every kill takes the whole process group (the program and its worker processes), as a power cut
+or the OOM killer would. After each one the catalog is checked from outside the engine (SQLite's
+integrity check, no duplicate paths, no rows without their image or image without features, no
+file under originals/ without its row), and the next start must serve, and find, what was
+committed. Kill delays come from seeded generators, so a failing run can be replayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import random
+import shutil
+import sqlite3
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from bot_fixtures import REPLY_DEADLINE_S, bot_settings, edited_photo, photo_bytes, running
+from engine_fixtures import shapes_jpeg
+from PIL import Image
+from reliability_helpers import (
+    FAST_ENGINE,
+    PROCESS_DEADLINE_S,
+    BotProcess,
+    build_with,
+    catalog_health,
+    create_empty_index,
+    generation_leftovers,
+    images_with_hash,
+    kill_group,
+    leaks,
+    original_files,
+    replies_by_request,
+    report_figures,
+    run_process,
+    service_of,
+    sha256,
+    subprocess_environment,
+    write_bot_config,
+)
+from telegram_emulator import EmulatedChat, EmulatedUser, SentMessage, TelegramEmulator
+
+from bot.app import build_application
+from indexer.ann import ANNOY_FILE, CODEBOOK_FILE, CURRENT_FILE
+from indexer.errors import StorageFullError
+from indexer.search import CATALOG_FILE, GENERATIONS_DIR, ORIGINALS_DIR, SearchService
+
+CHAT = -7001
+OTHER_CHAT = -7002
+COLLECTION = ("astronaut", "coffee", "chelsea", "rocket", "camera", "brick")
+QUERY_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
+CORRUPTION_WARNING = "rebuilding the index from the catalog"
+
+
+def small_photo(name: str) -> bytes:
+    picture = Image.fromarray(np.asarray(Image.open(io.BytesIO(photo_bytes(name)))))
+    picture.thumbnail((320, 320))
+    buffer = io.BytesIO()
+    picture.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def drawing(seed: int) -> bytes:
+    """A distinct synthetic picture: nobody's photo, never the same picture as another seed."""
+    return shapes_jpeg(seed, (240, 180))
+
+
+def drawing_query(seed: int) -> bytes:
+    """The drawing cropped, turned a little and recompressed: another file, the same picture."""
+    picture = Image.open(io.BytesIO(drawing(seed))).convert("RGB")
+    cropped = picture.crop((12, 9, 228, 171)).rotate(3, fillcolor=(128, 128, 128))
+    buffer = io.BytesIO()
+    cropped.save(buffer, "JPEG", quality=85)
+    return buffer.getvalue()
+
+
+async def top_answers(index: Path, queries: dict[str, bytes]) -> dict[str, tuple[str, bool]]:
+    """For each query, the file name of the best match and whether it is verified."""
+    answers = {}
+    async with service_of(index) as service:
+        for label, data in queries.items():
+            [best, *_] = await service.query(data, top=1)
+            answers[label] = (Path(best.image.path).name, best.verified)
+    return answers
+
+
+# --- builds killed at random points --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BuildReference:
+    photos: Path
+    count: int
+    seconds: float  # one clean build through `python -m indexer build`
+    answers: dict[str, tuple[str, bool]]
+    queries: dict[str, bytes]
+
+
+async def cli_build(photos: Path, index: Path) -> tuple[int, str, str]:
+    return await run_process(
+        "-m", "indexer", "build", photos, "--index", index, "--no-progress", "--workers", "2"
+    )
+
+
+async def make_reference(root: Path, photo_count: int) -> BuildReference:
+    """A photo folder (more files than one commit batch of 64) and its clean build."""
+    photos = root / "photos"
+    photos.mkdir()
+    for name in COLLECTION:
+        (photos / f"{name}.jpg").write_bytes(small_photo(name))
+    for seed in range(photo_count - len(COLLECTION)):
+        (photos / f"drawing-{seed:03d}.jpg").write_bytes(drawing(seed))
+    queries = {name: edited_photo(name) for name in QUERY_PHOTOS}
+    queries.update({f"drawing-{seed:03d}": drawing_query(seed) for seed in (0, 17, 33)})
+    index = root / "clean-index"
+    await create_empty_index(index)
+    started = time.monotonic()
+    status, out, err = await cli_build(photos, index)
+    seconds = time.monotonic() - started
+    assert status == 0, out + err
+    answers = await top_answers(index, queries)
+    assert all(verified for _, verified in answers.values()), answers
+    return BuildReference(photos, photo_count, seconds, answers, queries)
+
+
+@dataclass(slots=True)
+class KilledBuilds:
+    kills: int = 0
+    states: list[str] = field(default_factory=list)  # what each kill left behind
+
+
+async def kill_builds_then_finish(
+    reference: BuildReference, index: Path, rng: random.Random, kills: int
+) -> KilledBuilds:
+    """Start builds of ``index`` and SIGKILL each at a random moment; then let one finish."""
+    record = KilledBuilds()
+    await create_empty_index(index)
+    for _ in range(kills):
+        delay = rng.uniform(0.15, 0.95) * reference.seconds
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m", "indexer", "build", str(reference.photos), "--index", str(index),
+            "--no-progress", "--workers", "2",
+            env=subprocess_environment(),
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            await asyncio.wait_for(process.wait(), delay)
+        except TimeoutError:
+            kill_group(process.pid)
+            await process.wait()
+            record.kills += 1
+        health = catalog_health(index)
+        assert health.problems == [], health.problems
+        generation = (index / GENERATIONS_DIR / CURRENT_FILE).exists()
+        record.states.append(
+            f"{delay:.1f}s: {health.images}/{reference.count} committed, generation={generation}"
+        )
+    status, out, err = await cli_build(reference.photos, index)
+    assert status == 0, out + err
+    assert f"{reference.count} images in the index" in out, out
+    return record
+
+
+async def check_builds_survive_kills(tmp_path: Path, *, rounds: int, kills: int, seed: int) -> None:
+    reference = await make_reference(tmp_path, photo_count=72 if rounds == 1 else 100)
+    rng = random.Random(seed)
+    survived = 0
+    states = []
+    for round_number in range(rounds):
+        index = tmp_path / f"index-{round_number}"
+        record = await kill_builds_then_finish(reference, index, rng, kills)
+        survived += record.kills
+        states += record.states
+        health = catalog_health(index)
+
+        assert health.problems == []
+        assert health.images == reference.count
+        assert generation_leftovers(index) == []
+        assert await top_answers(index, reference.queries) == reference.answers
+    assert survived >= kills * rounds // 2, states  # most delays fall inside a build
+    report_figures(
+        "crash-build", builds_killed=survived, rounds=rounds, photos=reference.count, states=states
+    )
+
+
+async def test_builds_killed_at_random_points_finish_on_rerun_with_a_clean_catalog(
+    tmp_path: Path,
+) -> None:
+    await check_builds_survive_kills(tmp_path, rounds=1, kills=2, seed=1)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+async def test_many_builds_killed_at_random_points_finish_on_rerun_with_a_clean_catalog(
+    tmp_path: Path,
+) -> None:
+    await check_builds_survive_kills(tmp_path, rounds=3, kills=3, seed=2)
+
+
+# --- the bot killed during an /add ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bot_template(photos_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("crash-bot")
+    photos = root / "photos"
+    photos.mkdir()
+    for name in COLLECTION:
+        shutil.copyfile(photos_dir / f"{name}.jpg", photos / f"{name}.jpg")
+    asyncio.run(build_with(photos, root / "index"))
+    return root / "index"
+
+
+@pytest.fixture
+async def emu() -> AsyncIterator[TelegramEmulator]:
+    async with TelegramEmulator() as emulator:
+        yield emulator
+
+
+async def answer_to(
+    emu: TelegramEmulator, chat: EmulatedChat, request: dict[str, Any]
+) -> list[SentMessage]:
+    """The bot's messages replying to ``request`` (an album arrives in one call)."""
+    key = (chat.id, int(request["message_id"]))
+    await emu.wait_for(
+        lambda _: key in replies_by_request(emu.messages_sent(chat)), timeout=REPLY_DEADLINE_S
+    )
+    return replies_by_request(emu.messages_sent(chat))[key]
+
+
+async def started_bot(
+    emu: TelegramEmulator, config: Path, chat: EmulatedChat, user: EmulatedUser
+) -> BotProcess:
+    bot = await BotProcess.start(config, emu.token)
+    await answer_to(emu, chat, emu.user_sends_text(chat, user, "/start"))  # it is serving
+    return bot
+
+
+def corrupt_current_annoy_file(index: Path) -> None:
+    name = (index / GENERATIONS_DIR / CURRENT_FILE).read_text(encoding="utf-8").strip()
+    annoy = index / GENERATIONS_DIR / name / ANNOY_FILE
+    annoy.write_bytes(annoy.read_bytes()[: annoy.stat().st_size // 3])
+
+
+class CatalogWriteLock:
+    """Holds SQLite's write lock on a catalog from outside, as a long transaction would."""
+
+    def __init__(self, index: Path) -> None:
+        self._connection = sqlite3.connect(index / CATALOG_FILE, isolation_level=None)
+
+    def __enter__(self) -> CatalogWriteLock:
+        self._connection.execute("BEGIN IMMEDIATE")
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._connection.execute("ROLLBACK")
+        self._connection.close()
+
+
+async def kill_bot_during_add(
+    emu: TelegramEmulator,
+    bot: BotProcess,
+    index: Path,
+    *,
+    chat: EmulatedChat,
+    user: EmulatedUser,
+    data: bytes,
+    how: str | float,
+) -> str:
+    """Send /add with ``data`` and SIGKILL the bot once it took the update: after ``how``
+    seconds, or (``how == "file-written"``) while its catalog insert waits for a write lock
+    held here, just after the original was written to originals/."""
+    target = f"{ORIGINALS_DIR}/{sha256(data)[:2]}/{sha256(data)}.jpg"
+    if how == "file-written":
+        with CatalogWriteLock(index):
+            emu.user_sends_photo(chat, user, data, caption="/add")
+            deadline = time.monotonic() + PROCESS_DEADLINE_S
+            while target not in original_files(index):
+                assert time.monotonic() < deadline, "the add never wrote its original"
+                await asyncio.sleep(0.02)
+            await bot.kill()
+        return "killed between writing the original and committing its row"
+    assert isinstance(how, float)
+    emu.user_sends_photo(chat, user, data, caption="/add")
+    await emu.wait_for(lambda _: emu.pending_update_count == 0, timeout=REPLY_DEADLINE_S)
+    await asyncio.sleep(how)
+    await bot.kill()
+    return f"killed {how:.2f} s after the bot took the update"
+
+
+async def check_bot_kills(
+    emu: TelegramEmulator, template: Path, tmp_path: Path, kill_points: list[str | float]
+) -> None:
+    index = Path(shutil.copytree(template, tmp_path / "index"))
+    config = write_bot_config(tmp_path / "config.toml", emu, index)
+    alice = emu.create_user("Alice")
+    chat = emu.private_chat(alice)
+    pictures = [drawing(500 + number) for number in range(len(kill_points))]
+    problems: list[str] = []
+    states: list[str] = []
+    bot = await started_bot(emu, config, chat, alice)
+    try:
+        for number, (how, data) in enumerate(zip(kill_points, pictures, strict=True)):
+            what = await kill_bot_during_add(
+                emu, bot, index, chat=chat, user=alice, data=data, how=how
+            )
+            last = number == len(kill_points) - 1
+            if last:  # the last restart also finds a damaged Annoy file
+                corrupt_current_annoy_file(index)
+            bot = await started_bot(emu, config, chat, alice)
+            rows = images_with_hash(index, sha256(data))
+            health = catalog_health(index)
+            states.append(f"{what}: {'added' if rows else 'absent'}")
+            if len(rows) > 1 or health.problems:
+                problems.append(f"{what}: rows {rows}, {health.problems}")
+            stray = original_files(index) - health.original_paths
+            missing = health.original_paths - original_files(index)
+            if stray or missing:
+                problems.append(f"{what}: files without rows {stray}, rows without files {missing}")
+            results = await answer_to(emu, chat, emu.user_sends_photo(chat, alice, data))
+            verified = [r for r in results if "same picture" in (r.text or "")]
+            if rows and not (verified and f"#{rows[0][0]}" in (verified[0].text or "")):
+                problems.append(f"{what}: added as #{rows[0][0]} but not found: {results}")
+            if not rows and verified:
+                problems.append(f"{what}: absent but found: {[r.text for r in verified]}")
+        retried = {}
+        for data in pictures:  # a retry works, whatever the kill left
+            [reply] = await answer_to(
+                emu, chat, emu.user_sends_photo(chat, alice, data, caption="/add")
+            )
+            retried[sha256(data)] = reply.text or ""
+            if not reply.text or not reply.text.startswith(("✅ Added as #", "☑️ Already in")):
+                problems.append(f"retry: {reply.text}")
+                continue
+            [best, *_] = await answer_to(emu, chat, emu.user_sends_photo(chat, alice, data))
+            image_id = reply.text.split("#")[1].split(".")[0]
+            if not (best.text or "").startswith("1. ✅ same picture") or f"#{image_id}" not in (
+                best.text or ""
+            ):
+                problems.append(f"after the retry #{image_id} is not found first: {best.text}")
+    finally:
+        status, log = await bot.stop()
+
+    assert problems == []
+    assert status == 0
+    assert CORRUPTION_WARNING in log  # the damaged Annoy file was noticed and rebuilt
+    assert leaks(" ".join(m.text or "" for m in emu.messages_sent(chat))) == []
+    report_figures("crash-bot-add", kills=len(kill_points), states=states, photos_lost=0)
+
+
+async def test_a_bot_killed_during_an_add_has_the_photo_whole_or_absent_and_a_retry_works(
+    emu: TelegramEmulator, bot_template: Path, tmp_path: Path
+) -> None:
+    rng = random.Random(3)
+    await check_bot_kills(emu, bot_template, tmp_path, [rng.uniform(0.0, 0.8), "file-written"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+async def test_a_bot_killed_during_many_adds_has_each_photo_whole_or_absent(
+    emu: TelegramEmulator, bot_template: Path, tmp_path: Path
+) -> None:
+    rng = random.Random(4)
+    kill_points: list[str | float] = [rng.uniform(0.0, 1.2) for _ in range(6)]
+    await check_bot_kills(emu, bot_template, tmp_path, [*kill_points, "file-written"])
+
+
+async def test_an_original_without_its_row_is_cleaned_up_at_start(
+    bot_template: Path, tmp_path: Path
+) -> None:
+    """The state a kill between writing an original and committing its row leaves (see the
+    test above for a real kill in that window): the next start must not keep the file."""
+    index = Path(shutil.copytree(bot_template, tmp_path / "index"))
+    data = drawing(900)
+    stray = index / ORIGINALS_DIR / sha256(data)[:2] / f"{sha256(data)}.jpg"
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(data)
+    half_written = stray.with_name(f".{stray.name}.tmp")
+    half_written.write_bytes(data[:100])
+
+    async with service_of(index):
+        pass
+
+    assert not half_written.exists()
+    assert not stray.exists(), "an original nobody references survived the restart"
+
+
+# --- a background rebuild killed -----------------------------------------------------------------
+
+REBUILD_SCRIPT = """
+import asyncio, sys
+from pathlib import Path
+from indexer.search import SearchService
+
+async def main() -> None:
+    service = await SearchService.open(Path(sys.argv[1]))
+    print("ready", service.generation_name, flush=True)
+    for number in range(int(sys.argv[2])):
+        print("rebuilt", await service.rebuild(retrain=number % 2 == 0), flush=True)
+    await service.close()
+
+asyncio.run(main())
+"""
+
+
+@pytest.fixture(scope="module")
+def rebuild_template(bot_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The bot's template plus 40 drawings added in a chat: a generation and a fresh buffer."""
+    index = Path(shutil.copytree(bot_template, tmp_path_factory.mktemp("rebuild") / "index"))
+
+    async def add_drawings() -> None:
+        async with service_of(index) as service:
+            for seed in range(40):
+                await service.add(drawing(700 + seed), scope=CHAT)
+            assert (await service.stats()).fresh == 40
+
+    asyncio.run(add_drawings())
+    return index
+
+
+async def check_rebuild_kills(
+    template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, *, kills: int, seed: int
+) -> None:
+    index = Path(shutil.copytree(template, tmp_path / "index"))
+    rng = random.Random(seed)
+    served: list[str] = []
+    for _ in range(kills):
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", REBUILD_SCRIPT, str(index), "1000",
+            env=subprocess_environment(),
+            stdout=asyncio.subprocess.PIPE,
+            start_new_session=True,
+        )  # fmt: skip
+        assert process.stdout is not None
+        ready = await asyncio.wait_for(process.stdout.readline(), PROCESS_DEADLINE_S)
+        assert ready.startswith(b"ready"), ready
+        await asyncio.sleep(rng.uniform(0.05, 2.0))
+        kill_group(process.pid)
+        await process.wait()
+        await process.stdout.read()
+        assert process.returncode != 0  # it was killed, not done
+
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="indexer"):
+            async with service_of(index) as service:
+                stats = await service.stats()
+                answers = {
+                    "collection": await service.query(edited_photo("coffee"), top=1),
+                    "fresh": await service.query(drawing_query(710), scope=CHAT, top=1),
+                }
+        served.append(
+            "previous" if stats.generation == ready.split()[1].decode() else "a newer complete one"
+        )
+        assert CORRUPTION_WARNING not in caplog.text
+        assert generation_leftovers(index) == []
+        assert catalog_health(index).problems == []
+        assert stats.indexed + stats.fresh == stats.images == len(COLLECTION) + 40
+        assert Path(answers["collection"][0].image.path).name == "coffee.jpg"
+        assert all(matches[0].verified for matches in answers.values())
+
+    async with service_of(index) as service:  # and a rebuild runs again
+        await service.rebuild()
+        stats = await service.stats()
+    assert (stats.indexed, stats.fresh) == (len(COLLECTION) + 40, 0)
+    report_figures("crash-rebuild", kills=kills, served=served)
+
+
+async def test_a_rebuild_killed_at_random_points_leaves_a_whole_generation_served(
+    rebuild_template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    await check_rebuild_kills(rebuild_template, tmp_path, caplog, kills=2, seed=5)
+
+
+@pytest.mark.slow
+async def test_rebuilds_killed_many_times_leave_a_whole_generation_served(
+    rebuild_template: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    await check_rebuild_kills(rebuild_template, tmp_path, caplog, kills=8, seed=6)
+
+
+# --- damaged derived files at start-up -----------------------------------------------------------
+
+
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[: len(data) // 3])
+    else:  # same size, other bytes: only the checksum can tell
+        path.write_bytes(np.random.default_rng(9).bytes(len(data)))
+
+
+@pytest.mark.parametrize(
+    ("file_name", "how"),
+    [
+        (ANNOY_FILE, "truncated"),
+        (CODEBOOK_FILE, "garbled"),
+        pytest.param(ANNOY_FILE, "garbled", marks=pytest.mark.slow),
+        pytest.param(CODEBOOK_FILE, "truncated", marks=pytest.mark.slow),
+    ],
+)
+async def test_a_damaged_index_file_is_detected_at_start_and_rebuilt_from_the_catalog(
+    bot_template: Path, tmp_path: Path, file_name: str, how: str
+) -> None:
+    index = Path(shutil.copytree(bot_template, tmp_path / "index"))
+    damaged = (index / GENERATIONS_DIR / CURRENT_FILE).read_text(encoding="utf-8").strip()
+    damage(index / GENERATIONS_DIR / damaged / file_name, how)
+    query = tmp_path / "query.jpg"
+    query.write_bytes(edited_photo("chelsea"))
+
+    status, out, err = await run_process(
+        "-m", "indexer", "query", query, "--index", index, "--json"
+    )
+
+    assert status == 0, err
+    assert CORRUPTION_WARNING in err, err
+    assert file_name in err, err
+    assert "Traceback" not in err
+    assert '"verified": true' in out, out
+    assert "chelsea.jpg" in out, out
+    current = (index / GENERATIONS_DIR / CURRENT_FILE).read_text(encoding="utf-8").strip()
+    assert current != damaged
+    async with service_of(index) as service:  # the new generation passes every checksum
+        assert service.generation_name == current
+
+
+# --- a full disk ---------------------------------------------------------------------------------
+
+
+async def cap_catalog(service: SearchService, extra_pages: int = 0) -> None:
+    """Make the catalog report SQLITE_FULL once it grows by more than ``extra_pages`` pages
+    (``max_page_count`` holds for the connection that sets it: the engine's own)."""
+    connection = service.catalog._db
+    [(pages,)] = list(await connection.execute_fetchall("PRAGMA page_count"))
+    await connection.execute(f"PRAGMA max_page_count = {int(pages) + extra_pages}")
+
+
+async def test_a_full_catalog_refuses_an_add_with_storage_full_and_leaves_nothing_behind(
+    bot_template: Path, tmp_path: Path
+) -> None:
+    index = Path(shutil.copytree(bot_template, tmp_path / "index"))
+    data = drawing(901)
+    async with service_of(index) as service:
+        before = await service.stats()
+        await cap_catalog(service)
+        with pytest.raises(StorageFullError) as raised:
+            await service.add(data, scope=CHAT)
+        after = await service.stats()
+        files_after_failure = original_files(index)
+        await cap_catalog(service, extra_pages=100_000)  # space freed
+        retried = await service.add(data, scope=CHAT)
+
+    assert raised.value.user_message == StorageFullError.user_message
+    assert (after.images, after.fresh) == (before.images, before.fresh)
+    assert files_after_failure == set()
+    assert retried.created
+    assert catalog_health(index).problems == []
+
+
+async def test_enospc_while_storing_the_original_is_storage_full_and_leaves_nothing_behind(
+    bot_template: Path, tmp_path: Path
+) -> None:
+    """The original is written to a temporary name first; making that name a link to /dev/full
+    gives the write a real ENOSPC from the kernel."""
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system")
+    index = Path(shutil.copytree(bot_template, tmp_path / "index"))
+    data = drawing(902)
+    target = index / ORIGINALS_DIR / sha256(data)[:2] / f"{sha256(data)}.jpg"
+
+    async with service_of(index) as service:  # (opening removes leftover temporary files)
+        target.parent.mkdir(parents=True)
+        target.with_name(f".{target.name}.tmp").symlink_to("/dev/full")
+        before = await service.stats()
+        with pytest.raises(StorageFullError):
+            await service.add(data, scope=CHAT)
+        after = await service.stats()
+        leftovers = original_files(index)
+        retried = await service.add(data, scope=CHAT)  # the link is gone: space again
+
+    assert (after.images, after.fresh) == (before.images, before.fresh)
+    assert leftovers == set()
+    assert retried.created
+    assert catalog_health(index).problems == []
+
+
+async def test_a_failed_add_never_deletes_an_original_another_chat_still_uses(
+    bot_template: Path, tmp_path: Path
+) -> None:
+    """Two chats adding the same bytes share one file under originals/ (it is named by its
+    content); a second add that fails on a full disk must leave the first chat's file alone."""
+    index = Path(shutil.copytree(bot_template, tmp_path / "index"))
+    data = drawing(903)
+    async with service_of(index) as service:
+        first = await service.add(data, scope=CHAT)
+        await cap_catalog(service)
+        with pytest.raises(StorageFullError):
+            await service.add(data, scope=OTHER_CHAT)
+        kept = service.resolve_path(first.image)
+
+    assert kept.exists(), f"chat {CHAT}'s photo #{first.image.id} lost its file"
+    health = catalog_health(index)
+    assert original_files(index) == health.original_paths
+
+
+async def test_the_bot_says_the_disk_is_full_saves_nothing_and_a_later_retry_works(
+    emu: TelegramEmulator, bot_template: Path, tmp_path: Path
+) -> None:
+    index = Path(shutil.copytree(bot_template, tmp_path / "index"))
+    alice = emu.create_user("Alice")
+    chat = emu.private_chat(alice)
+    data = drawing(904)
+    application = build_application(bot_settings(emu, index), engine_settings=FAST_ENGINE)
+    async with running(application):
+        service = application.bot_data.service
+        assert service is not None
+        await cap_catalog(service)
+        [refusal] = await answer_to(
+            emu, chat, emu.user_sends_photo(chat, alice, data, caption="/add")
+        )
+        leftovers = original_files(index)
+        rows = images_with_hash(index, sha256(data))
+        await cap_catalog(service, extra_pages=100_000)
+        [retry] = await answer_to(
+            emu, chat, emu.user_sends_photo(chat, alice, data, caption="/add")
+        )
+        [found, *_] = await answer_to(emu, chat, emu.user_sends_photo(chat, alice, data))
+
+    assert StorageFullError.user_message in (refusal.text or ""), refusal.text
+    assert leaks(refusal.text, str(tmp_path)) == []
+    assert (leftovers, rows) == (set(), [])
+    assert (retry.text or "").startswith("✅ Added as #")
+    image_id = (retry.text or "").split("#")[1].split(".")[0]
+    assert (found.text or "").startswith("1. ✅ same picture")
+    assert f"#{image_id}" in (found.text or "")
+    assert catalog_health(index).problems == []
