@@ -130,10 +130,9 @@ async def real_data(config: Config) -> RealData:
                                    progress=True)
         print(f"real index: {report.images} images in {report.seconds:.0f} s", flush=True)
     async with opened_service(index_dir) as service:
-        generation = service._generation
-        if generation is None or generation.codebook.projection is None:
+        codebook = current_codebook(index_dir)
+        if codebook.projection is None:
             raise SystemExit("the real index needs 512+ images for a PCA-whitened codebook")
-        codebook = generation.codebook
         ids: list[int] = []
         rows: list[FloatArray] = []
         async for chunk_ids, _, chunk_vectors in service.catalog.iter_vectors(codebook.id):
@@ -591,7 +590,7 @@ async def measure_startup(config: Config) -> dict[str, float]:
         async with opened_service(index_dir) as service:
             result[f"open_{label}"] = time.perf_counter() - started
             clock = time.perf_counter()
-            await service.catalog.ids_without_vector(real_codebook_id(service))
+            await service.catalog.ids_without_vector(current_codebook(index_dir).id)
             result[f"ids_without_vector_{label}"] = time.perf_counter() - clock
             clock = time.perf_counter()
             await service.catalog.count()
@@ -599,10 +598,13 @@ async def measure_startup(config: Config) -> dict[str, float]:
     return result
 
 
-def real_codebook_id(service: SearchService) -> str:
-    generation = service._generation
-    assert generation is not None
-    return generation.codebook.id
+def current_codebook(index_dir: Path) -> Codebook:
+    """The codebook of the generation an index serves."""
+    generation = GenerationStore(index_dir / GENERATIONS_DIR).load_current(verify_checksums=False)
+    if generation is None:
+        raise SystemExit(f"{index_dir} has no index generation")
+    generation.unload()
+    return generation.codebook
 
 
 # -- report ------------------------------------------------------------------------------------

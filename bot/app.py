@@ -8,7 +8,6 @@ by the engine) before the index is closed.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
 from pathlib import Path
@@ -55,10 +54,6 @@ class BotData:
         self.access: AccessPolicy | None = None  # set by build_application
         self.service: SearchService | None = None  # open between post_init and post_shutdown
         self.admin_alerts = SlidingWindowLimiter(ADMIN_ALERTS_PER_HOUR, 3600.0)
-        # Workaround: the engine's catalog lets two coroutines open write transactions on its
-        # one connection at once ("cannot start a transaction within a transaction"), so the
-        # bot runs its own writes (add, remove, remember_file_id) one at a time.
-        self.catalog_writes = asyncio.Lock()
 
 
 class BotContext(CallbackContext[ExtBot[int], dict[Any, Any], dict[Any, Any], BotData]):
@@ -80,11 +75,6 @@ class BotContext(CallbackContext[ExtBot[int], dict[Any, Any], dict[Any, Any], Bo
     def admin_alerts(self) -> SlidingWindowLimiter:
         """How often the admins may be told about failures."""
         return self.bot_data.admin_alerts
-
-    @property
-    def catalog_writes(self) -> asyncio.Lock:
-        """Hold it while calling a service method that writes to the catalog."""
-        return self.bot_data.catalog_writes
 
 
 BotApplication: TypeAlias = Application[

@@ -68,7 +68,7 @@ async def search(update: Update, context: BotContext) -> None:
         )
         floor = context.settings.search.min_score
         shown = [match for match in matches if match.verified or match.score >= floor]
-        await send_results(message, shown, context.service, context.catalog_writes)
+        await send_results(message, shown, context.service)
 
 
 async def add(update: Update, context: BotContext) -> None:
@@ -79,16 +79,15 @@ async def add(update: Update, context: BotContext) -> None:
     await context.access.check_may_add(message.chat, user)
     context.access.check_query(user)
     data = await download(context.bot, attachment)
-    async with context.catalog_writes:
-        result = await context.service.add(
-            data,
-            scope=message.chat_id,  # found only in this chat (and never in others)
-            added_by=display_name(message),
-            origin_chat_id=message.chat_id,
-            origin_message_id=image_message.message_id,
-            # A document's file_id cannot be sent back as a photo; its first result upload can.
-            telegram_file_id=attachment.file_id if attachment.is_photo else None,
-        )
+    result = await context.service.add(
+        data,
+        scope=message.chat_id,  # found only in this chat (and never in others)
+        added_by=display_name(message),
+        origin_chat_id=message.chat_id,
+        origin_message_id=image_message.message_id,
+        # A document's file_id cannot be sent back as a photo; its first result upload can.
+        telegram_file_id=attachment.file_id if attachment.is_photo else None,
+    )
     reply = replies.added if result.created else replies.already_added
     await message.reply_text(reply(result.image))
 
@@ -107,8 +106,7 @@ async def remove(update: Update, context: BotContext) -> None:
         raise NotFoundError(f"image #{image_id} belongs to another chat")
     if record.scope != message.chat_id:
         await context.access.check_may_remove(message.chat, user, image_scope=record.scope)
-    async with context.catalog_writes:
-        removed = await context.service.remove(image_id, scope=record.scope)
+    removed = await context.service.remove(image_id, scope=record.scope)
     await message.reply_text(replies.removed(removed))
 
 

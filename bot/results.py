@@ -37,17 +37,17 @@ class _Outgoing:
 
 
 async def send_results(
-    message: Message, matches: Sequence[Match], service: SearchService, write_lock: asyncio.Lock
+    message: Message, matches: Sequence[Match], service: SearchService
 ) -> None:
     """Reply to ``message`` with ``matches`` (best first): an album, one photo, or a sentence
-    saying nothing was found. File ids are remembered while holding ``write_lock``.
+    saying nothing was found. The file ids of uploaded photos are remembered.
 
     Raises:
         TelegramError: the Bot API refused the reply.
     """
     outgoing = await _prepare(matches, use_file_ids=True)
     try:
-        await _send(message, outgoing, service, write_lock)
+        await _send(message, outgoing, service)
     except BadRequest as error:
         # File ids belong to one bot token; after a token change the cached ones are refused.
         if "file identifier" not in error.message.lower() or all(
@@ -55,7 +55,7 @@ async def send_results(
         ):
             raise
         log.warning("a remembered file_id was refused (%s); uploading the results again", error)
-        await _send(message, await _prepare(matches, use_file_ids=False), service, write_lock)
+        await _send(message, await _prepare(matches, use_file_ids=False), service)
 
 
 @contextlib.asynccontextmanager
@@ -103,7 +103,6 @@ async def _send(
     message: Message,
     outgoing: Sequence[_Outgoing],
     service: SearchService,
-    write_lock: asyncio.Lock,
 ) -> None:
     if not outgoing:
         await message.reply_text(replies.no_results())
@@ -125,9 +124,8 @@ async def _send(
     if not uploaded:
         return
     try:
-        async with write_lock:
-            for image_id, file_id in uploaded:
-                await service.remember_file_id(image_id, file_id)
+        for image_id, file_id in uploaded:
+            await service.remember_file_id(image_id, file_id)
     except CatalogError as error:
         # The results were delivered; only the upload cache missed out (next time uploads again).
         log.warning("could not remember the file ids of %d results: %s", len(uploaded), error)
