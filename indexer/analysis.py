@@ -58,7 +58,7 @@ def analyze_bytes(data: bytes, settings: EngineSettings, *, for_query: bool = Fa
     features = extract_features(
         image.gray,
         max_keypoints=settings.query_keypoints if for_query else settings.max_keypoints,
-        params=settings.kaze,
+        params=settings.query_kaze if for_query else settings.kaze,
     )
     return Analysis(
         features=features,

@@ -114,6 +114,8 @@ class _Serving:
 Ranking = list[tuple[int, float]]  # (image id, similarity), best first
 # Regions with fewer keypoints than this describe too little to rank by.
 MIN_REGION_KEYPOINTS = 24
+# Inliers beyond which a verified first candidate needs no second opinion.
+_CONFIDENT_INLIERS = 30
 # Reciprocal-rank fusion constant: how much a first place outweighs a fifth.
 RANK_FUSION_K = 3.0
 
@@ -303,7 +305,13 @@ class SearchService:
         timings.add("candidates", time.perf_counter() - clock)
         similarity = _best_similarity(rankings)
         ranked = sorted(similarity, key=similarity.__getitem__, reverse=True)
-        verdicts = await self._verify(features, ranked[: self.settings.first_batch], timings)
+        # The original is nearly always first: verify the top two alone, and the
+        # rest of the first batch only when they leave doubt.
+        verdicts = await self._verify(features, ranked[:2], timings)
+        if not any(v.verified and v.inliers >= _CONFIDENT_INLIERS for v in verdicts.values()):
+            verdicts.update(
+                await self._verify(features, ranked[2 : self.settings.first_batch], timings)
+            )
         if not any(v.verified for v in verdicts.values()):
             clock = time.perf_counter()
             regional = await asyncio.to_thread(self._rank_regions, serving, oriented, visible)

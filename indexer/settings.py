@@ -51,6 +51,24 @@ class EngineSettings:
     verify: VerifyParams = field(default_factory=VerifyParams)
 
     @property
+    def query_kaze(self) -> KazeParams:
+        """KAZE for queries: one pass at the lowest threshold the index may retry with.
+
+        Keypoints found at a threshold are (almost) a subset of those found at a
+        lower one, so keeping the strongest ``query_keypoints`` of a single low-
+        threshold pass gives what the retries would give, without paying for a
+        second or third KAZE run on a user's low-contrast photo.
+        """
+        stored = self.kaze
+        return KazeParams(
+            threshold=stored.threshold / stored.retry_divisor**stored.retries,
+            octaves=stored.octaves,
+            octave_layers=stored.octave_layers,
+            enough_keypoints=0,
+            retries=0,
+        )
+
+    @property
     def kaze(self) -> KazeParams:
         return KazeParams(
             threshold=self.kaze_threshold,
