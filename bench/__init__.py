@@ -6,4 +6,4 @@ their outputs go to the git-ignored ``bench/out/``.
 
 # The engine is imported before numpy so that its single-threaded BLAS setting
 # applies to the benchmarks too (see indexer/__init__.py).
-import indexer  # noqa: F401, E402
+import indexer  # noqa: F401
