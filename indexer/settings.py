@@ -52,16 +52,18 @@ class EngineSettings:
 
     @property
     def query_kaze(self) -> KazeParams:
-        """KAZE for queries: one pass at the lowest threshold the index may retry with.
+        """KAZE for queries: one pass at the index's first retry threshold.
 
         Keypoints found at a threshold are (almost) a subset of those found at a
-        lower one, so keeping the strongest ``query_keypoints`` of a single low-
-        threshold pass gives what the retries would give, without paying for a
-        second or third KAZE run on a user's low-contrast photo.
+        lower one, so keeping the strongest ``query_keypoints`` of a single lower-
+        threshold pass gives most of what the retries would, without a second or
+        third KAZE run on a user's low-contrast photo. One step down, not the
+        lowest: describing the extra keypoints cost 1.13x a default pass at 1/4
+        of the threshold and 1.27x at 1/16 (docs/BENCHMARKS.md).
         """
         stored = self.kaze
         return KazeParams(
-            threshold=stored.threshold / stored.retry_divisor**stored.retries,
+            threshold=stored.threshold / stored.retry_divisor,
             octaves=stored.octaves,
             octave_layers=stored.octave_layers,
             enough_keypoints=0,
