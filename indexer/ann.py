@@ -154,7 +154,12 @@ class ExactVectors:
         if not length or count <= 0:
             return Candidates.empty()
         similarities = matrix[:length] @ vector
-        best = np.argsort(-similarities)[:count]
+        if count < length:
+            # A full argsort of 100k similarities costs 5-10 ms; the best few, 0.4 ms.
+            best = np.argpartition(-similarities, count - 1)[:count]
+            best = best[np.argsort(-similarities[best])]
+        else:
+            best = np.argsort(-similarities)
         return Candidates(
             ids=ids[:length][best],
             scopes=scopes[:length][best],
