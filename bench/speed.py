@@ -93,6 +93,8 @@ class Config:
     seed: int
     profile_queries: int
     parts: tuple[str, ...]
+    reuse_index: bool
+    variants: tuple[str, ...]
 
 
 PARTS = ("throughput", "queries")
@@ -594,21 +596,21 @@ class EncodeClock:
         return timed
 
 
-class VerifyCounter:
-    """Counts the service's verification passes: a second one means the regional look ran."""
+class RegionalCounter:
+    """Counts the service's regional looks (run when the first candidates verify nothing)."""
 
     def __init__(self, service: SearchService) -> None:
         self.calls = 0
-        original = service._verify
+        original = service._rank_regions
 
-        async def counted(*args: Any, **kwargs: Any) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
             self.calls += 1
-            return await original(*args, **kwargs)
+            return original(*args, **kwargs)
 
-        service._verify = counted  # type: ignore[method-assign]
+        service._rank_regions = counted  # type: ignore[method-assign]
 
 
-async def run_query(service: SearchService, counter: VerifyCounter, encode_clock: EncodeClock,
+async def run_query(service: SearchService, counter: RegionalCounter, encode_clock: EncodeClock,
                     query: Query, detector: cv2.KAZE) -> QueryRun:
     settings = service.settings
     clock = time.perf_counter()
@@ -618,7 +620,7 @@ async def run_query(service: SearchService, counter: VerifyCounter, encode_clock
     )
     decoded = time.perf_counter()
     features = extract_features(image.gray, max_keypoints=settings.query_keypoints,
-                                params=settings.kaze)
+                                params=query_kaze(settings))
     extracted = time.perf_counter()
     first_pass, _ = detector.detectAndCompute(image.gray, None)
     bare = time.perf_counter() - extracted
@@ -643,8 +645,13 @@ async def run_query(service: SearchService, counter: VerifyCounter, encode_clock
         first_pass_keypoints=len(first_pass),
         top_is_original=top_is_original,
         verified_matches=sum(1 for m in matches if m.verified),
-        regional_fallback=counter.calls > 1,
+        regional_fallback=counter.calls > 0,
     )
+
+
+def query_kaze(settings: EngineSettings) -> KazeParams:
+    """The KAZE parameters the engine extracts a query with (older engines: the index's)."""
+    return getattr(settings, "query_kaze", settings.kaze)  # type: ignore[no-any-return]
 
 
 @asynccontextmanager
@@ -715,10 +722,11 @@ async def measure_queries(config: Config, queries: Sequence[Query], index_dir: P
                           ) -> dict[str, Any]:
     limit_threads()  # as in the bot's workers: one core per query
     result: dict[str, Any] = {"variants": {}}
-    for variant, overrides in QUERY_VARIANTS.items():
+    for variant in config.variants:
+        overrides = QUERY_VARIANTS[variant]
         async with opened_service(index_dir, EngineSettings(**overrides)) as service:  # type: ignore[arg-type]
             detector = kaze_detector(service.settings.kaze)
-            counter = VerifyCounter(service)
+            counter = RegionalCounter(service)
             clock = EncodeClock()
             clock.install()
             try:
@@ -872,13 +880,14 @@ async def run(config: Config) -> dict[str, Any]:
         linked = {photo: collection_folder / f"{i:04d}-{photo.name}"
                   for i, photo in enumerate(split.collection)}
         index_dir = config.work / "collection-index"
-        collection_build = await timed_build(collection_folder, index_dir, config.workers)
-        print(f"collection index: {collection_build.images} images in "
-              f"{collection_build.wall:.1f} s", flush=True)
-        result["collection_build"] = {
-            "images": collection_build.images, "wall": collection_build.wall,
-            "cpu": asdict(collection_build.cpu), "probe": asdict(collection_build.probe),
-        }
+        if not (config.reuse_index and index_dir.exists()):
+            collection_build = await timed_build(collection_folder, index_dir, config.workers)
+            print(f"collection index: {collection_build.images} images in "
+                  f"{collection_build.wall:.1f} s", flush=True)
+            result["collection_build"] = {
+                "images": collection_build.images, "wall": collection_build.wall,
+                "cpu": asdict(collection_build.cpu), "probe": asdict(collection_build.probe),
+            }
         queries = make_queries(config, split.collection, split.unrelated, linked)
         result["queries"] = await measure_queries(config, queries, index_dir)
     result["seconds"] = time.perf_counter() - started
@@ -910,6 +919,10 @@ def parse_arguments(argv: Sequence[str] | None = None) -> Config:
     parser.add_argument("--profile-queries", type=int, default=20)
     parser.add_argument("--parts", default=",".join(PARTS),
                         help=f"comma-separated, of: {', '.join(PARTS)}")
+    parser.add_argument("--variants", default=",".join(QUERY_VARIANTS),
+                        help=f"query-time settings to time, of: {', '.join(QUERY_VARIANTS)}")
+    parser.add_argument("--reuse-index", action="store_true",
+                        help="query the collection index of an earlier run as it is")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR / "speed.json")
     parser.add_argument("--work", type=Path, default=DEFAULT_OUT_DIR / "speed",
                         help="scratch folder for links, queries and indexes")
@@ -921,6 +934,8 @@ def parse_arguments(argv: Sequence[str] | None = None) -> Config:
         workers=arguments.workers, seed=arguments.seed,
         profile_queries=arguments.profile_queries,
         parts=tuple(part for part in arguments.parts.split(",") if part in PARTS),
+        reuse_index=arguments.reuse_index,
+        variants=tuple(v for v in arguments.variants.split(",") if v in QUERY_VARIANTS),
     )
 
 

@@ -351,6 +351,7 @@ class SearchService:
         vectors: Sequence[FloatArray],
         visible: set[int],
         count: int,
+        search_k: int,
     ) -> list[Ranking]:
         """For each vector, the nearest visible images (Annoy and fresh buffer merged)."""
         # Other chats' images are filtered out after the search, so a chat's own
@@ -362,7 +363,7 @@ class SearchService:
         for vector in vectors:
             merged: dict[int, float] = {}
             for found in (
-                generation.search(vector, depth, self.settings.search_k),
+                generation.search(vector, depth, search_k),
                 fresh.search(vector, depth),
             ):
                 for image_id, scope, value in zip(
@@ -384,7 +385,7 @@ class SearchService:
     ) -> list[Ranking]:
         assert serving.generation is not None  # noqa: S101 - checked by the caller
         vectors = [serving.generation.codebook.encode(f.descriptors) for f in oriented]
-        return self._rank(serving, vectors, visible, count)
+        return self._rank(serving, vectors, visible, count, self.settings.search_k)
 
     def _rank_regions(
         self, serving: _Serving, oriented: Sequence[LocalFeatures], visible: set[int]
@@ -398,7 +399,13 @@ class SearchService:
                 features, REGIONS, min_keypoints=MIN_REGION_KEYPOINTS
             )
         ]
-        return self._rank(serving, vectors, visible, self.settings.candidates_per_region)
+        return self._rank(
+            serving,
+            vectors,
+            visible,
+            self.settings.candidates_per_region,
+            self.settings.search_k // 4,
+        )
 
     async def _verify(
         self, features: LocalFeatures, ids: Sequence[int], timings: StageTimings

@@ -38,7 +38,9 @@ class EngineSettings:
     # -- how a query is answered (free to change between runs) --
     query_keypoints: int = 1000  # queries are not stored, so they may keep more
     annoy_trees: int = 32
-    search_k: int = 4000
+    # recall@10 0.99 at 1.8 ms up to ~10k images (docs/BENCHMARKS-speed-scale.md);
+    # regional looks use a quarter of it, as they search 36 vectors at once.
+    search_k: int = 16_000
     first_batch: int = 8  # candidates verified before deciding whether to look further
     verify_limit: int = 48  # most candidates verified for one query
     candidates_per_region: int = 12
