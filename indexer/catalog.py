@@ -317,6 +317,15 @@ class Catalog:
             )
         return [_record(row) for row in rows]
 
+    async def paths_under(self, prefix: str) -> set[str]:
+        """Every stored path that starts with ``prefix`` (e.g. the kept originals)."""
+        pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        async with _translated_errors():
+            rows = await self._db.execute_fetchall(
+                "SELECT DISTINCT path FROM images WHERE path LIKE ? ESCAPE '\\'", (pattern,)
+            )
+        return {str(row[0]) for row in rows}
+
     async def set_telegram_file_id(self, image_id: int, file_id: str) -> None:
         async with _translated_errors(), self._transaction():
             await self._db.execute(

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from indexer.errors import NoFeaturesError
+from indexer.errors import ImageError, NoFeaturesError
 
 DESCRIPTOR_SIZE = 64
 # KAZE descriptors are unit-length; their components stay below ~0.67 in practice
@@ -85,6 +85,10 @@ def extract_features(
         NoFeaturesError: fewer than ``MIN_KEYPOINTS`` keypoints were found
             (a flat colour, a tiny icon).
     """
+    if gray.ndim != 2 or gray.dtype != np.uint8 or min(gray.shape, default=0) < 1:
+        raise ImageError(
+            f"features need a 2-D uint8 grey image, got {gray.dtype} with shape {gray.shape}"
+        )
     threshold = params.threshold
     for attempt in range(params.retries + 1):
         # cv2.KAZE.create is cv2.KAZE_create under the name OpenCV's type stubs know.

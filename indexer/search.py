@@ -227,6 +227,7 @@ class SearchService:
         await self.catalog.close()
 
     async def _load(self) -> None:
+        await self._remove_orphan_originals()
         try:
             generation = self._store.load_current()
         except IndexCorruptError as error:
@@ -238,7 +239,6 @@ class SearchService:
                 return
         self._store.remove_stale(keep=set())
         await self._install(generation)
-        self._remove_orphan_originals()
 
     async def _install(self, generation: Generation | None) -> None:
         """Serve ``generation``, with everything newer than it in the fresh buffer."""
@@ -480,7 +480,9 @@ class SearchService:
                     ]
                 )
             except BaseException:
-                self._delete_original(relative)
+                # The file is named by content: another chat's row may share it.
+                if not await self.catalog.find_by_path(relative):
+                    self._delete_original(relative)
                 raise
             if generation is not None and vector is not None:
                 self._serving.fresh.add(image_id, scope, vector)
@@ -566,11 +568,17 @@ class SearchService:
     def _delete_original(self, relative: str) -> None:
         (self.index_dir / relative).unlink(missing_ok=True)
 
-    def _remove_orphan_originals(self) -> None:
-        """Temporary files of adds interrupted by a crash are removed at start-up."""
+    async def _remove_orphan_originals(self) -> None:
+        """An add killed between writing the file and committing its row leaves a
+        file nobody refers to (or a temporary one): removed at start-up, so an add
+        is either whole or absent."""
         originals = self.index_dir / ORIGINALS_DIR
-        if originals.exists():
-            for leftover in originals.glob("*/.*.tmp"):
+        if not originals.exists():
+            return
+        referenced = await self.catalog.paths_under(f"{ORIGINALS_DIR}/")
+        for leftover in originals.glob("*/*"):
+            relative = f"{ORIGINALS_DIR}/{leftover.parent.name}/{leftover.name}"
+            if leftover.is_file() and relative not in referenced:
                 leftover.unlink(missing_ok=True)
 
     # -- rebuilding ---------------------------------------------------------------------------

@@ -8,7 +8,7 @@
 * a worker process that runs calls which might crash the interpreter (a segfault in a native
   library) or hang, and reports that as an outcome instead of taking pytest down;
 * measuring: latency percentiles, the worst event-loop stall, resident memory;
-* the Bot API emulator on a thread of its own, so the bot's event loop carries only the bot;
+* the Bot API emulator in a process of its own, so the bot's process holds only the bot;
 * ``report_figures``: one line of figures per run for docs/RELIABILITY.md (printed, and appended
   as JSON to the file named by $RELIABILITY_FIGURES when it is set).
 """
@@ -26,17 +26,18 @@ import os
 import signal
 import sqlite3
 import sys
-import threading
 import time
 import traceback
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from http import HTTPStatus
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import psutil
-from telegram_emulator import TelegramEmulator
+from telegram_emulator import SentMessage, TelegramEmulator
 
 from indexer.errors import IndexerError
 from indexer.search import CATALOG_FILE, GENERATIONS_DIR, ORIGINALS_DIR, SearchService
@@ -484,71 +485,137 @@ class LoopStallMonitor:
             self.ticks += 1
 
 
-def resident_memory() -> dict[str, int]:
-    """Resident set sizes in bytes: this process, and its worker processes together."""
+def resident_memory(exclude: Iterable[int] = ()) -> dict[str, int]:
+    """Resident set sizes in bytes: this process, and its child processes (but ``exclude``,
+    and their children) together."""
     me = psutil.Process()
+    left_out = set(exclude)
     children = 0
     for child in me.children(recursive=True):
         with contextlib.suppress(psutil.Error):
+            if child.pid in left_out or child.ppid() in left_out:
+                continue
             children += child.memory_info().rss
     return {"main": me.memory_info().rss, "workers": children}
 
 
-# --- the emulator on a thread of its own ---------------------------------------------------------
+# --- the emulator in a process of its own ---------------------------------------------------------
 
 
-class EmulatorThread:
-    """A :class:`TelegramEmulator` served by an event loop on its own thread.
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A message the bot posted, reduced to what a load run checks (picklable, small)."""
 
-    The bot under test then has the test's event loop to itself, so a stall measured there is
-    the bot's. Every use of the emulator goes through :meth:`call` (a function run on the
-    emulator's loop) or :meth:`wait` (a coroutine run there), as the emulator requires.
+    chat_id: int
+    reply_to_message_id: int | None
+    text: str
+    received_at: float  # time.monotonic() of the emulator process: the clock is system-wide
+    call: int  # which API call posted it (an album's messages share one)
+
+
+def _emulator_command(emu: TelegramEmulator, command: str, arguments: tuple[Any, ...]) -> Any:
+    """Runs in the emulator's process, on its event loop."""
+    if command == "create_user":
+        return emu.create_user(*arguments)
+    if command == "private_chat":
+        return emu.private_chat(*arguments)
+    if command == "flood_random_share":
+        method, share, seed = arguments
+        return emu.flood_random_share(method, share, seed=seed)
+    if command == "user_sends_photo":
+        chat, user, data, caption = arguments
+        message = emu.user_sends_photo(chat, user, data, caption=caption)
+        return time.monotonic(), int(message["message_id"])
+    if command == "replies_since":
+        (start,) = arguments
+        return (
+            [
+                Reply(
+                    output.chat_id,
+                    output.reply_to_message_id,
+                    output.text or "",
+                    output.call.received_at,
+                    id(output.call),  # calls are kept for good: their ids stay unique
+                )
+                for output in emu.outbox[start:]
+                if isinstance(output, SentMessage)
+            ],
+            len(emu.outbox),
+        )
+    if command == "refused_calls":
+        return sum(1 for call in emu.calls if call.http_status == HTTPStatus.TOO_MANY_REQUESTS)
+    raise ValueError(f"unknown emulator command {command!r}")
+
+
+def _serve_emulator(connection: Connection) -> None:
+    """The emulator process: start it, report its addresses, then obey commands until "stop"."""
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        async with TelegramEmulator() as emu:
+            connection.send((emu.token, emu.api_base_url, emu.file_base_url))
+            while True:
+                command, arguments = await loop.run_in_executor(None, connection.recv)
+                if command == "stop":
+                    break
+                try:
+                    result: Any = _emulator_command(emu, command, arguments)
+                except Exception as error:  # sent back and raised in the test
+                    result = error
+                connection.send(result)
+
+    asyncio.run(serve())
+
+
+class EmulatorProcess:
+    """The Bot API emulator in a process of its own.
+
+    The bot under test then has the test's process and event loop to itself: the resident memory
+    and the event-loop stalls measured there are the bot's, not the emulator's, which keeps
+    every message and upload it ever saw. The test drives it with :meth:`command`.
     """
 
-    def __init__(self, **options: Any) -> None:
-        self._options = options
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="emulator", daemon=True)
-        self._emulator: TelegramEmulator | None = None
+    def __init__(self) -> None:
+        context = multiprocessing.get_context("forkserver")
+        self._connection, child = context.Pipe()
+        self._process = context.Process(
+            target=_serve_emulator, args=(child,), name="emulator", daemon=True
+        )
+        self._lock = asyncio.Lock()
+        self.token = self.api_base_url = self.file_base_url = ""
 
-    async def __aenter__(self) -> EmulatorThread:
-        self._thread.start()
-
-        async def start() -> TelegramEmulator:
-            emulator = TelegramEmulator(**self._options)
-            await emulator.start()
-            return emulator
-
-        self._emulator = await self.wait(start())
+    async def __aenter__(self) -> EmulatorProcess:
+        self._process.start()
+        addresses = await asyncio.wait_for(
+            asyncio.to_thread(self._connection.recv), PROCESS_DEADLINE_S
+        )
+        self.token, self.api_base_url, self.file_base_url = addresses
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        try:
-            if self._emulator is not None:
-                await self.wait(self._emulator.stop())
-        finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            await asyncio.to_thread(self._thread.join, 10)
-            self._loop.close()
+        with contextlib.suppress(OSError):
+            self._connection.send(("stop", ()))
+        await asyncio.to_thread(self._process.join, 10)
+        if self._process.is_alive():
+            self._process.kill()
+            await asyncio.to_thread(self._process.join, 10)
 
     @property
-    def emu(self) -> TelegramEmulator:
-        """The emulator: read its constant attributes (token, urls) directly, nothing else."""
-        if self._emulator is None:
-            raise RuntimeError("the emulator thread is not running")
-        return self._emulator
+    def pid(self) -> int:
+        return int(self._process.pid or 0)
 
-    async def call(self, function: Callable[..., T], *arguments: Any, **options: Any) -> T:
-        """``function(*arguments, **options)`` run on the emulator's loop."""
+    async def command(self, command: str, *arguments: Any) -> Any:
+        """Run one of :func:`_emulator_command`'s commands in the emulator's process."""
+        async with self._lock:
 
-        async def run() -> T:
-            return function(*arguments, **options)
+            def exchange() -> Any:
+                self._connection.send((command, arguments))
+                return self._connection.recv()
 
-        return await self.wait(run())
-
-    async def wait(self, coroutine: Any) -> Any:
-        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
-        return await asyncio.wrap_future(future)
+            result = await asyncio.wait_for(asyncio.to_thread(exchange), PROCESS_DEADLINE_S)
+        if isinstance(result, Exception):
+            raise result
+        return result
 
 
 def replies_by_request(
@@ -567,7 +634,7 @@ def replies_by_request(
 
 def deliveries(messages: Sequence[Any]) -> int:
     """How many API calls delivered these messages (an album is one call)."""
-    return len({id(message.call) for message in messages})
+    return len({m.call if isinstance(m, Reply) else id(m.call) for m in messages})
 
 
 def sent_time(message: Any) -> float:

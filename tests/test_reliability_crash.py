@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import io
 import logging
+import os
 import random
 import shutil
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,13 @@ from reliability_helpers import (
     subprocess_environment,
     write_bot_config,
 )
-from telegram_emulator import EmulatedChat, EmulatedUser, SentMessage, TelegramEmulator
+from telegram_emulator import (
+    BotCall,
+    EmulatedChat,
+    EmulatedUser,
+    SentMessage,
+    TelegramEmulator,
+)
 
 from bot.app import build_application
 from indexer.ann import ANNOY_FILE, CODEBOOK_FILE, CURRENT_FILE
@@ -60,6 +67,7 @@ OTHER_CHAT = -7002
 COLLECTION = ("astronaut", "coffee", "chelsea", "rocket", "camera", "brick")
 QUERY_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket")
 CORRUPTION_WARNING = "rebuilding the index from the catalog"
+FRESH_ADDS = 16
 
 
 def small_photo(name: str) -> bytes:
@@ -94,6 +102,17 @@ async def top_answers(index: Path, queries: dict[str, bytes]) -> dict[str, tuple
     return answers
 
 
+async def assert_abandoned_generations_are_removed(index: Path) -> None:
+    """Half-written generations a kill left behind are kept for an hour (another process may
+    be building one), then removed by the next start."""
+    for name in generation_leftovers(index):
+        hours_ago = time.time() - 2 * 3600
+        os.utime(index / GENERATIONS_DIR / name, (hours_ago, hours_ago))
+    async with service_of(index):
+        pass
+    assert generation_leftovers(index) == []
+
+
 # --- builds killed at random points --------------------------------------------------------------
 
 
@@ -113,7 +132,7 @@ async def cli_build(photos: Path, index: Path) -> tuple[int, str, str]:
 
 
 async def make_reference(root: Path, photo_count: int) -> BuildReference:
-    """A photo folder (more files than one commit batch of 64) and its clean build."""
+    """A photo folder of ``photo_count`` files and its clean build."""
     photos = root / "photos"
     photos.mkdir()
     for name in COLLECTION:
@@ -121,7 +140,10 @@ async def make_reference(root: Path, photo_count: int) -> BuildReference:
     for seed in range(photo_count - len(COLLECTION)):
         (photos / f"drawing-{seed:03d}.jpg").write_bytes(drawing(seed))
     queries = {name: edited_photo(name) for name in QUERY_PHOTOS}
-    queries.update({f"drawing-{seed:03d}": drawing_query(seed) for seed in (0, 17, 33)})
+    drawings = photo_count - len(COLLECTION)
+    queries.update(
+        {f"drawing-{seed:03d}": drawing_query(seed) for seed in (0, drawings // 2, drawings - 1)}
+    )
     index = root / "clean-index"
     await create_empty_index(index)
     started = time.monotonic()
@@ -145,8 +167,9 @@ async def kill_builds_then_finish(
     """Start builds of ``index`` and SIGKILL each at a random moment; then let one finish."""
     record = KilledBuilds()
     await create_empty_index(index)
-    for _ in range(kills):
-        delay = rng.uniform(0.15, 0.95) * reference.seconds
+    for number in range(kills):
+        # A rerun only has what is left to do: later kills of a round come sooner.
+        delay = rng.uniform(0.15, 0.95 if number == 0 else 0.5) * reference.seconds
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m", "indexer", "build", str(reference.photos), "--index", str(index),
@@ -174,8 +197,10 @@ async def kill_builds_then_finish(
     return record
 
 
-async def check_builds_survive_kills(tmp_path: Path, *, rounds: int, kills: int, seed: int) -> None:
-    reference = await make_reference(tmp_path, photo_count=72 if rounds == 1 else 100)
+async def check_builds_survive_kills(
+    tmp_path: Path, *, photos: int, rounds: int, kills: int, seed: int
+) -> None:
+    reference = await make_reference(tmp_path, photo_count=photos)
     rng = random.Random(seed)
     survived = 0
     states = []
@@ -188,9 +213,10 @@ async def check_builds_survive_kills(tmp_path: Path, *, rounds: int, kills: int,
 
         assert health.problems == []
         assert health.images == reference.count
-        assert generation_leftovers(index) == []
         assert await top_answers(index, reference.queries) == reference.answers
-    assert survived >= kills * rounds // 2, states  # most delays fall inside a build
+        await assert_abandoned_generations_are_removed(index)
+    # A delay may outlast a (re)build on a fast machine; some must land inside one.
+    assert survived >= 1, states
     report_figures(
         "crash-build", builds_killed=survived, rounds=rounds, photos=reference.count, states=states
     )
@@ -199,7 +225,7 @@ async def check_builds_survive_kills(tmp_path: Path, *, rounds: int, kills: int,
 async def test_builds_killed_at_random_points_finish_on_rerun_with_a_clean_catalog(
     tmp_path: Path,
 ) -> None:
-    await check_builds_survive_kills(tmp_path, rounds=1, kills=2, seed=1)
+    await check_builds_survive_kills(tmp_path, photos=24, rounds=1, kills=2, seed=1)
 
 
 @pytest.mark.slow
@@ -207,7 +233,8 @@ async def test_builds_killed_at_random_points_finish_on_rerun_with_a_clean_catal
 async def test_many_builds_killed_at_random_points_finish_on_rerun_with_a_clean_catalog(
     tmp_path: Path,
 ) -> None:
-    await check_builds_survive_kills(tmp_path, rounds=3, kills=3, seed=2)
+    # 100 files: two commit batches of the build (64 files each at most).
+    await check_builds_survive_kills(tmp_path, photos=100, rounds=3, kills=3, seed=2)
 
 
 # --- the bot killed during an /add ---------------------------------------------------------------
@@ -255,6 +282,18 @@ def corrupt_current_annoy_file(index: Path) -> None:
     annoy.write_bytes(annoy.read_bytes()[: annoy.stat().st_size // 3])
 
 
+def delivered(calls: Sequence[BotCall], request: dict[str, Any]) -> bool:
+    """Whether a getUpdates answer has handed ``request`` to the bot."""
+    wanted = (request["chat"]["id"], request["message_id"])
+    return any(
+        (update["message"]["chat"]["id"], update["message"]["message_id"]) == wanted
+        for call in calls
+        if call.method == "getUpdates" and call.ok
+        for update in call.result or []
+        if "message" in update
+    )
+
+
 class CatalogWriteLock:
     """Holds SQLite's write lock on a catalog from outside, as a long transaction would."""
 
@@ -279,26 +318,37 @@ async def kill_bot_during_add(
     user: EmulatedUser,
     data: bytes,
     how: str | float,
-) -> str:
+) -> tuple[str, bool]:
     """Send /add with ``data`` and SIGKILL the bot once it took the update: after ``how``
-    seconds, or (``how == "file-written"``) while its catalog insert waits for a write lock
-    held here, just after the original was written to originals/."""
+    seconds, as soon as it fetches the photo (``"downloaded"``), or (``"file-written"``) while
+    its catalog insert waits for a write lock held here, just after the original was written
+    to originals/. Returns what happened and
+    whether the user had been told "added" before the kill."""
     target = f"{ORIGINALS_DIR}/{sha256(data)[:2]}/{sha256(data)}.jpg"
     if how == "file-written":
         with CatalogWriteLock(index):
-            emu.user_sends_photo(chat, user, data, caption="/add")
+            request = emu.user_sends_photo(chat, user, data, caption="/add")
             deadline = time.monotonic() + PROCESS_DEADLINE_S
             while target not in original_files(index):
                 assert time.monotonic() < deadline, "the add never wrote its original"
                 await asyncio.sleep(0.02)
             await bot.kill()
-        return "killed between writing the original and committing its row"
-    assert isinstance(how, float)
-    emu.user_sends_photo(chat, user, data, caption="/add")
-    await emu.wait_for(lambda _: emu.pending_update_count == 0, timeout=REPLY_DEADLINE_S)
-    await asyncio.sleep(how)
-    await bot.kill()
-    return f"killed {how:.2f} s after the bot took the update"
+        what = "killed between writing the original and committing its row"
+    elif how == "downloaded":
+        downloads = len(emu.calls_of("getFile"))
+        request = emu.user_sends_photo(chat, user, data, caption="/add")
+        await emu.wait_for(lambda _: len(emu.calls_of("getFile")) > downloads)
+        await bot.kill()
+        what = "killed as it fetched the photo (before or during its analysis)"
+    else:
+        assert isinstance(how, float)
+        request = emu.user_sends_photo(chat, user, data, caption="/add")
+        await emu.wait_for(lambda calls: delivered(calls, request), timeout=REPLY_DEADLINE_S)
+        await asyncio.sleep(how)
+        await bot.kill()
+        what = f"killed {how:.2f} s after the bot received the update"
+    confirmed = (chat.id, request["message_id"]) in replies_by_request(emu.messages_sent(chat))
+    return what, confirmed
 
 
 async def check_bot_kills(
@@ -311,10 +361,11 @@ async def check_bot_kills(
     pictures = [drawing(500 + number) for number in range(len(kill_points))]
     problems: list[str] = []
     states: list[str] = []
+    lost = 0  # adds confirmed to the user, then gone after the restart
     bot = await started_bot(emu, config, chat, alice)
     try:
         for number, (how, data) in enumerate(zip(kill_points, pictures, strict=True)):
-            what = await kill_bot_during_add(
+            what, confirmed = await kill_bot_during_add(
                 emu, bot, index, chat=chat, user=alice, data=data, how=how
             )
             last = number == len(kill_points) - 1
@@ -323,7 +374,8 @@ async def check_bot_kills(
             bot = await started_bot(emu, config, chat, alice)
             rows = images_with_hash(index, sha256(data))
             health = catalog_health(index)
-            states.append(f"{what}: {'added' if rows else 'absent'}")
+            states.append(f"{what}: {'added' if rows else 'absent'} after the restart")
+            lost += confirmed and not rows
             if len(rows) > 1 or health.problems:
                 problems.append(f"{what}: rows {rows}, {health.problems}")
             stray = original_files(index) - health.original_paths
@@ -354,18 +406,21 @@ async def check_bot_kills(
     finally:
         status, log = await bot.stop()
 
+    report_figures(
+        "crash-bot-add", kills=len(kill_points), states=states, photos_lost=lost,
+        problems=problems,
+    )  # fmt: skip
     assert problems == []
+    assert lost == 0
     assert status == 0
     assert CORRUPTION_WARNING in log  # the damaged Annoy file was noticed and rebuilt
     assert leaks(" ".join(m.text or "" for m in emu.messages_sent(chat))) == []
-    report_figures("crash-bot-add", kills=len(kill_points), states=states, photos_lost=0)
 
 
 async def test_a_bot_killed_during_an_add_has_the_photo_whole_or_absent_and_a_retry_works(
     emu: TelegramEmulator, bot_template: Path, tmp_path: Path
 ) -> None:
-    rng = random.Random(3)
-    await check_bot_kills(emu, bot_template, tmp_path, [rng.uniform(0.0, 0.8), "file-written"])
+    await check_bot_kills(emu, bot_template, tmp_path, ["downloaded", "file-written"])
 
 
 @pytest.mark.slow
@@ -374,8 +429,8 @@ async def test_a_bot_killed_during_many_adds_has_each_photo_whole_or_absent(
     emu: TelegramEmulator, bot_template: Path, tmp_path: Path
 ) -> None:
     rng = random.Random(4)
-    kill_points: list[str | float] = [rng.uniform(0.0, 1.2) for _ in range(6)]
-    await check_bot_kills(emu, bot_template, tmp_path, [*kill_points, "file-written"])
+    kill_points: list[str | float] = [rng.uniform(0.0, 0.4) for _ in range(6)]
+    await check_bot_kills(emu, bot_template, tmp_path, [*kill_points, "downloaded", "file-written"])
 
 
 async def test_an_original_without_its_row_is_cleaned_up_at_start(
@@ -418,14 +473,14 @@ asyncio.run(main())
 
 @pytest.fixture(scope="module")
 def rebuild_template(bot_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The bot's template plus 40 drawings added in a chat: a generation and a fresh buffer."""
+    """The bot's template plus 16 drawings added in a chat: a generation and a fresh buffer."""
     index = Path(shutil.copytree(bot_template, tmp_path_factory.mktemp("rebuild") / "index"))
 
     async def add_drawings() -> None:
         async with service_of(index) as service:
-            for seed in range(40):
+            for seed in range(FRESH_ADDS):
                 await service.add(drawing(700 + seed), scope=CHAT)
-            assert (await service.stats()).fresh == 40
+            assert (await service.stats()).fresh == FRESH_ADDS
 
     asyncio.run(add_drawings())
     return index
@@ -450,8 +505,9 @@ async def check_rebuild_kills(
         await asyncio.sleep(rng.uniform(0.05, 2.0))
         kill_group(process.pid)
         await process.wait()
-        await process.stdout.read()
         assert process.returncode != 0  # it was killed, not done
+        # The generations it had finished (and reported) before the kill, oldest first.
+        finished = (ready + await process.stdout.read()).decode().split()[1::2]
 
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="indexer"):
@@ -461,20 +517,24 @@ async def check_rebuild_kills(
                     "collection": await service.query(edited_photo("coffee"), top=1),
                     "fresh": await service.query(drawing_query(710), scope=CHAT, top=1),
                 }
+        # The last finished generation is served, or one whose swap the kill beat the report of;
+        # never an older one.
+        assert stats.generation not in finished[:-1], (stats.generation, finished)
         served.append(
-            "previous" if stats.generation == ready.split()[1].decode() else "a newer complete one"
+            f"killed in rebuild {len(finished)}: "
+            + ("the last finished one" if stats.generation == finished[-1] else "a newer one")
         )
         assert CORRUPTION_WARNING not in caplog.text
-        assert generation_leftovers(index) == []
         assert catalog_health(index).problems == []
-        assert stats.indexed + stats.fresh == stats.images == len(COLLECTION) + 40
+        assert stats.indexed + stats.fresh == stats.images == len(COLLECTION) + FRESH_ADDS
         assert Path(answers["collection"][0].image.path).name == "coffee.jpg"
         assert all(matches[0].verified for matches in answers.values())
 
     async with service_of(index) as service:  # and a rebuild runs again
         await service.rebuild()
         stats = await service.stats()
-    assert (stats.indexed, stats.fresh) == (len(COLLECTION) + 40, 0)
+    assert (stats.indexed, stats.fresh) == (len(COLLECTION) + FRESH_ADDS, 0)
+    await assert_abandoned_generations_are_removed(index)
     report_figures("crash-rebuild", kills=kills, served=served)
 
 

@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import warnings
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -327,6 +327,33 @@ def expected_reply_problem(record: BadInput, texts: list[str]) -> str | None:
 async def test_every_input_sent_to_the_bot_gets_one_friendly_reply_then_search_still_works(
     emu: TelegramEmulator, bot_index: Path, corpus: BadInputCorpus, tmp_path: Path
 ) -> None:
+    """Every case as a document; the refused ones that Telegram takes as photos, as photos."""
+    await check_bot_inputs(
+        emu, bot_index, corpus, tmp_path, documents=True, photos_of=refused, run="inputs-bot"
+    )
+
+
+@pytest.mark.slow
+async def test_every_picture_sent_as_a_photo_gets_one_friendly_reply(
+    emu: TelegramEmulator, bot_index: Path, corpus: BadInputCorpus, tmp_path: Path
+) -> None:
+    """The decodable cases as photos too (each costs a search)."""
+    await check_bot_inputs(
+        emu, bot_index, corpus, tmp_path, documents=False,
+        photos_of=lambda record: not refused(record), run="inputs-bot-photos",
+    )  # fmt: skip
+
+
+async def check_bot_inputs(
+    emu: TelegramEmulator,
+    bot_index: Path,
+    corpus: BadInputCorpus,
+    tmp_path: Path,
+    *,
+    documents: bool,
+    photos_of: Callable[[BadInput], bool],
+    run: str,
+) -> None:
     index = Path(shutil.copytree(bot_index, tmp_path / "index"))
     alice = emu.create_user("Alice")
     chat = emu.private_chat(alice)
@@ -334,7 +361,7 @@ async def test_every_input_sent_to_the_bot_gets_one_friendly_reply_then_search_s
     application = build_application(bot_settings(emu, index), engine_settings=FAST_ENGINE)
     async with running(application):
         for record in corpus:
-            if record.name == "oversized_sparse_file":
+            if record.name == "oversized_sparse_file" and documents:
                 message = emu.user_sends_oversized_document(
                     chat,
                     alice,
@@ -347,12 +374,13 @@ async def test_every_input_sent_to_the_bot_gets_one_friendly_reply_then_search_s
             if not has_bytes(record):
                 continue
             data = record.path.read_bytes()
-            mime = mimetypes.guess_type(record.path.name)[0] or "application/octet-stream"
-            message = emu.user_sends_document(
-                chat, alice, data, file_name=record.path.name, mime_type=mime
-            )
-            sent.append((record, "document", message["message_id"]))
-            photo = send_as_photo(emu, chat, alice, data)
+            if documents:
+                mime = mimetypes.guess_type(record.path.name)[0] or "application/octet-stream"
+                message = emu.user_sends_document(
+                    chat, alice, data, file_name=record.path.name, mime_type=mime
+                )
+                sent.append((record, "document", message["message_id"]))
+            photo = send_as_photo(emu, chat, alice, data) if photos_of(record) else None
             if photo is not None:
                 sent.append((record, "photo", photo["message_id"]))
         wanted = {(chat.id, message_id) for _, _, message_id in sent}
@@ -386,11 +414,11 @@ async def test_every_input_sent_to_the_bot_gets_one_friendly_reply_then_search_s
     assert (first.text or "").startswith("1. ✅ same picture"), first.text
     assert (first.text or "").endswith("coffee.jpg")
     assert corpus["oversized_sparse_file"].path.stat().st_size > TELEGRAM_DOWNLOAD_LIMIT
-    documents = sum(1 for _, how, _ in sent if how == "document")
+    sent_documents = sum(1 for _, how, _ in sent if how == "document")
     report_figures(
-        "inputs-bot",
-        documents=documents,
-        photos=len(sent) - documents,
+        run,
+        documents=sent_documents,
+        photos=len(sent) - sent_documents,
         answered=len(wanted & set(answers)),
         answered_twice=0,
         leaked=0,
