@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -48,10 +47,10 @@ def photos_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def photos_copy(tmp_path: Path, photos_dir: Path) -> Iterator[Path]:
+def photos_copy(tmp_path: Path, photos_dir: Path) -> Path:
     """A private copy of ``photos_dir`` that a test may change."""
     folder = tmp_path / "photos"
     folder.mkdir()
     for source in sorted(photos_dir.iterdir()):
         (folder / source.name).write_bytes(source.read_bytes())
-    yield folder
+    return folder
