@@ -299,6 +299,7 @@ def check_outcome(plan: LoadPlan, outcome: LoadOutcome) -> dict[str, Any]:
     problems: list[str] = []
     added_ids: dict[str, str] = {}
     latencies = []
+    by_kind: dict[str, list[float]] = {}
     for answer in outcome.answers:
         replies = outcome.replies.get((answer.chat_id, answer.message_id), [])
         label = f"{answer.request.kind} {answer.request.expected} in {answer.chat_id}"
@@ -308,6 +309,7 @@ def check_outcome(plan: LoadPlan, outcome: LoadOutcome) -> dict[str, Any]:
         if deliveries(replies) != 1:
             problems.append(f"{label}: answered {deliveries(replies)} times")
         latencies.append(min(reply.received_at for reply in replies) - answer.sent_at)
+        by_kind.setdefault(answer.request.kind, []).append(latencies[-1])
         first = replies[0].text
         if leaks(first):
             problems.append(f"{label}: {first!r}")
@@ -344,6 +346,7 @@ def check_outcome(plan: LoadPlan, outcome: LoadOutcome) -> dict[str, Any]:
         "flood_429s": outcome.floods,
         "background_rebuilds": outcome.rebuilds,
         "latency": latency_summary(latencies),
+        "latency_by_kind": {kind: latency_summary(values) for kind, values in by_kind.items()},
         "worst_loop_stall_s": round(outcome.worst_stall_s, 3),
         "seconds": round(outcome.seconds, 1),
     }
