@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from skimage import data as skimage_data
+from telegram_emulator import TelegramEmulator
 
 # PTB 22 warns that RetryAfter.retry_after becomes a timedelta; opting in now keeps
 # warnings-as-errors from turning every flood-control test into a warning failure.
@@ -54,3 +56,10 @@ def photos_copy(tmp_path: Path, photos_dir: Path) -> Path:
     for source in sorted(photos_dir.iterdir()):
         (folder / source.name).write_bytes(source.read_bytes())
     return folder
+
+
+@pytest.fixture
+async def emu() -> AsyncIterator[TelegramEmulator]:
+    """A Telegram Bot API emulator on 127.0.0.1, fresh for each test."""
+    async with TelegramEmulator() as emulator:
+        yield emulator

@@ -23,6 +23,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import signal
 import sqlite3
 import sys
@@ -93,6 +94,16 @@ async def create_empty_index(index_dir: Path, settings: EngineSettings = FAST_EN
     """An index folder whose catalog holds ``settings``: later builds and the bot keep them."""
     service = await SearchService.open(index_dir, settings=settings, create=True)
     await service.close()
+
+
+def build_template_index(photos_dir: Path, root: Path, names: Iterable[str]) -> Path:
+    """An index under ``root`` of the named photos of ``photos_dir``, built once per module."""
+    photos = root / "photos"
+    photos.mkdir()
+    for name in names:
+        shutil.copyfile(photos_dir / f"{name}.jpg", photos / f"{name}.jpg")
+    asyncio.run(build_with(photos, root / "index"))
+    return root / "index"
 
 
 async def build_with(photos: Path, index_dir: Path, settings: EngineSettings = FAST_ENGINE) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -36,12 +35,6 @@ def template_index(photos_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture
 def index_dir(template_index: Path, tmp_path: Path) -> Path:
     return copy_index(template_index, tmp_path / "index")
-
-
-@pytest.fixture
-async def emu() -> AsyncIterator[TelegramEmulator]:
-    async with TelegramEmulator() as emulator:
-        yield emulator
 
 
 def added_id(reply: SentMessage) -> int:

@@ -6,20 +6,12 @@ import asyncio
 import os
 import signal
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
-import pytest
 from bot_fixtures import REPLY_DEADLINE_S, photo_bytes
 from telegram_emulator import TelegramEmulator
 
 REPOSITORY = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture
-async def emu() -> AsyncIterator[TelegramEmulator]:
-    async with TelegramEmulator() as emulator:
-        yield emulator
 
 
 async def test_the_bot_process_serves_until_sigterm_then_stops_cleanly(

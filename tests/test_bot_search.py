@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -39,12 +38,6 @@ def template_index(photos_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture
 def index_dir(template_index: Path, tmp_path: Path) -> Path:
     return copy_index(template_index, tmp_path / "index")
-
-
-@pytest.fixture
-async def emu() -> AsyncIterator[TelegramEmulator]:
-    async with TelegramEmulator() as emulator:
-        yield emulator
 
 
 async def test_a_private_photo_gets_an_album_led_by_the_original_marked_same_picture(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -139,12 +139,6 @@ def test_the_log_formatter_masks_secrets_even_in_tracebacks() -> None:
 
     assert TOKEN not in text
     assert text.count("[secret]") == 2
-
-
-@pytest.fixture
-async def emu() -> AsyncIterator[TelegramEmulator]:
-    async with TelegramEmulator() as emulator:
-        yield emulator
 
 
 @pytest.fixture

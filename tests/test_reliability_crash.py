@@ -19,7 +19,7 @@ import shutil
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from reliability_helpers import (
     FAST_ENGINE,
     PROCESS_DEADLINE_S,
     BotProcess,
-    build_with,
+    build_template_index,
     catalog_health,
     create_empty_index,
     generation_leftovers,
@@ -242,19 +242,7 @@ async def test_many_builds_killed_at_random_points_finish_on_rerun_with_a_clean_
 
 @pytest.fixture(scope="module")
 def bot_template(photos_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("crash-bot")
-    photos = root / "photos"
-    photos.mkdir()
-    for name in COLLECTION:
-        shutil.copyfile(photos_dir / f"{name}.jpg", photos / f"{name}.jpg")
-    asyncio.run(build_with(photos, root / "index"))
-    return root / "index"
-
-
-@pytest.fixture
-async def emu() -> AsyncIterator[TelegramEmulator]:
-    async with TelegramEmulator() as emulator:
-        yield emulator
+    return build_template_index(photos_dir, tmp_path_factory.mktemp("crash-bot"), COLLECTION)
 
 
 async def answer_to(

@@ -19,7 +19,7 @@ import shutil
 import subprocess
 import sys
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from reliability_helpers import (
     FAST_ENGINE,
     IsolatedCalls,
     Outcome,
-    build_with,
+    build_template_index,
     catalog_health,
     create_empty_index,
     deliveries,
@@ -285,19 +285,7 @@ async def test_the_library_refuses_each_bad_input_with_its_own_error_and_stores_
 
 @pytest.fixture(scope="module")
 def bot_index(photos_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("bot-inputs")
-    photos = root / "photos"
-    photos.mkdir()
-    for name in COLLECTION:
-        shutil.copyfile(photos_dir / f"{name}.jpg", photos / f"{name}.jpg")
-    asyncio.run(build_with(photos, root / "index"))
-    return root / "index"
-
-
-@pytest.fixture
-async def emu() -> AsyncIterator[TelegramEmulator]:
-    async with TelegramEmulator() as emulator:
-        yield emulator
+    return build_template_index(photos_dir, tmp_path_factory.mktemp("bot-inputs"), COLLECTION)
 
 
 def send_as_photo(

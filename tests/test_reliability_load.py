@@ -36,7 +36,7 @@ from reliability_helpers import (
     EmulatorProcess,
     LoopStallMonitor,
     Reply,
-    build_with,
+    build_template_index,
     catalog_health,
     deliveries,
     latency_summary,
@@ -77,13 +77,7 @@ def cropped(data: bytes) -> bytes:
 
 @pytest.fixture(scope="module")
 def template_index(photos_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("load")
-    photos = root / "photos"
-    photos.mkdir()
-    for name in COLLECTION:
-        shutil.copyfile(photos_dir / f"{name}.jpg", photos / f"{name}.jpg")
-    asyncio.run(build_with(photos, root / "index"))
-    return root / "index"
+    return build_template_index(photos_dir, tmp_path_factory.mktemp("load"), COLLECTION)
 
 
 # --- the users' side --------------------------------------------------------------------------

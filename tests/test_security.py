@@ -14,7 +14,6 @@ import dataclasses
 import io
 import re
 import shutil
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -76,12 +75,6 @@ def template_index(photos_dir: Path, tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture
 def index(template_index: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(template_index, tmp_path / "index"))
-
-
-@pytest.fixture
-async def emu() -> AsyncIterator[TelegramEmulator]:
-    async with TelegramEmulator() as emulator:
-        yield emulator
 
 
 def make_bot(settings: BotSettings, engine: EngineSettings = FAST_ENGINE) -> BotApplication:

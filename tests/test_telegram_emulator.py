@@ -60,12 +60,6 @@ def coffee_png() -> bytes:
 
 
 @pytest.fixture
-async def emu() -> AsyncIterator[TelegramEmulator]:
-    async with TelegramEmulator() as emulator:
-        yield emulator
-
-
-@pytest.fixture
 async def bot(emu: TelegramEmulator) -> AsyncIterator[Bot]:
     async with Bot(emu.token, base_url=emu.api_base_url, base_file_url=emu.file_base_url) as bot:
         yield bot
