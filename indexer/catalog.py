@@ -319,7 +319,7 @@ class Catalog:
 
     async def paths_under(self, prefix: str) -> set[str]:
         """Every stored path that starts with ``prefix`` (e.g. the kept originals)."""
-        pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        pattern = _like_prefix(prefix)
         async with _translated_errors():
             rows = await self._db.execute_fetchall(
                 "SELECT DISTINCT path FROM images WHERE path LIKE ? ESCAPE '\\'", (pattern,)
@@ -360,7 +360,7 @@ class Catalog:
     async def sources_under(self, root: str) -> dict[str, SourceState]:
         """Every file path under ``root`` the catalog knows (indexed or failed)."""
         prefix = root.rstrip("/") + "/"
-        pattern = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        pattern = _like_prefix(prefix)
         states: dict[str, SourceState] = {}
         async with _translated_errors():
             rows = await self._db.execute_fetchall(
@@ -564,6 +564,11 @@ class _translated_errors:  # noqa: N801 - used like a function: `async with _tra
             raise CatalogError(f"catalog error: {exc}") from exc
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             raise StorageFullError(f"the disk is full: {exc}") from exc
+
+
+def _like_prefix(prefix: str) -> str:
+    """A LIKE pattern (ESCAPE '\\') matching every string that starts with ``prefix``."""
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 def _record(row: Iterable[Any]) -> ImageRecord:
