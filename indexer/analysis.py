@@ -13,8 +13,10 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from indexer.encoding import Region
 from indexer.errors import ImageTooLargeError, IndexerError, SourceError
 from indexer.features import LocalFeatures, extract_features
+from indexer.framing import find_framed_photo
 from indexer.images import load_working_image
 from indexer.settings import EngineSettings
 
@@ -29,6 +31,9 @@ class Analysis:
     height: int
     file_size: int
     format: str
+    # Queries only: where a photo framed inside this image lies (a screenshot,
+    # a meme's caption bars), to be searched on its own if the whole image fails.
+    frame: Region | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +72,32 @@ def analyze_bytes(data: bytes, settings: EngineSettings, *, for_query: bool = Fa
         height=image.height,
         file_size=len(data),
         format=image.format,
+        frame=find_framed_photo(image.gray) if for_query else None,
+    )
+
+
+def analyze_framed(source: bytes | Path, frame: Region, settings: EngineSettings) -> LocalFeatures:
+    """Query features of the photo inside ``frame`` (see :attr:`Analysis.frame`).
+
+    Decoded again from the source rather than cut from the working image: in a
+    tall screenshot the photo may be only 150 px wide at working size.
+
+    Raises:
+        SourceError: the file cannot be read.
+        ImageError: it is not a usable image, or the framed part is too small.
+    """
+    if isinstance(source, Path):
+        source, _ = read_regular_file(source, settings.max_file_bytes)
+    image = load_working_image(
+        source,
+        working_side=settings.working_side,
+        min_side=settings.min_side,
+        max_bytes=settings.max_file_bytes,
+        max_pixels=settings.max_pixels,
+        crop=frame,
+    )
+    return extract_features(
+        image.gray, max_keypoints=settings.query_keypoints, params=settings.query_kaze
     )
 
 

@@ -34,6 +34,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import ExifTags, Image, ImageDraw, ImageFile, ImageFont
 
+from indexer.encoding import Region
 from indexer.errors import (
     CorruptImageError,
     EmptyImageError,
@@ -215,12 +216,16 @@ def load_working_image(
     min_side: int = 0,
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    crop: Region | None = None,
 ) -> WorkingImage:
     """Decode ``source`` into an upright grayscale working image.
 
     The longest side of the result is ``working_side`` when the picture is
     larger, ``min_side`` when it is smaller than that (upscaled; 0 disables),
     and the original size otherwise.  Only the first frame or page is used.
+    With ``crop`` (fractions of the upright picture), only that part is kept,
+    and it is the part that is sized as above: a photo found inside a
+    screenshot is described at the resolution the screenshot has for it.
 
     Raises ValueError for inconsistent arguments, and for the picture:
     SourceError (path missing, unreadable, not a regular file), EmptyImageError,
@@ -235,12 +240,19 @@ def load_working_image(
         raise ValueError("min_side must lie between 0 and working_side")
     if max_pixels < 1:
         raise ValueError("max_pixels must be positive")
+    if crop is not None and not (
+        0 <= crop.left < crop.right <= 1 and 0 <= crop.top < crop.bottom <= 1
+    ):
+        raise ValueError(f"{crop} is not a part of the picture")
     data = _read_source(source, max_bytes)
     picture_format = image_format(data)
     with _decoding_errors(picture_format), _opened(data, picture_format, max_pixels) as picture:
         stored_width, stored_height = picture.size
-        size = _working_size(stored_width, stored_height, working_side, min_side)
-        gray, orientation = _render(picture, size, "L")
+        if crop is None:
+            size = _working_size(stored_width, stored_height, working_side, min_side)
+            gray, orientation = _render(picture, size, "L")
+        else:
+            gray, orientation = _render_crop(picture, crop, working_side, min_side)
     if orientation in _SIDEWAYS_ORIENTATIONS:
         stored_width, stored_height = stored_height, stored_width
     return WorkingImage(
@@ -484,6 +496,38 @@ def _working_size(width: int, height: int, working_side: int, min_side: int) -> 
             f"both sides must be at least {MIN_DESCRIBABLE_SIDE} pixels."
         )
     return size
+
+
+def _render_crop(
+    picture: ImageFile.ImageFile, crop: Region, working_side: int, min_side: int
+) -> tuple[Image.Image, int]:
+    """Decode the ``crop`` part of ``picture`` upright, sized like a working image."""
+    width, height = picture.size
+    # Read before decoding only to size the decode: should a format reveal its
+    # orientation only after loading, the crop is still right, just less sharp.
+    if _exif_orientation(picture) in _SIDEWAYS_ORIENTATIONS:
+        width, height = height, width
+    crop_width = max(1, round((crop.right - crop.left) * width))
+    crop_height = max(1, round((crop.bottom - crop.top) * height))
+    wanted = _working_size(crop_width, crop_height, working_side, min_side)
+    # Shrink the whole picture while decoding (cheap for JPEG), never enlarge it:
+    # a small crop is enlarged alone afterwards.
+    scale = min(1.0, wanted[0] / crop_width)
+    whole = (max(1, round(picture.width * scale)), max(1, round(picture.height * scale)))
+    upright, orientation = _render(picture, whole, "L")
+    box = (
+        round(crop.left * upright.width),
+        round(crop.top * upright.height),
+        max(round(crop.right * upright.width), round(crop.left * upright.width) + 1),
+        max(round(crop.bottom * upright.height), round(crop.top * upright.height) + 1),
+    )
+    part = upright.crop(box)
+    # Sized again from the pixels actually cut, which keeps the aspect exact.
+    size = _working_size(part.width, part.height, working_side, min_side)
+    if part.size != size:
+        resample = Image.Resampling.BICUBIC if size[0] > part.width else Image.Resampling.LANCZOS
+        part = part.resize(size, resample)
+    return part, orientation
 
 
 def _render(

@@ -19,18 +19,19 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 
-from indexer.analysis import Analysis, analyze_bytes, analyze_path
+from indexer.analysis import Analysis, analyze_bytes, analyze_framed, analyze_path
 from indexer.ann import ExactVectors, Generation, GenerationStore
 from indexer.catalog import GLOBAL_SCOPE, Catalog, ImageRecord, NewImage
 from indexer.encoding import Codebook, region_grid, train_centroids, train_codebook, vlad_vector
 from indexer.errors import (
+    ImageError,
     IndexCorruptError,
     IndexNotFoundError,
     NotFoundError,
@@ -112,6 +113,7 @@ class _Serving:
 
 
 Ranking = list[tuple[int, float]]  # (image id, similarity), best first
+FramedLoader = Callable[[], Awaitable[LocalFeatures]]
 # Regions with fewer keypoints than this describe too little to rank by.
 MIN_REGION_KEYPOINTS = 24
 # Inliers beyond which a verified first candidate needs no second opinion.
@@ -272,12 +274,19 @@ class SearchService:
             ImageError: the query is not a usable image (each subclass says why).
             SourceError: the query file cannot be read.
         """
+        timings = timings if timings is not None else StageTimings()
         started = time.perf_counter()
         analysis = await self.pool.run(_analyze, source, self.settings)
-        if timings is not None:
-            timings.add("analyze", time.perf_counter() - started)
+        timings.add("analyze", time.perf_counter() - started)
+        framed: FramedLoader | None = None
+        if analysis.frame is not None:
+            frame = analysis.frame
+
+            async def framed() -> LocalFeatures:
+                return await self.pool.run(analyze_framed, source, frame, self.settings)
+
         return await self.search_features(
-            analysis.features, scope=scope, top=top, timings=timings
+            analysis.features, scope=scope, top=top, timings=timings, framed=framed
         )
 
     async def search_features(
@@ -287,8 +296,13 @@ class SearchService:
         scope: int = GLOBAL_SCOPE,
         top: int = 5,
         timings: StageTimings | None = None,
+        framed: FramedLoader | None = None,
     ) -> list[Match]:
-        """Search with features already extracted (see :meth:`query`)."""
+        """Search with features already extracted (see :meth:`query`).
+
+        ``framed`` extracts the features of a photo framed inside the query; it
+        is called only if the whole query verifies nothing.
+        """
         timings = timings if timings is not None else StageTimings()
         serving = self._serving  # one consistent view for the whole query
         generation = serving.generation
@@ -311,6 +325,17 @@ class SearchService:
         if not any(v.verified and v.inliers >= _CONFIDENT_INLIERS for v in verdicts.values()):
             verdicts.update(
                 await self._verify(features, ranked[2 : self.settings.first_batch], timings)
+            )
+        if framed is not None and not any(v.verified for v in verdicts.values()):
+            inner_verdicts = await self._search_framed(
+                framed, serving=serving, visible=visible, similarity=similarity, timings=timings
+            )
+            # The framed photo is judged afresh: the whole query's rejection of the
+            # same candidate was a verdict on the frame's text as much as on the photo.
+            verdicts.update(
+                (image_id, verdict)
+                for image_id, verdict in inner_verdicts.items()
+                if verdict.verified or image_id not in verdicts
             )
         if not any(v.verified for v in verdicts.values()):
             clock = time.perf_counter()
@@ -345,6 +370,38 @@ class SearchService:
         matches.sort(key=lambda m: (m.score, m.inliers), reverse=True)
         return matches[:top]
 
+    async def _search_framed(
+        self,
+        framed: FramedLoader,
+        *,
+        serving: _Serving,
+        visible: set[int],
+        similarity: dict[int, float],
+        timings: StageTimings,
+    ) -> dict[int, Verification]:
+        """Search the photo framed inside the query as a query of its own.
+
+        Records its candidates' similarities in ``similarity``; returns the
+        verdicts of the framed photo on its first batch of candidates.
+        """
+        clock = time.perf_counter()
+        try:
+            inner = await framed()
+        except ImageError as error:
+            log.info("the framed photo cannot be described: %s", error)
+            return {}
+        timings.add("analyze", time.perf_counter() - clock)
+        clock = time.perf_counter()
+        rankings = await asyncio.to_thread(
+            self._rank_whole, serving, (inner, inner.mirrored()), visible, self.settings.first_batch
+        )
+        timings.add("candidates", time.perf_counter() - clock)
+        inner_similarity = _best_similarity(rankings)
+        for image_id, value in inner_similarity.items():
+            similarity[image_id] = max(similarity.get(image_id, -1.0), value)
+        ranked = sorted(inner_similarity, key=inner_similarity.__getitem__, reverse=True)
+        return await self._verify(inner, ranked[: self.settings.first_batch], timings)
+
     def _rank(
         self,
         serving: _Serving,
@@ -367,7 +424,9 @@ class SearchService:
                 fresh.search(vector, depth),
             ):
                 for image_id, scope, value in zip(
-                    found.ids.tolist(), found.scopes.tolist(), found.similarities.tolist(),
+                    found.ids.tolist(),
+                    found.scopes.tolist(),
+                    found.similarities.tolist(),
                     strict=True,
                 ):
                     if scope in visible and image_id not in removed:
@@ -699,7 +758,12 @@ class SearchService:
 
 
 _EXTENSIONS = {
-    "JPEG": "jpg", "PNG": "png", "WEBP": "webp", "BMP": "bmp", "TIFF": "tif", "GIF": "gif"
+    "JPEG": "jpg",
+    "PNG": "png",
+    "WEBP": "webp",
+    "BMP": "bmp",
+    "TIFF": "tif",
+    "GIF": "gif",
 }
 
 

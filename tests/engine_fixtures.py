@@ -171,6 +171,46 @@ def bordered(image: Rgb) -> Rgb:
     )
 
 
+def screenshotted(image: Rgb) -> Rgb:
+    """The photo at 40% of its size on a phone screen of a social app: flat
+    background, a header and a caption in text lines, a navigation bar.
+
+    At that size, amid that much text, the whole screenshot describes its frame
+    as much as the photo; see :func:`screenshot_box` for where the photo lies."""
+    screen, (left, top, right, bottom) = _screenshot_layout(image)
+    picture = Image.new("RGB", screen, (250, 250, 250))
+    draw = ImageDraw.Draw(picture)
+    unit = screen[0] // 12
+    font = ImageFont.load_default(size=max(10, unit * 2 // 3))
+    draw.text((unit // 2, unit // 4), "09:41", font=font, fill=(20, 20, 20))
+    draw.ellipse((unit // 2, unit * 3 // 2, unit * 3 // 2, unit * 5 // 2), fill=(200, 60, 90))
+    draw.text((unit * 2, unit * 3 // 2), "someone_with_a_camera", font=font, fill=(20, 20, 20))
+    photo = Image.fromarray(image).resize((right - left, bottom - top), Image.Resampling.LANCZOS)
+    picture.paste(photo, (left, top))
+    for line, words in enumerate(("1,204 likes", "what a day it was", "view all comments")):
+        draw.text((unit // 2, bottom + unit // 2 + line * unit), words, font=font,
+                  fill=(20, 20, 20))
+    draw.rectangle((0, screen[1] - unit, screen[0], screen[1]), fill=(238, 238, 238))
+    return np.asarray(picture)
+
+
+def screenshot_box(image: Rgb) -> tuple[float, float, float, float]:
+    """Where :func:`screenshotted` puts the photo: left, top, right, bottom in
+    fractions of the screen."""
+    (width, height), (left, top, right, bottom) = _screenshot_layout(image)
+    return left / width, top / height, right / width, bottom / height
+
+
+def _screenshot_layout(image: Rgb) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    height, width = image.shape[:2]
+    photo_width, photo_height = width * 2 // 5, height * 2 // 5
+    margin = photo_width // 25
+    screen_width = photo_width + 2 * margin
+    screen_height = screen_width * 2
+    top = screen_height // 4
+    return (screen_width, screen_height), (margin, top, margin + photo_width, top + photo_height)
+
+
 @dataclass(frozen=True, slots=True)
 class Edit:
     transform: Callable[[Rgb], Rgb]
@@ -186,6 +226,7 @@ EDITS: dict[str, Edit] = {
     "brighter": Edit(brightened, 90),
     "caption": Edit(captioned, 90),
     "border": Edit(bordered, 90),
+    "screenshot": Edit(screenshotted, 90),
 }
 
 

@@ -29,6 +29,7 @@ from bad_inputs import (
     encoded,
     png_header_only,
     sample_photo,
+    stored_for_orientation,
     write_bad_inputs,
 )
 from hypothesis import HealthCheck, assume, given, settings
@@ -36,6 +37,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
+from indexer.encoding import Region
 from indexer.errors import (
     CorruptImageError,
     EmptyImageError,
@@ -729,3 +731,51 @@ def test_corrupt_result_is_drawn_as_a_placeholder_not_raised(corpus: BadInputCor
         assert decoded.format == "PNG"
     with pytest.raises(CorruptImageError):
         decode(broken.image)
+
+
+# --- decoding a part of the picture --------------------------------------------------------
+
+
+def test_a_crop_is_the_same_part_of_the_picture_sized_like_a_working_image() -> None:
+    picture = sample_photo("coffee", (2400, 1600))
+    crop = Region(0.25, 0.5, 0.75, 1.0)  # 1200 x 800 of the original
+    part = load_working_image(photo_jpeg_of(picture), working_side=600, min_side=300, crop=crop)
+
+    assert part.gray.shape == (400, 600)
+    assert (part.width, part.height) == (2400, 1600)  # the size of the whole picture
+    expected = luma(picture.crop((600, 800, 1800, 1600)).resize((600, 400)))
+    assert correlation(part.gray, expected) > 0.97
+
+
+def test_a_small_crop_is_enlarged_to_the_minimum_side() -> None:
+    picture = sample_photo("coffee", (800, 600))
+    crop = Region(0.0, 0.0, 0.25, 0.25)  # 200 x 150
+    part = load_working_image(photo_jpeg_of(picture), working_side=640, min_side=400, crop=crop)
+
+    assert part.gray.shape == (300, 400)
+    expected = luma(picture.crop((0, 0, 200, 150)).resize((400, 300)))
+    assert correlation(part.gray, expected) > 0.95
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_a_crop_is_taken_from_the_upright_picture(orientation: int) -> None:
+    upright = sample_photo("coffee", (960, 640))
+    stored = Image.fromarray(stored_for_orientation(np.asarray(upright), orientation))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    oriented = encoded(stored, "JPEG", quality=92, exif=exif.tobytes())
+    crop = Region(0.5, 0.0, 1.0, 0.5)  # the upper right quarter, as seen
+
+    part = load_working_image(oriented, working_side=640, min_side=400, crop=crop)
+
+    assert part.gray.shape == (320, 480)
+    assert correlation(part.gray, luma(upright.crop((480, 0, 960, 320)))) > 0.97
+
+
+def test_a_crop_outside_the_picture_is_refused() -> None:
+    with pytest.raises(ValueError, match="not a part"):
+        load_working_image(photo_jpeg((400, 300)), working_side=640, crop=Region(0.5, 0, 1.5, 1))
+
+
+def photo_jpeg_of(picture: Image.Image) -> bytes:
+    return encoded(picture, "JPEG", quality=95)

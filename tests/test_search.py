@@ -21,6 +21,7 @@ from conftest import jpeg_bytes, photo_array
 from engine_fixtures import (
     EDITS,
     QUERY_PHOTOS,
+    TEST_SETTINGS,
     UNINDEXED_PHOTOS,
     VERIFIED_SCORE,
     FifoWatchdog,
@@ -34,6 +35,7 @@ from engine_fixtures import (
 )
 from PIL import Image
 
+from indexer.analysis import analyze_bytes
 from indexer.ann import ANNOY_FILE, CODEBOOK_FILE, CURRENT_FILE, IDS_FILE, MANIFEST_FILE
 from indexer.catalog import GLOBAL_SCOPE
 from indexer.errors import (
@@ -45,6 +47,7 @@ from indexer.errors import (
     SourceError,
     StorageFullError,
 )
+from indexer.features import LocalFeatures
 from indexer.search import GENERATIONS_DIR, ORIGINALS_DIR, Match, SearchService
 from indexer.workers import CpuPool
 
@@ -134,6 +137,35 @@ async def test_a_picture_not_in_the_collection_verifies_nothing(
     assert matches, "the closest photos are still listed"
     assert not any(m.verified for m in matches), describe(matches)
     assert all(m.score < VERIFIED_SCORE for m in matches)
+
+
+async def test_a_framed_photo_is_searched_only_when_the_whole_query_verifies_nothing(
+    search_index: Path,
+) -> None:
+    photo = analyze_bytes(edited_jpeg("coffee", "crop"), TEST_SETTINGS, for_query=True).features
+    noise = analyze_bytes(noise_jpeg(7), TEST_SETTINGS, for_query=True).features
+    extracted: list[str] = []
+
+    async def framed_photo() -> LocalFeatures:
+        extracted.append("coffee")
+        return photo
+
+    async with opened_service(search_index) as service:
+        whole_verified = await service.search_features(photo, framed=framed_photo, top=3)
+        assert extracted == []  # the whole query sufficed: no second extraction
+        framed_verified = await service.search_features(noise, framed=framed_photo, top=3)
+
+    assert (stem(whole_verified[0]), whole_verified[0].verified) == ("coffee", True)
+    assert extracted == ["coffee"]
+    assert (stem(framed_verified[0]), framed_verified[0].verified) == ("coffee", True)
+
+
+@pytest.mark.parametrize("photo", ["astronaut", "rocket"])
+def test_a_screenshot_query_carries_the_frame_of_its_photo(photo: str) -> None:
+    data = edited_jpeg(photo, "screenshot")
+    assert analyze_bytes(data, TEST_SETTINGS, for_query=True).frame is not None
+    # Stored photos are described whole: the frame is looked for in queries only.
+    assert analyze_bytes(data, TEST_SETTINGS).frame is None
 
 
 # --- bad input ----------------------------------------------------------------------------------
