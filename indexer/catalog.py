@@ -74,6 +74,11 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # Removals by path and the start-up check of kept originals look paths up
+    # in every scope; UNIQUE (scope, path) cannot serve that, so it was a scan.
+    """
+    CREATE INDEX images_by_path ON images (path);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _SQLITE_FULL = 13
@@ -319,10 +324,10 @@ class Catalog:
 
     async def paths_under(self, prefix: str) -> set[str]:
         """Every stored path that starts with ``prefix`` (e.g. the kept originals)."""
-        pattern = _like_prefix(prefix)
         async with _translated_errors():
             rows = await self._db.execute_fetchall(
-                "SELECT DISTINCT path FROM images WHERE path LIKE ? ESCAPE '\\'", (pattern,)
+                "SELECT DISTINCT path FROM images WHERE path >= ? AND path < ?",
+                _prefix_range(prefix),
             )
         return {str(row[0]) for row in rows}
 
@@ -359,21 +364,19 @@ class Catalog:
 
     async def sources_under(self, root: str) -> dict[str, SourceState]:
         """Every file path under ``root`` the catalog knows (indexed or failed)."""
-        prefix = root.rstrip("/") + "/"
-        pattern = _like_prefix(prefix)
+        low, high = _prefix_range(root.rstrip("/") + "/")
         states: dict[str, SourceState] = {}
         async with _translated_errors():
             rows = await self._db.execute_fetchall(
-                "SELECT path, file_size, file_mtime_ns, reason FROM failures "
-                "WHERE path LIKE ? ESCAPE '\\'",
-                (pattern,),
+                "SELECT path, file_size, file_mtime_ns FROM failures WHERE path >= ? AND path < ?",
+                (low, high),
             )
-            for path, size, mtime, _reason in rows:
+            for path, size, mtime in rows:
                 states[str(path)] = SourceState(None, int(size), int(mtime))
             rows = await self._db.execute_fetchall(
                 "SELECT path, id, file_size, file_mtime_ns FROM images "
-                "WHERE scope = ? AND path LIKE ? ESCAPE '\\'",
-                (GLOBAL_SCOPE, pattern),
+                "WHERE path >= ? AND path < ? AND scope = ?",
+                (low, high, GLOBAL_SCOPE),
             )
             for path, image_id, size, mtime in rows:
                 states[str(path)] = SourceState(int(image_id), int(size), int(mtime))
@@ -445,13 +448,14 @@ class Catalog:
                 )
             last = int(rows[-1][0])
 
-    async def ids_without_vector(self, codebook_id: str) -> list[int]:
-        """Images whose vector is missing or was made by another codebook."""
+    async def ids_without_vector(self, codebook_id: str, *, after_id: int = 0) -> list[int]:
+        """Images with an id above ``after_id`` whose vector is missing or was made
+        by another codebook."""
         async with _translated_errors():
             rows = await self._db.execute_fetchall(
                 "SELECT i.id FROM images i LEFT JOIN vectors v ON v.image_id = i.id "
-                "WHERE v.codebook IS NULL OR v.codebook != ? ORDER BY i.id",
-                (codebook_id,),
+                "WHERE i.id > ? AND (v.codebook IS NULL OR v.codebook != ?) ORDER BY i.id",
+                (after_id, codebook_id),
             )
         return [int(row[0]) for row in rows]
 
@@ -566,9 +570,16 @@ class _translated_errors:  # noqa: N801 - used like a function: `async with _tra
             raise StorageFullError(f"the disk is full: {exc}") from exc
 
 
-def _like_prefix(prefix: str) -> str:
-    """A LIKE pattern (ESCAPE '\\') matching every string that starts with ``prefix``."""
-    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+def _prefix_range(prefix: str) -> tuple[str, str]:
+    """Bounds ``[low, high)`` holding exactly the strings that start with ``prefix``.
+
+    A range, unlike LIKE, uses the path index and is case-sensitive, as file
+    names are. SQLite compares TEXT as UTF-8 bytes, which order like code
+    points, so raising the last character bounds the prefix from above.
+    """
+    if not prefix:
+        raise ValueError("an empty prefix has no upper bound")
+    return prefix, prefix[:-1] + chr(ord(prefix[-1]) + 1)
 
 
 def _record(row: Iterable[Any]) -> ImageRecord:

@@ -247,7 +247,9 @@ class SearchService:
         fresh = ExactVectors(generation.dimensions if generation else 0)
         if generation is not None:
             codebook = generation.codebook
-            await self._encode_missing(codebook)
+            # Everything up to max_image_id is in the generation: only newer images
+            # can lack a vector of its codebook, and a range of ids is cheap to read.
+            await self._encode_missing(codebook, after_id=generation.max_image_id)
             async for ids, scopes, vectors in self.catalog.iter_vectors(
                 codebook.id, after_id=generation.max_image_id
             ):
@@ -673,8 +675,10 @@ class SearchService:
             codebook = generation.codebook if generation is not None else None
             if codebook is None or retrain or self._should_retrain(codebook, total):
                 codebook = await self._train(total)
-            await self._encode_missing(codebook)
+            # The ceiling first: an image added while this runs has a vector of the
+            # serving codebook, and is either encoded below or left to the fresh buffer.
             ceiling = await self.catalog.max_id()
+            await self._encode_missing(codebook)
             id_chunks, scope_chunks, vector_chunks = [], [], []
             async for ids, scopes, vectors in self.catalog.iter_vectors(
                 codebook.id, up_to_id=ceiling
@@ -731,9 +735,10 @@ class SearchService:
         )
         return codebook
 
-    async def _encode_missing(self, codebook: Codebook) -> None:
-        """Encode the images whose vector is missing or from another codebook."""
-        missing = await self.catalog.ids_without_vector(codebook.id)
+    async def _encode_missing(self, codebook: Codebook, *, after_id: int = 0) -> None:
+        """Encode the images (above ``after_id``) whose vector is missing or from
+        another codebook."""
+        missing = await self.catalog.ids_without_vector(codebook.id, after_id=after_id)
         for start in range(0, len(missing), 512):
             chunk = missing[start : start + 512]
             features = await self.catalog.features(chunk)

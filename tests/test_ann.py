@@ -3,6 +3,7 @@ checksums, Annoy's recall against exact search, and the exact fresh buffer."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -15,6 +16,7 @@ from engine_fixtures import copy_of_shared_index
 
 from indexer.ann import (
     ANNOY_FILE,
+    CHECKSUM_CHUNK_BYTES,
     CODEBOOK_FILE,
     CURRENT_FILE,
     IDS_FILE,
@@ -374,6 +376,40 @@ def test_a_generation_of_another_format_is_incompatible(written_store: Generatio
 
     with pytest.raises(IndexIncompatibleError):
         written_store.load_current()
+
+
+def as_format_1(store: GenerationStore) -> None:
+    """Rewrite the current manifest as the first format wrote it: one sha256 a file."""
+    folder = current_folder(store)
+    manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+    manifest["format"] = 1
+    for file_name, entry in manifest["files"].items():
+        del entry["sha256_chunks"]
+        entry["sha256"] = hashlib.sha256((folder / file_name).read_bytes()).hexdigest()
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest), encoding="utf-8")
+
+
+def test_a_generation_of_the_first_format_is_still_read(written_store: GenerationStore) -> None:
+    as_format_1(written_store)
+    assert len(written_store.load_current() or ()) == 40
+
+
+def test_a_generation_of_the_first_format_is_still_checked(written_store: GenerationStore) -> None:
+    as_format_1(written_store)
+    flip_one_byte(current_folder(written_store) / ANNOY_FILE, 100)
+
+    with pytest.raises(IndexCorruptError, match="checksum"):
+        written_store.load_current()
+
+
+def test_each_chunk_of_a_file_has_its_own_checksum(written_store: GenerationStore) -> None:
+    folder = current_folder(written_store)
+    manifest = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
+    for file_name, entry in manifest["files"].items():
+        chunks = -(-entry["size"] // CHECKSUM_CHUNK_BYTES)
+        assert len(entry["sha256_chunks"]) == max(chunks, 1), file_name
+        first = (folder / file_name).read_bytes()[:CHECKSUM_CHUNK_BYTES]
+        assert entry["sha256_chunks"][0] == hashlib.sha256(first).hexdigest()
 
 
 def test_discarding_the_current_generation_forgets_it(written_store: GenerationStore) -> None:

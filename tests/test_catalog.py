@@ -97,6 +97,24 @@ async def test_a_new_catalog_is_migrated_to_the_current_schema(tmp_path: Path) -
     assert {"images", "features", "vectors", "failures", "settings"} <= tables
 
 
+async def test_a_catalog_of_the_first_schema_is_upgraded_with_its_data(tmp_path: Path) -> None:
+    path = tmp_path / "catalog.sqlite"
+    async with await Catalog.open(path) as catalog:
+        [image_id] = await catalog.insert_images([new_image(3, "/photos/kept.jpg")])
+    connection = sqlite3.connect(path)
+    with connection:
+        connection.execute("DROP INDEX images_by_path")
+        connection.execute("PRAGMA user_version = 1")
+    connection.close()
+
+    async with await Catalog.open(path) as catalog:
+        assert [r.id for r in await catalog.find_by_path("/photos/kept.jpg")] == [image_id]
+
+    assert read_only_query(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    indexes = {row[0] for row in read_only_query(path, "SELECT name FROM sqlite_master")}
+    assert "images_by_path" in indexes
+
+
 async def test_reopening_keeps_the_data(tmp_path: Path) -> None:
     path = tmp_path / "catalog.sqlite"
     async with await Catalog.open(path) as first:
@@ -288,6 +306,7 @@ async def test_vectors_of_another_codebook_count_as_missing(catalog: Catalog) ->
     await catalog.save_vectors("new", [(99999, unit_vector(1))])  # a removed image: ignored
 
     assert await catalog.ids_without_vector("new") == []
+    assert await catalog.ids_without_vector("old", after_id=fresh) == [bare]
     batches = [batch async for batch in catalog.iter_vectors("new", after_id=old, up_to_id=fresh)]
     assert [int(i) for ids, _, _ in batches for i in ids] == [fresh]
 
@@ -333,6 +352,14 @@ async def test_sources_under_a_folder_ignore_lookalike_folders(catalog: Catalog)
     one = under_a_b["/photos/a_b/one.jpg"]
     assert (one.file_size, one.file_mtime_ns) == (1030, 30)
     assert set(under_percent) == {"/photos/100%/four.jpg"}
+
+
+async def test_sources_under_a_folder_ignore_folders_that_differ_in_case(catalog: Catalog) -> None:
+    await catalog.insert_images(
+        [new_image(36, "/photos/Trip/one.jpg"), new_image(37, "/photos/trip/two.jpg")]
+    )
+
+    assert set(await catalog.sources_under("/photos/trip")) == {"/photos/trip/two.jpg"}
 
 
 async def test_failures_are_remembered_updated_and_forgotten(catalog: Catalog) -> None:
