@@ -454,7 +454,7 @@ async def measure_size(config: Config, real: RealData, synthetic: SyntheticVecto
         })
         if not (largest and trees == EngineSettings().annoy_build_trees):
             shutil.rmtree(root)  # only the default 1M generation is kept, for the start-up test
-    fresh_size = max(EngineSettings().rebuild_after_fresh, size // 10)
+    fresh_size = EngineSettings().rebuild_threshold(size)
     result["fresh_buffer"] = measure_fresh(prefix, fresh_size, edited)
     return result
 

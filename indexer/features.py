@@ -37,6 +37,8 @@ class KazeParams:
     enough_keypoints: int = 300  # below this, detect again with a lower threshold
     retries: int = 2
     retry_divisor: float = 4.0
+    # Keep keypoints spread over grid x grid cells (0: simply the strongest).
+    grid: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +52,22 @@ class LocalFeatures:
 
     def __len__(self) -> int:
         return int(self.points.shape[0])
+
+    def keep(self, count: int, *, grid: int = 0) -> LocalFeatures:
+        """At most ``count`` keypoints, strongest first: simply the strongest, or
+        with ``grid``, spread over grid x grid cells (see :func:`spread_selection`)."""
+        if len(self) <= count:
+            return self
+        if grid:
+            chosen = spread_selection(self.points, self.width, self.height, count, grid)
+        else:
+            chosen = np.arange(count)
+        return LocalFeatures(
+            points=self.points[chosen],
+            descriptors=self.descriptors[chosen],
+            width=self.width,
+            height=self.height,
+        )
 
     def mirrored(self) -> LocalFeatures:
         """The features the horizontally mirrored image would give, without re-extracting.
@@ -107,15 +125,44 @@ def extract_features(
     if descriptors is None or found < MIN_KEYPOINTS:
         raise NoFeaturesError(f"only {found} keypoints found (need {MIN_KEYPOINTS})")
     responses = np.fromiter((k.response for k in keypoints), np.float32, len(keypoints))
-    order = np.argsort(-responses, kind="stable")[:max_keypoints]
-    points = np.array([keypoints[i].pt for i in order], dtype=np.float32).reshape(-1, 2)
+    order = np.argsort(-responses, kind="stable")
     height, width = gray.shape[:2]
-    return LocalFeatures(
-        points=points,
+    every = LocalFeatures(
+        points=np.array([keypoints[i].pt for i in order], dtype=np.float32).reshape(-1, 2),
         descriptors=np.ascontiguousarray(descriptors[order], dtype=np.float32),
         width=int(width),
         height=int(height),
     )
+    return every.keep(max_keypoints, grid=params.grid)
+
+
+def spread_selection(
+    points: FloatArray, width: int, height: int, count: int, grid: int
+) -> npt.NDArray[np.intp]:
+    """Which of ``points`` (strongest first) to keep: ``count`` of them, in order.
+
+    Each of the grid x grid cells first gets up to its share of ``count``, its
+    strongest points; what is left goes to the strongest of the rest.  Kept
+    whole, the strongest points of a photo gather on its most textured object,
+    and a copy with that object cropped away or covered shares none of them.
+    """
+    columns = np.minimum((points[:, 0] * grid // width).astype(np.intp), grid - 1)
+    rows = np.minimum((points[:, 1] * grid // height).astype(np.intp), grid - 1)
+    cells = rows * grid + columns
+    # The rank of each point among the points of its cell, strongest first.
+    by_cell = np.argsort(cells, kind="stable")
+    sorted_cells = cells[by_cell]
+    starts = np.searchsorted(sorted_cells, sorted_cells, side="left")
+    rank_in_cell = np.empty(len(points), dtype=np.intp)
+    rank_in_cell[by_cell] = np.arange(len(points)) - starts
+    share = -(-count // (grid * grid))
+    chosen = rank_in_cell < share
+    picked = int(chosen.sum())
+    if picked > count:
+        chosen[np.flatnonzero(chosen)[count:]] = False
+    elif picked < count:
+        chosen[np.flatnonzero(~chosen)[: count - picked]] = True
+    return np.flatnonzero(chosen)
 
 
 def quantize_descriptors(descriptors: FloatArray) -> Int8Array:

@@ -145,6 +145,10 @@ def _fused_ranking(rankings: Sequence[Ranking]) -> list[int]:
     return sorted(scores, key=scores.__getitem__, reverse=True)
 
 
+def _stronger(first: Verification, second: Verification) -> bool:
+    return (first.verified, first.inliers) > (second.verified, second.inliers)
+
+
 def match_score(verification: Verification, similarity: float) -> float:
     """A score in [0, 1]: verified matches above 0.5 and growing with inliers,
     unverified ones below 0.5 by global similarity."""
@@ -328,18 +332,14 @@ class SearchService:
             verdicts.update(
                 await self._verify(features, ranked[2 : self.settings.first_batch], timings)
             )
+        # The framed photo's verdicts are kept apart: a candidate it rejects may
+        # still verify against the whole query, and it has a budget of its own.
+        framed_verdicts: dict[int, Verification] = {}
         if framed is not None and not any(v.verified for v in verdicts.values()):
-            inner_verdicts = await self._search_framed(
+            framed_verdicts = await self._search_framed(
                 framed, serving=serving, visible=visible, similarity=similarity, timings=timings
             )
-            # The framed photo is judged afresh: the whole query's rejection of the
-            # same candidate was a verdict on the frame's text as much as on the photo.
-            verdicts.update(
-                (image_id, verdict)
-                for image_id, verdict in inner_verdicts.items()
-                if verdict.verified or image_id not in verdicts
-            )
-        if not any(v.verified for v in verdicts.values()):
+        if not any(v.verified for v in (*verdicts.values(), *framed_verdicts.values())):
             clock = time.perf_counter()
             regional = await asyncio.to_thread(self._rank_regions, serving, oriented, visible)
             timings.add("candidates", time.perf_counter() - clock)
@@ -348,6 +348,9 @@ class SearchService:
             budget = max(self.settings.verify_limit - len(verdicts), 0)
             extra = [i for i in _fused_ranking(regional) if i not in verdicts][:budget]
             verdicts.update(await self._verify(features, extra, timings))
+        for image_id, verdict in framed_verdicts.items():
+            if image_id not in verdicts or _stronger(verdict, verdicts[image_id]):
+                verdicts[image_id] = verdict
 
         clock = time.perf_counter()
         shown = set(ranked[:top]) | {i for i, v in verdicts.items() if v.verified}
@@ -512,7 +515,9 @@ class SearchService:
             if existing is not None:
                 return AddResult(existing, created=False)
             relative = self._store_original(data, analysis)
-            stored_features = _strongest(analysis.features, self.settings.max_keypoints)
+            stored_features = analysis.features.keep(
+                self.settings.max_keypoints, grid=self.settings.keypoint_grid
+            )
             generation = self._serving.generation
             vector = (
                 generation.codebook.encode(stored_features.descriptors)
@@ -647,7 +652,7 @@ class SearchService:
     def _maybe_rebuild_in_background(self) -> None:
         generation = self._serving.generation
         pending = len(self._serving.fresh) + len(self._serving.removed)
-        threshold = max(self.settings.rebuild_after_fresh, len(generation or ()) // 10)
+        threshold = self.settings.rebuild_threshold(len(generation or ()))
         if pending >= threshold and (self._rebuild_task is None or self._rebuild_task.done()):
             self._rebuild_task = asyncio.create_task(self.rebuild(), name="index-rebuild")
 
@@ -776,13 +781,3 @@ def _analyze(source: bytes | Path, settings: EngineSettings) -> Analysis:
     if isinstance(source, Path):
         return analyze_path(source, settings, for_query=True)
     return analyze_bytes(source, settings, for_query=True)
-
-
-def _strongest(features: LocalFeatures, count: int) -> LocalFeatures:
-    """The first ``count`` keypoints: extraction sorts them strongest first."""
-    return LocalFeatures(
-        points=features.points[:count],
-        descriptors=features.descriptors[:count],
-        width=features.width,
-        height=features.height,
-    )

@@ -18,7 +18,12 @@ _STORED_KEYS = (
     "kaze_enough_keypoints",
     "centroids",
     "dimensions",
+    "keypoint_grid",
 )
+# What an index made before a stored setting existed was built with: it keeps that.
+_LEGACY_VALUES = {"keypoint_grid": "0"}
+# Queries detect at this fraction of the index's threshold (see query_kaze).
+QUERY_THRESHOLD_FACTOR = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +38,9 @@ class EngineSettings:
     kaze_octaves: int = 4
     kaze_octave_layers: int = 4
     kaze_enough_keypoints: int = 300
+    # Keypoints are kept spread over a grid of this many cells a side, so that a
+    # photo's most textured part cannot take all of them (0: the strongest only).
+    keypoint_grid: int = 4
     centroids: int = 64
     dimensions: int = 256
     # -- how a query is answered (free to change between runs) --
@@ -45,6 +53,9 @@ class EngineSettings:
     verify_limit: int = 48  # most candidates verified for one query
     candidates_per_region: int = 12
     rebuild_after_fresh: int = 500  # fresh images that trigger a background rebuild
+    # ... or a tenth of the index, but never more than this: the fresh buffer is
+    # searched exactly, 35 ms a vector at 100k (docs/BENCHMARKS-speed-scale.md).
+    max_fresh: int = 10_000
     retrain_growth: float = 2.0  # retrain the codebook once the collection grew this much
     training_images: int = 20_000  # most images the codebook and PCA are trained on
     annoy_build_trees: int = 32
@@ -52,22 +63,27 @@ class EngineSettings:
     max_pixels: int = 60_000_000
     verify: VerifyParams = field(default_factory=VerifyParams)
 
+    def rebuild_threshold(self, indexed: int) -> int:
+        """Changes since the last build (adds and removals) that trigger the next
+        one, for an index of ``indexed`` images: rebuilds grow rarer as the index
+        grows, but the exactly searched buffer stays small."""
+        return min(max(self.rebuild_after_fresh, indexed // 10), self.max_fresh)
+
     @property
     def query_kaze(self) -> KazeParams:
-        """KAZE for queries: one pass at the index's first retry threshold.
+        """KAZE for queries: one pass at half the index's threshold.
 
         Keypoints found at a threshold are (almost) a subset of those found at a
-        lower one, so keeping the strongest ``query_keypoints`` of a single lower-
-        threshold pass gives most of what the retries would, without a second or
-        third KAZE run on a user's low-contrast photo. One step down, not the
-        lowest: describing the extra keypoints cost 1.13x a default pass at 1/4
-        of the threshold and 1.27x at 1/16 (docs/BENCHMARKS.md).
+        lower one, so one lower-threshold pass gives most of what the retries
+        would, without a second KAZE run on a user's low-contrast photo. Half, not
+        the index's first retry (a quarter): in the same quality run both found
+        837 of 840 originals first, and half cost 1.21x a bare default pass
+        against 1.35x (docs/BENCHMARKS.md).
         """
         stored = self.kaze
-        return KazeParams(
-            threshold=stored.threshold / stored.retry_divisor,
-            octaves=stored.octaves,
-            octave_layers=stored.octave_layers,
+        return replace(
+            stored,
+            threshold=stored.threshold * QUERY_THRESHOLD_FACTOR,
             enough_keypoints=0,
             retries=0,
         )
@@ -79,6 +95,7 @@ class EngineSettings:
             octaves=self.kaze_octaves,
             octave_layers=self.kaze_octave_layers,
             enough_keypoints=self.kaze_enough_keypoints,
+            grid=self.keypoint_grid,
         )
 
     def stored(self) -> dict[str, str]:
@@ -91,6 +108,7 @@ class EngineSettings:
         types = {f.name: f.type for f in fields(self)}
         overrides: dict[str, int | float] = {}
         for key in _STORED_KEYS:
-            if key in stored:
-                overrides[key] = float(stored[key]) if types[key] == "float" else int(stored[key])
+            value = stored.get(key, _LEGACY_VALUES.get(key))
+            if value is not None:
+                overrides[key] = float(value) if types[key] == "float" else int(value)
         return replace(self, **overrides)  # type: ignore[arg-type]

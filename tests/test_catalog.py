@@ -175,6 +175,14 @@ def test_engine_settings_survive_being_stored() -> None:
     assert restored.kaze == chosen.kaze
 
 
+def test_an_index_made_before_keypoints_were_spread_keeps_the_strongest() -> None:
+    made_before = {k: v for k, v in EngineSettings().stored().items() if k != "keypoint_grid"}
+
+    assert EngineSettings().keypoint_grid > 0
+    assert EngineSettings().with_stored(made_before).keypoint_grid == 0
+    assert EngineSettings().with_stored(EngineSettings().stored()).keypoint_grid > 0
+
+
 async def test_an_index_keeps_the_settings_it_was_made_with(tmp_path: Path) -> None:
     made_with = EngineSettings(dimensions=16, max_keypoints=300, search_k=100)
     service = await SearchService.open(tmp_path / "index", settings=made_with, create=True)

@@ -16,12 +16,14 @@ from indexer.errors import NoFeaturesError
 from indexer.features import (
     DESCRIPTOR_SIZE,
     MIN_KEYPOINTS,
+    KazeParams,
     LocalFeatures,
     dequantize_descriptors,
     extract_features,
     find_homography,
     pack_features,
     quantize_descriptors,
+    spread_selection,
     unpack_features,
 )
 
@@ -298,3 +300,68 @@ def test_fewer_than_four_points_fit_no_homography() -> None:
     three = np.float32([[0, 0], [10, 0], [0, 10]])
 
     assert find_homography(three, three + 5, reprojection_error=2.0) is None
+
+
+# --- keypoints spread over the photo ---------------------------------------------------------
+
+
+def test_spread_keypoints_reach_every_textured_part_of_the_photo() -> None:
+    gray = working_gray("astronaut")
+    strongest = extract_features(gray, max_keypoints=200)
+    spread = extract_features(gray, max_keypoints=200, params=KazeParams(grid=4))
+
+    def cells_reached(features: LocalFeatures) -> int:
+        columns = (features.points[:, 0] * 4 // features.width).astype(int)
+        rows = (features.points[:, 1] * 4 // features.height).astype(int)
+        return len(set(zip(columns.tolist(), rows.tolist(), strict=True)))
+
+    assert len(spread) == 200
+    assert cells_reached(spread) == 16
+    assert cells_reached(spread) > cells_reached(strongest)
+
+
+def test_a_crowded_cell_gives_way_to_the_others_but_its_strongest_stay() -> None:
+    # 40 points crowd the top-left cell, one point sits in each other cell;
+    # listed strongest first, the crowd first.
+    crowd = np.column_stack([np.linspace(1, 20, 40), np.linspace(1, 20, 40)])
+    others = np.array([[60 + 100 * (c % 4), 60 + 100 * (c // 4)] for c in range(1, 16)])
+    points = np.vstack([crowd, others]).astype(np.float32)
+
+    chosen = spread_selection(points, 400, 400, count=32, grid=4)
+
+    assert len(chosen) == 32
+    assert np.all(np.diff(chosen) > 0)  # still strongest first
+    assert set(range(40, 55)) <= set(chosen.tolist())  # every other cell keeps its point
+    assert chosen[:17].tolist() == list(range(17))  # the crowd keeps its strongest 17
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    hnp.arrays(np.float32, st.tuples(st.integers(1, 120), st.just(2)),
+               elements=st.floats(0, 99.5, width=32)),
+    st.integers(1, 130),
+    st.integers(1, 6),
+)
+def test_spread_selection_keeps_the_asked_number_in_order(
+    points: npt.NDArray[np.float32], count: int, grid: int
+) -> None:
+    chosen = spread_selection(points, 100, 100, count=count, grid=grid)
+
+    assert len(chosen) == min(count, len(points))
+    assert np.all(np.diff(chosen) > 0)
+    assert chosen.min() >= 0
+    assert chosen.max() < len(points)
+
+
+def test_keeping_fewer_spread_keypoints_keeps_strongest_first(
+    astronaut_features: LocalFeatures,
+) -> None:
+    kept = astronaut_features.keep(100, grid=4)
+    rows = [
+        int(np.flatnonzero((astronaut_features.points == point).all(axis=1))[0])
+        for point in kept.points
+    ]
+
+    assert len(kept) == 100
+    assert rows == sorted(rows)
+    assert astronaut_features.keep(100).points.tolist() == astronaut_features.points[:100].tolist()

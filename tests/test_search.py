@@ -49,6 +49,7 @@ from indexer.errors import (
 )
 from indexer.features import LocalFeatures
 from indexer.search import GENERATIONS_DIR, ORIGINALS_DIR, Match, SearchService
+from indexer.settings import EngineSettings
 from indexer.workers import CpuPool
 
 CHAT_A = -1001
@@ -468,12 +469,15 @@ async def test_stored_features_stay_within_500_keypoints_a_photo(private_index: 
     async with opened_service(private_index) as service:
         collection = (await service.stats()).bytes_per_image
         # A query keeps up to 1000 keypoints; an add must store no more than 500.
-        added = await service.add(jpeg_bytes(photo_array("retina")))
+        upload = jpeg_bytes(photo_array("coins"))
+        described = analyze_bytes(upload, TEST_SETTINGS, for_query=True).features
+        added = await service.add(upload)
         stored = (await service.catalog.features([added.image.id]))[added.image.id]
         with_upload = (await service.stats()).bytes_per_image
 
     assert collection["features"] <= MAX_STORED_KEYPOINTS * BYTES_PER_KEYPOINT
     assert collection["features"] == collection["keypoints"] * BYTES_PER_KEYPOINT
+    assert len(described) > MAX_STORED_KEYPOINTS
     assert len(stored) == MAX_STORED_KEYPOINTS
     assert with_upload["features"] <= MAX_STORED_KEYPOINTS * BYTES_PER_KEYPOINT
 
@@ -497,6 +501,16 @@ async def test_the_telegram_file_id_is_remembered(private_index: Path) -> None:
         [again] = await service.query(edited_jpeg("coffee", "crop"), top=1)
 
     assert again.image.telegram_file_id == "AgACAgQAAx0CfileId"
+
+
+@pytest.mark.parametrize(
+    ("indexed", "threshold"),
+    [(0, 500), (4_000, 500), (20_000, 2_000), (100_000, 10_000), (1_000_000, 10_000)],
+)
+def test_rebuilds_come_rarer_as_the_index_grows_but_the_fresh_buffer_stays_small(
+    indexed: int, threshold: int
+) -> None:
+    assert EngineSettings().rebuild_threshold(indexed) == threshold
 
 
 # --- opening ------------------------------------------------------------------------------------
