@@ -71,21 +71,22 @@ class EngineSettings:
 
     @property
     def query_kaze(self) -> KazeParams:
-        """KAZE for queries: one pass at half the index's threshold.
+        """KAZE for queries: half the index's threshold, a quarter if that finds too few.
 
         Keypoints found at a threshold are (almost) a subset of those found at a
-        lower one, so one lower-threshold pass gives most of what the retries
-        would, without a second KAZE run on a user's low-contrast photo. Half, not
-        the index's first retry (a quarter): in the same quality run both found
-        837 of 840 originals first, and half cost 1.21x a bare default pass
-        against 1.35x (docs/BENCHMARKS.md).
+        lower one, so a query detected a little lower than the index finds what
+        the index kept, without the index's retries. Half rather than a quarter:
+        the same recall in the quality benchmark, 1.21x a bare default pass
+        instead of 1.35x. The second pass is for photos that are mostly flat (a
+        large part covered, a tiny thumbnail), whose few keypoints describe them
+        badly (docs/BENCHMARKS.md).
         """
         stored = self.kaze
         return replace(
             stored,
             threshold=stored.threshold * QUERY_THRESHOLD_FACTOR,
-            enough_keypoints=0,
-            retries=0,
+            retries=1,
+            retry_divisor=2.0,
         )
 
     @property
