@@ -17,7 +17,7 @@ from indexer.encoding import Region
 from indexer.errors import ImageTooLargeError, IndexerError, SourceError
 from indexer.features import LocalFeatures, extract_features
 from indexer.framing import find_framed_photo
-from indexer.images import load_working_image
+from indexer.images import WorkingImage, load_working_image
 from indexer.settings import EngineSettings
 
 
@@ -53,13 +53,7 @@ def analyze_bytes(data: bytes, settings: EngineSettings, *, for_query: bool = Fa
     Raises:
         ImageError: the bytes are not a usable image (each subclass says why).
     """
-    image = load_working_image(
-        data,
-        working_side=settings.working_side,
-        min_side=settings.min_side,
-        max_bytes=settings.max_file_bytes,
-        max_pixels=settings.max_pixels,
-    )
+    image = _working_image(data, settings)
     features = extract_features(
         image.gray,
         max_keypoints=settings.query_keypoints if for_query else settings.max_keypoints,
@@ -88,16 +82,23 @@ def analyze_framed(source: bytes | Path, frame: Region, settings: EngineSettings
     """
     if isinstance(source, Path):
         source, _ = read_regular_file(source, settings.max_file_bytes)
-    image = load_working_image(
-        source,
+    image = _working_image(source, settings, crop=frame)
+    return extract_features(
+        image.gray, max_keypoints=settings.query_keypoints, params=settings.query_kaze
+    )
+
+
+def _working_image(
+    data: bytes, settings: EngineSettings, *, crop: Region | None = None
+) -> WorkingImage:
+    """The working image the settings ask for: one place for the decoding limits."""
+    return load_working_image(
+        data,
         working_side=settings.working_side,
         min_side=settings.min_side,
         max_bytes=settings.max_file_bytes,
         max_pixels=settings.max_pixels,
-        crop=frame,
-    )
-    return extract_features(
-        image.gray, max_keypoints=settings.query_keypoints, params=settings.query_kaze
+        crop=crop,
     )
 
 
