@@ -96,12 +96,18 @@ async def create_empty_index(index_dir: Path, settings: EngineSettings = FAST_EN
     await service.close()
 
 
-def build_template_index(photos_dir: Path, root: Path, names: Iterable[str]) -> Path:
-    """An index under ``root`` of the named photos of ``photos_dir``, built once per module."""
+def build_template_index(
+    photos_dir: Path,
+    root: Path,
+    names: Iterable[str],
+    saved_as: Callable[[str], str] = lambda name: name,
+) -> Path:
+    """An index under ``root`` of the named photos of ``photos_dir``, built once per module;
+    each is copied to the file name ``saved_as(name)`` (a caption shows it)."""
     photos = root / "photos"
     photos.mkdir()
     for name in names:
-        shutil.copyfile(photos_dir / f"{name}.jpg", photos / f"{name}.jpg")
+        shutil.copyfile(photos_dir / f"{name}.jpg", photos / f"{saved_as(name)}.jpg")
     asyncio.run(build_with(photos, root / "index"))
     return root / "index"
 

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
-import sys
 from pathlib import Path
 
 from bot_fixtures import REPLY_DEADLINE_S, photo_bytes
+from reliability_helpers import BotProcess
 from telegram_emulator import TelegramEmulator
-
-REPOSITORY = Path(__file__).resolve().parent.parent
 
 
 async def test_the_bot_process_serves_until_sigterm_then_stops_cleanly(
@@ -26,32 +21,15 @@ async def test_the_bot_process_serves_until_sigterm_then_stops_cleanly(
         'dir = "index"\n'
         "workers = 1\n"
     )
-    environment = {**os.environ, "TELEGRAM_BOT_TOKEN": emu.token}
     alice = emu.create_user("Alice")
     chat = emu.private_chat(alice)
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bot",
-        "--config",
-        str(config),
-        cwd=REPOSITORY,
-        env=environment,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert process.stderr is not None
-    log = asyncio.create_task(process.stderr.read())
+    bot = await BotProcess.start(config, emu.token)
     try:
         emu.user_sends_text(chat, alice, "/start")
         emu.user_sends_photo(chat, alice, photo_bytes("coffee"), caption="/add")
         replies = await emu.wait_for_messages(chat, 2, timeout=REPLY_DEADLINE_S)
-        process.send_signal(signal.SIGTERM)
-        status = await asyncio.wait_for(process.wait(), REPLY_DEADLINE_S)
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    stderr = (await log).decode()
+        status, stderr = await bot.stop()
 
     assert status == 0, stderr
     texts = sorted(reply.text or "" for reply in replies)

@@ -26,7 +26,7 @@ from PIL import Image
 from reliability_helpers import (
     FAST_ENGINE,
     BotProcess,
-    build_with,
+    build_template_index,
     catalog_health,
     files_under,
     leaks,
@@ -64,12 +64,7 @@ def stem_of(name: str) -> str:
 @pytest.fixture(scope="module")
 def template_index(photos_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("security")
-    photos = root / "photos"
-    photos.mkdir()
-    for name in COLLECTION:
-        shutil.copyfile(photos_dir / f"{name}.jpg", photos / f"{stem_of(name)}.jpg")
-    asyncio.run(build_with(photos, root / "index"))
-    return root / "index"
+    return build_template_index(photos_dir, root, COLLECTION, saved_as=stem_of)
 
 
 @pytest.fixture
