@@ -168,6 +168,12 @@ def summarise(outcomes: Sequence[QueryOutcome], kinds: Sequence[EditKind],
             for o in outcomes
             if o.failure is not None
         ],
+        # Queries whose original is not first, so that two runs can be compared query by query.
+        "missed_queries": [
+            {"kind": o.query.kind, "query": _display(o.query.path), "rank": o.rank}
+            for o in outcomes
+            if o.failure is None and o.rank != 0
+        ],
     }
 
 

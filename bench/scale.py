@@ -607,6 +607,25 @@ async def measure_startup(config: Config) -> dict[str, float]:
     return result
 
 
+def spectrum_before_whitening(codebook: Codebook) -> dict[str, float]:
+    """How concentrated the VLAD variance is before whitening equalises it.
+
+    Whitening divides each principal axis by its standard deviation, so a column
+    of the projection has norm 1 / sd. The participation ratio is the number of
+    equally strong axes that would hold the same variance: near the dimension
+    count, no few axes carry the neighbourhoods that a tree could split on.
+    """
+    assert codebook.projection is not None  # real_data refuses an index without one
+    variances = 1.0 / np.square(np.linalg.norm(codebook.projection, axis=0))
+    shares = variances / variances.sum()
+    cumulative = np.cumsum(shares)
+    result = {"participation_ratio": float(1.0 / np.square(shares).sum())}
+    for axes in (16, 32, 64, 128):
+        if axes <= len(shares):
+            result[f"variance_in_top_{axes}"] = float(cumulative[axes - 1])
+    return result
+
+
 def current_codebook(index_dir: Path) -> Codebook:
     """The codebook of the generation an index serves."""
     generation = GenerationStore(index_dir / GENERATIONS_DIR).load_current(verify_checksums=False)
@@ -628,6 +647,13 @@ def mb(count: float) -> str:
 
 
 def print_report(result: dict[str, Any]) -> None:
+    real = result["real"]
+    spectrum = real["spectrum_before_whitening"]
+    print(f"\nreal vectors: {real['images']} x {real['dimensions']}; before whitening, "
+          f"participation ratio {spectrum['participation_ratio']:.0f}, "
+          f"{100 * spectrum.get('variance_in_top_32', float('nan')):.0f}% of the variance "
+          f"in the top 32 axes; nearest-neighbour similarity "
+          f"{real['nearest_neighbour_similarity']}")
     print("\n## Candidate stage\n")
     rows = []
     for size_result in result["sizes"]:
@@ -700,6 +726,7 @@ async def run(config: Config) -> dict[str, Any]:
             },
             "nearest_neighbour_similarity": nearest_neighbour_similarity(
                 real_half, 500, derive_seed(config.seed, "nn-real")),
+            "spectrum_before_whitening": spectrum_before_whitening(real.codebook),
             "seconds": real.seconds,
         },
         "generate_seconds": generate_seconds,
