@@ -53,6 +53,7 @@ IDS_FILE = "ids.npy"
 SCOPES_FILE = "scopes.npy"
 CODEBOOK_FILE = "codebook.npz"
 _TEMPORARY_PREFIX = ".building-"
+_TREE_SEED = 1
 _ABANDONED_AFTER_SECONDS = 3600
 
 
@@ -250,6 +251,9 @@ class GenerationStore:
         temporary.mkdir()
         try:
             annoy = AnnoyIndex(codebook.dimensions, "angular")
+            # Seeded, so that the same vectors give the same trees on a machine (each
+            # build thread derives its own generator from this seed).
+            annoy.set_seed(_TREE_SEED)
             # Building straight into the file keeps a 1M-item build out of RAM.
             annoy.on_disk_build(str(temporary / ANNOY_FILE))
             for item, vector in enumerate(vectors):

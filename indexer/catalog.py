@@ -427,17 +427,17 @@ class Catalog:
         return result
 
     async def iter_features(
-        self, *, batch: int = 256, sample_every: int = 1
+        self, *, batch: int = 256
     ) -> AsyncIterator[tuple[int, LocalFeatures]]:
-        """All images' features in id order; ``sample_every`` > 1 takes every n-th image."""
+        """All images' features in id order."""
         last = 0
         while True:
             async with _translated_errors():
                 rows = list(
                     await self._db.execute_fetchall(
                         "SELECT image_id, keypoints, width, height, data FROM features "
-                        "WHERE image_id > ? AND image_id % ? = 0 ORDER BY image_id LIMIT ?",
-                        (last, sample_every, batch),
+                        "WHERE image_id > ? ORDER BY image_id LIMIT ?",
+                        (last, batch),
                     )
                 )
             if not rows:
@@ -447,6 +447,40 @@ class Catalog:
                     bytes(data), count=int(count), width=int(width), height=int(height)
                 )
             last = int(rows[-1][0])
+
+    async def iter_training_features(
+        self, count: int, *, batch: int = 256
+    ) -> AsyncIterator[tuple[int, LocalFeatures]]:
+        """The features of the ``count`` images with the smallest content hashes.
+
+        SHA-256 makes them a uniform sample, and one that does not depend on the
+        order in which a parallel build happened to insert the images: the same
+        photos always train the same codebook.
+        """
+        position: tuple[str, int, int] = ("", -1, 0)
+        taken = 0
+        while taken < count:
+            async with _translated_errors():
+                # The row-value order is the images_by_hash index's own (hash,
+                # scope, rowid), so each batch is a range of the index, not a sort.
+                rows = list(
+                    await self._db.execute_fetchall(
+                        "SELECT i.content_hash, i.scope, i.id, f.keypoints, f.width, f.height, "
+                        "f.data FROM images i JOIN features f ON f.image_id = i.id "
+                        "WHERE (i.content_hash, i.scope, i.id) > (?, ?, ?) "
+                        "ORDER BY i.content_hash, i.scope, i.id LIMIT ?",
+                        (*position, min(batch, count - taken)),
+                    )
+                )
+            if not rows:
+                return
+            for _, _, image_id, keypoints, width, height, data in rows:
+                yield int(image_id), unpack_features(
+                    bytes(data), count=int(keypoints), width=int(width), height=int(height)
+                )
+            last = rows[-1]
+            position = (str(last[0]), int(last[1]), int(last[2]))
+            taken += len(rows)
 
     async def ids_without_vector(self, codebook_id: str, *, after_id: int = 0) -> list[int]:
         """Images with an id above ``after_id`` whose vector is missing or was made

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -723,17 +722,16 @@ class SearchService:
 
     async def _train(self, total: int) -> Codebook:
         """Train centroids and whitening on a sample of the catalog's images."""
-        every = max(1, math.ceil(total / self.settings.training_images))
         sampled = min(total, self.settings.training_images)
         per_image = max(16, CENTROID_TRAINING_DESCRIPTORS // sampled)
         sample: list[FloatArray] = []
-        async for _, features in self.catalog.iter_features(sample_every=every):
+        async for _, features in self.catalog.iter_training_features(sampled):
             sample.append(features.descriptors[:per_image])
         centroids = await asyncio.to_thread(
             train_centroids, np.concatenate(sample), centroids=self.settings.centroids
         )
         vlads: list[FloatArray] = []
-        async for _, features in self.catalog.iter_features(sample_every=every):
+        async for _, features in self.catalog.iter_training_features(sampled):
             vlads.append(vlad_vector(features.descriptors, centroids))
         codebook = await asyncio.to_thread(
             train_codebook, centroids, np.stack(vlads), dimensions=self.settings.dimensions

@@ -35,7 +35,12 @@ class EngineSettings:
     min_side: int = 400  # smaller photos are upscaled first: thumbnails describe better
     max_keypoints: int = 500  # strongest keypoints stored per image (68 bytes each)
     kaze_threshold: float = 0.001
-    kaze_octaves: int = 4
+    # KAZE keeps the full resolution at every level, and the diffusion time a
+    # level needs grows with its scale: OpenCV's fourth octave costs about as much
+    # as the first three together, for the coarsest 8% of the keypoints. Three
+    # octaves (scales up to 8x) cost 0.64x the default and lose no recall
+    # (docs/BENCHMARKS.md). Indexes built with four keep four (a stored setting).
+    kaze_octaves: int = 3
     kaze_octave_layers: int = 4
     kaze_enough_keypoints: int = 300
     # Keypoints are kept spread over a grid of this many cells a side, so that a

@@ -20,13 +20,15 @@ from engine_fixtures import (
     edited_jpeg,
     opened_service,
     run_build,
+    shared_index,
     stem,
 )
 
+from indexer.ann import GenerationStore
 from indexer.build import IMAGE_SUFFIXES, BuildReport, build_index
 from indexer.catalog import Catalog
 from indexer.errors import SourceError
-from indexer.search import CATALOG_FILE, Match
+from indexer.search import CATALOG_FILE, GENERATIONS_DIR, Match
 
 # --- a folder of bad inputs -------------------------------------------------------------------
 
@@ -287,3 +289,24 @@ async def test_deleted_and_overwritten_content_is_no_longer_found(
 
     assert not any(m.verified for m in matches)
     assert history.first_folder / "coffee.jpg" not in [m.path for m in matches]
+
+
+# --- reproducibility ---------------------------------------------------------------------------
+
+
+def codebook_id(index: Path) -> str:
+    generation = GenerationStore(index / GENERATIONS_DIR).load_current(verify_checksums=False)
+    assert generation is not None
+    generation.unload()
+    return generation.codebook.id
+
+
+def test_the_same_photos_always_train_the_same_codebook(
+    tmp_path_factory: pytest.TempPathFactory, photos_dir: Path, tmp_path: Path
+) -> None:
+    """Two workers finish photos in whatever order the machine allows, and the
+    catalog numbers them in that order; the codebook must not depend on it."""
+    again = tmp_path / "index"
+    run_build(photos_dir, again)
+
+    assert codebook_id(again) == codebook_id(shared_index(tmp_path_factory, photos_dir))

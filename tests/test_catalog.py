@@ -183,6 +183,18 @@ def test_an_index_made_before_keypoints_were_spread_keeps_the_strongest() -> Non
     assert EngineSettings().with_stored(EngineSettings().stored()).keypoint_grid > 0
 
 
+def test_an_index_built_with_four_kaze_octaves_is_queried_with_four() -> None:
+    """The default dropped to three octaves; an older index must keep describing
+    queries at the scales its stored keypoints were found at."""
+    made_before = EngineSettings(kaze_octaves=4).stored()
+
+    restored = EngineSettings().with_stored(made_before)
+
+    assert EngineSettings().kaze_octaves == 3
+    assert restored.kaze.octaves == 4
+    assert restored.query_kaze.octaves == 4
+
+
 async def test_an_index_keeps_the_settings_it_was_made_with(tmp_path: Path) -> None:
     made_with = EngineSettings(dimensions=16, max_keypoints=300, search_k=100)
     service = await SearchService.open(tmp_path / "index", settings=made_with, create=True)
@@ -319,14 +331,38 @@ async def test_vectors_of_another_codebook_count_as_missing(catalog: Catalog) ->
     assert [int(i) for ids, _, _ in batches for i in ids] == [fresh]
 
 
-async def test_features_can_be_sampled_in_id_order(catalog: Catalog) -> None:
+async def test_features_come_in_id_order(catalog: Catalog) -> None:
     ids = await catalog.insert_images([new_image(seed) for seed in range(20, 30)])
 
     every = [image_id async for image_id, _ in catalog.iter_features(batch=3)]
-    sampled = [image_id async for image_id, _ in catalog.iter_features(sample_every=3)]
 
     assert every == ids
-    assert sampled == [i for i in ids if i % 3 == 0]
+
+
+async def test_the_training_sample_does_not_depend_on_insertion_order(tmp_path: Path) -> None:
+    """A parallel build inserts photos in the order its workers finish them; the
+    codebook must not change with it."""
+    images = [new_image(seed) for seed in range(40)]
+    samples = []
+    for name, order in (("forward", images), ("backward", images[::-1])):
+        async with await Catalog.open(tmp_path / f"{name}.sqlite") as catalog:
+            await catalog.insert_images(order)
+            ids = [i async for i, _ in catalog.iter_training_features(15, batch=4)]
+            records = await catalog.get_many(ids)
+            samples.append([records[i].content_hash for i in ids])
+
+    assert samples[0] == samples[1]
+    assert samples[0] == sorted(image.content_hash for image in images)[:15]
+
+
+async def test_the_training_sample_is_the_whole_catalog_when_it_is_smaller(
+    catalog: Catalog,
+) -> None:
+    ids = await catalog.insert_images([new_image(seed) for seed in range(5)])
+
+    sampled = [image_id async for image_id, _ in catalog.iter_training_features(100, batch=2)]
+
+    assert sorted(sampled) == ids
 
 
 # --- folder sources and failures ----------------------------------------------------------------
