@@ -18,7 +18,8 @@ generated set, so 10k is a subset of 100k, which is a subset of 1M.
 For each size and tree count: Annoy generation build time and disk, load time (sha256 check
 apart, cold and warm page cache), resident memory, and for each ``search_k`` the query
 latency and recall@10 against exact search, plus the fresh exact buffer at the largest size
-the engine lets it reach. Then a catalog of ``--catalog-rows`` rows with real local features:
+the engine lets it reach. With ``--graph-efs`` (and faiss installed), an HNSW graph is
+measured on the same vectors and queries beside Annoy. Then a catalog of ``--catalog-rows`` rows with real local features:
 insert rate, lookups, file size, disk per image, and the service's start-up on it.
 
 Memory: vectors are kept as float16 (512 MB at 1M) and converted in chunks. Disk: the 1M
@@ -33,7 +34,7 @@ import hashlib
 import os
 import shutil
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -77,6 +78,9 @@ SCENE_SPREAD = (1.2, 2.5)
 SHOT_SPREAD = (0.3, 1.0)
 CALIBRATION_EDITS = ("crop", "rotate")
 RECALL_TARGET = 0.95
+# The HNSW graph measured beside Annoy: links per node, and the search effort while building.
+GRAPH_LINKS = 32
+GRAPH_BUILD_EFFORT = 80
 LOOKUPS = 200
 GET_MANY_IDS = 30
 FEATURES_IDS = 8
@@ -97,6 +101,7 @@ class Config:
     catalog_rows: int
     seed: int
     keep: bool
+    graph_efs: tuple[int, ...]
 
 
 # -- real vectors --------------------------------------------------------------------------
@@ -345,37 +350,87 @@ class QuerySet:
     truth_unrelated: npt.NDArray[np.int64]
 
 
-def measure_search(generation: Generation, search_ks: Sequence[int], queries: QuerySet
-                   ) -> list[SearchKResult]:
+def measure_search(search: Callable[[FloatArray, int], npt.NDArray[np.int64]],
+                   efforts: Sequence[int], queries: QuerySet, label: str) -> list[SearchKResult]:
+    """Latency and recall@10 of ``search(query, effort)``, which returns database rows.
+
+    ``effort`` is what buys recall with time: Annoy's search_k, or an HNSW graph's efSearch.
+    """
     edited, sources = queries.edited, queries.sources
     results = []
-    for search_k in search_ks:
+    for effort in efforts:
         seconds: list[float] = []
         recalls: dict[str, list[float]] = {"edited": [], "unrelated": []}
         in_batch = 0
-        for label, vectors, truth in (("edited", edited, queries.truth_edited),
-                                      ("unrelated", queries.unrelated, queries.truth_unrelated)):
+        for kind, vectors, truth in (("edited", edited, queries.truth_edited),
+                                     ("unrelated", queries.unrelated, queries.truth_unrelated)):
             for row, query in enumerate(vectors):
                 started = time.perf_counter()
-                found = generation.search(query, RECALL_AT, search_k)
+                positions = search(query, effort)
                 seconds.append(time.perf_counter() - started)
-                positions = found.ids - 1  # the generation's image ids are row + 1
-                recalls[label].append(len(set(positions.tolist()) & set(truth[row].tolist()))
-                                      / RECALL_AT)
-                if label == "edited":
+                recalls[kind].append(len(set(positions.tolist()) & set(truth[row].tolist()))
+                                     / RECALL_AT)
+                if kind == "edited":
                     in_batch += int(sources[row] in positions[:FIRST_BATCH])
         results.append(SearchKResult(
-            search_k=search_k,
+            search_k=effort,
             p50=float(np.percentile(seconds, 50)),
             p95=float(np.percentile(seconds, 95)),
             recall_edited=float(np.mean(recalls["edited"])),
             recall_unrelated=float(np.mean(recalls["unrelated"])),
             source_in_first_batch=in_batch / len(edited),
         ))
-        print(f"  search_k {search_k}: p50 {results[-1].p50 * 1000:.2f} ms, recall@10 edited "
+        print(f"  {label} {effort}: p50 {results[-1].p50 * 1000:.2f} ms, recall@10 edited "
               f"{results[-1].recall_edited:.3f} unrelated {results[-1].recall_unrelated:.3f}",
               flush=True)
     return results
+
+
+def annoy_rows(generation: Generation) -> Callable[[FloatArray, int], npt.NDArray[np.int64]]:
+    """Annoy's search, answering in database rows (the generation's image ids are rows + 1)."""
+
+    def search(query: FloatArray, search_k: int) -> npt.NDArray[np.int64]:
+        return generation.search(query, RECALL_AT, search_k).ids - 1
+
+    return search
+
+
+def measure_graph_index(prefix: HalfArray, efs: Sequence[int], queries: QuerySet
+                        ) -> dict[str, Any]:
+    """The alternative proposed for large collections, on the same vectors and queries: an
+    HNSW graph (faiss ``IndexHNSWFlat``, inner product on unit rows), built on every core and
+    searched on one, as the engine searches Annoy.
+
+    faiss is not a dependency of the engine: ``pip install faiss-cpu`` to run this part.
+    """
+    try:
+        import faiss
+    except ImportError as error:
+        raise SystemExit("--graph-efs needs faiss: .venv/bin/pip install faiss-cpu") from error
+    index = faiss.IndexHNSWFlat(prefix.shape[1], GRAPH_LINKS, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = GRAPH_BUILD_EFFORT
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
+    before = rss()
+    started = time.perf_counter()
+    for start in range(0, len(prefix), CHUNK):
+        index.add(normalized(prefix[start : start + CHUNK].astype(np.float32)))
+    build_seconds = time.perf_counter() - started
+    built = rss()
+    faiss.omp_set_num_threads(1)
+
+    def search(query: FloatArray, ef: int) -> npt.NDArray[np.int64]:
+        index.hnsw.efSearch = ef
+        _, rows = index.search(query[None].astype(np.float32), RECALL_AT)
+        return np.asarray(rows[0], dtype=np.int64)
+
+    searches = measure_search(search, efs, queries, "efSearch")
+    return {
+        "links": GRAPH_LINKS,
+        "build_effort": GRAPH_BUILD_EFFORT,
+        "build_seconds": build_seconds,
+        "rss_after_build": built - before,
+        "search": [asdict(s) for s in searches],
+    }
 
 
 def measure_fresh(database: HalfArray, size: int, queries: FloatArray) -> dict[str, float]:
@@ -437,7 +492,7 @@ async def measure_size(config: Config, real: RealData, synthetic: SyntheticVecto
         generation = GenerationStore(root).load_current(verify_checksums=False)
         assert generation is not None
         after_load = rss()
-        searches = measure_search(generation, config.search_ks, queries)
+        searches = measure_search(annoy_rows(generation), config.search_ks, queries, "search_k")
         after_queries = rss()
         generation.unload()
         annoy_bytes = (root / (GenerationStore(root).current_name() or "") / ANNOY_FILE).stat()
@@ -454,6 +509,9 @@ async def measure_size(config: Config, real: RealData, synthetic: SyntheticVecto
         })
         if not (largest and trees == EngineSettings().annoy_build_trees):
             shutil.rmtree(root)  # only the default 1M generation is kept, for the start-up test
+    if config.graph_efs:
+        print(f"{size} vectors, HNSW graph: building", flush=True)
+        result["graph"] = measure_graph_index(prefix, config.graph_efs, queries)
     fresh_size = EngineSettings().rebuild_threshold(size)
     result["fresh_buffer"] = measure_fresh(prefix, fresh_size, edited)
     return result
@@ -665,6 +723,17 @@ def print_report(result: dict[str, Any]) -> None:
                              f"{search['source_in_first_batch']:.3f}"))
     print(markdown_table(("vectors", "trees", "search_k", "p50 ms", "p95 ms", "recall@10 edited",
                           "recall@10 unrelated", "source in first 8"), rows))
+    graphs = [(s["size"], s["graph"]) for s in result["sizes"] if "graph" in s]
+    if graphs:
+        print(f"\n## HNSW graph (faiss, M={GRAPH_LINKS}, efConstruction={GRAPH_BUILD_EFFORT})\n")
+        print(markdown_table(
+            ("vectors", "build s", "RSS MB", "efSearch", "p50 ms", "p95 ms", "recall@10 edited",
+             "recall@10 unrelated", "source in first 8"),
+            [(size, f"{graph['build_seconds']:.0f}", mb(graph["rss_after_build"]),
+              search["search_k"], ms(search["p50"]), ms(search["p95"]),
+              f"{search['recall_edited']:.3f}", f"{search['recall_unrelated']:.3f}",
+              f"{search['source_in_first_batch']:.3f}")
+             for size, graph in graphs for search in graph["search"]]))
     print("\n## Build, disk, memory, load\n")
     rows = []
     for size_result in result["sizes"]:
@@ -774,13 +843,15 @@ def parse_arguments(argv: Sequence[str] | None = None) -> Config:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR / "scale.json")
     parser.add_argument("--work", type=Path, default=DEFAULT_OUT_DIR / "scale")
     parser.add_argument("--keep", action="store_true", help="keep the catalog and generations")
+    parser.add_argument("--graph-efs", type=integers, default=(),
+                        help="also measure an HNSW graph (faiss) at these efSearch values")
     arguments = parser.parse_args(argv)
     return Config(
         photos=arguments.photos, index=arguments.index, out=arguments.out, work=arguments.work,
         sizes=arguments.sizes, trees=arguments.trees, largest_trees=arguments.largest_trees,
         search_ks=arguments.search_ks, queries=arguments.queries,
         calibration_photos=arguments.calibration_photos, catalog_rows=arguments.catalog_rows,
-        seed=arguments.seed, keep=arguments.keep,
+        seed=arguments.seed, keep=arguments.keep, graph_efs=arguments.graph_efs,
     )
 
 
