@@ -38,8 +38,9 @@ class EngineSettings:
     # KAZE keeps the full resolution at every level, and the diffusion time a
     # level needs grows with its scale: OpenCV's fourth octave costs about as much
     # as the first three together, for the coarsest 8% of the keypoints. Three
-    # octaves (scales up to 8x) cost 0.64x the default and lose no recall
-    # (docs/BENCHMARKS.md). Indexes built with four keep four (a stored setting).
+    # octaves (scales up to 8x) cost 0.64x the default, and recall stayed within
+    # the spread between two builds of the same photos (docs/BENCHMARKS.md).
+    # Indexes built with four keep four (a stored setting).
     kaze_octaves: int = 3
     kaze_octave_layers: int = 4
     kaze_enough_keypoints: int = 300
