@@ -106,6 +106,13 @@ def test_crop_keeps_40_to_60_percent(photo: np.ndarray, seed: int) -> None:
     assert 0.39 <= share <= 0.61
 
 
+@pytest.mark.parametrize("seed", SEEDS)
+def test_deep_crop_keeps_15_to_25_percent(photo: np.ndarray, seed: int) -> None:
+    edited = apply_edit("crop_deep", photo, seed)
+    share = edited.shape[0] * edited.shape[1] / (photo.shape[0] * photo.shape[1])
+    assert 0.14 <= share <= 0.26
+
+
 def test_rot90_is_a_quarter_turn(photo: np.ndarray) -> None:
     edited = apply_edit("rot90", photo, 0)
     assert any(np.array_equal(edited, np.rot90(photo, turns)) for turns in (1, 3))
