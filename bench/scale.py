@@ -19,8 +19,9 @@ For each size and tree count: Annoy generation build time and disk, load time (s
 apart, cold and warm page cache), resident memory, and for each ``search_k`` the query
 latency and recall@10 against exact search, plus the fresh exact buffer at the largest size
 the engine lets it reach. With ``--graph-efs`` (and faiss installed), an HNSW graph is
-measured on the same vectors and queries beside Annoy. Then a catalog of ``--catalog-rows`` rows with real local features:
-insert rate, lookups, file size, disk per image, and the service's start-up on it.
+measured on the same vectors and queries beside Annoy. Then a catalog of ``--catalog-rows``
+rows with real local features: insert rate, lookups, file size, disk per image, and the
+service's start-up on it.
 
 Memory: vectors are kept as float16 (512 MB at 1M) and converted in chunks. Disk: the 1M
 catalog takes ~37 GB; everything under ``--work`` is removed at the end unless ``--keep``.
