@@ -121,12 +121,20 @@ _CONFIDENT_INLIERS = 30
 RANK_FUSION_K = 3.0
 
 
-def _best_similarity(rankings: Sequence[Ranking]) -> dict[int, float]:
-    best: dict[int, float] = {}
+def _best_similarity(
+    rankings: Sequence[Ranking], best: dict[int, float] | None = None
+) -> dict[int, float]:
+    """Each image's highest similarity over ``rankings``, added into ``best`` if given."""
+    best = {} if best is None else best
     for ranking in rankings:
         for image_id, value in ranking:
             best[image_id] = max(value, best.get(image_id, -2.0))
     return best
+
+
+def _by_score(scores: dict[int, float]) -> list[int]:
+    """Image ids, highest score first."""
+    return sorted(scores, key=scores.__getitem__, reverse=True)
 
 
 def _fused_ranking(rankings: Sequence[Ranking]) -> list[int]:
@@ -141,7 +149,7 @@ def _fused_ranking(rankings: Sequence[Ranking]) -> list[int]:
     for ranking in rankings:
         for rank, (image_id, _) in enumerate(ranking):
             scores[image_id] = scores.get(image_id, 0.0) + 1.0 / (RANK_FUSION_K + rank)
-    return sorted(scores, key=scores.__getitem__, reverse=True)
+    return _by_score(scores)
 
 
 def _stronger(first: Verification, second: Verification) -> bool:
@@ -325,7 +333,7 @@ class SearchService:
         rankings = await asyncio.to_thread(self._rank_whole, serving, oriented, visible, depth)
         timings.add("candidates", time.perf_counter() - clock)
         similarity = _best_similarity(rankings)
-        ranked = sorted(similarity, key=similarity.__getitem__, reverse=True)
+        ranked = _by_score(similarity)
         # The original is nearly always first: verify the top two alone, and the
         # rest of the first batch only when they leave doubt.
         verdicts = await self._verify(features, ranked[:2], timings)
@@ -344,8 +352,7 @@ class SearchService:
             clock = time.perf_counter()
             regional = await asyncio.to_thread(self._rank_regions, serving, oriented, visible)
             timings.add("candidates", time.perf_counter() - clock)
-            for image_id, value in _best_similarity(regional).items():
-                similarity[image_id] = max(similarity.get(image_id, -1.0), value)
+            _best_similarity(regional, similarity)
             budget = max(self.settings.verify_limit - len(verdicts), 0)
             # The whole query's own ranking takes part: an original half covered
             # ranks 20th there and 50th by windows, but well in both together.
@@ -405,10 +412,8 @@ class SearchService:
             self._rank_whole, serving, (inner, inner.mirrored()), visible, self.settings.first_batch
         )
         timings.add("candidates", time.perf_counter() - clock)
-        inner_similarity = _best_similarity(rankings)
-        for image_id, value in inner_similarity.items():
-            similarity[image_id] = max(similarity.get(image_id, -1.0), value)
-        ranked = sorted(inner_similarity, key=inner_similarity.__getitem__, reverse=True)
+        _best_similarity(rankings, similarity)
+        ranked = _by_score(_best_similarity(rankings))
         return await self._verify(inner, ranked[: self.settings.first_batch], timings)
 
     def _rank(
