@@ -420,10 +420,8 @@ class Catalog:
                     f"WHERE image_id IN ({','.join('?' * len(chunk))})",
                     chunk,
                 )
-                for image_id, count, width, height, data in rows:
-                    result[int(image_id)] = unpack_features(
-                        bytes(data), count=int(count), width=int(width), height=int(height)
-                    )
+                for image_id, *stored in rows:
+                    result[int(image_id)] = _stored_features(*stored)
         return result
 
     async def iter_features(
@@ -442,10 +440,8 @@ class Catalog:
                 )
             if not rows:
                 return
-            for image_id, count, width, height, data in rows:
-                yield int(image_id), unpack_features(
-                    bytes(data), count=int(count), width=int(width), height=int(height)
-                )
+            for image_id, *stored in rows:
+                yield int(image_id), _stored_features(*stored)
             last = int(rows[-1][0])
 
     async def iter_training_features(
@@ -474,10 +470,8 @@ class Catalog:
                 )
             if not rows:
                 return
-            for _, _, image_id, keypoints, width, height, data in rows:
-                yield int(image_id), unpack_features(
-                    bytes(data), count=int(keypoints), width=int(width), height=int(height)
-                )
+            for _, _, image_id, *stored in rows:
+                yield int(image_id), _stored_features(*stored)
             last = rows[-1]
             position = (str(last[0]), int(last[1]), int(last[2]))
             taken += len(rows)
@@ -602,6 +596,13 @@ class _translated_errors:  # noqa: N801 - used like a function: `async with _tra
             raise CatalogError(f"catalog error: {exc}") from exc
         if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
             raise StorageFullError(f"the disk is full: {exc}") from exc
+
+
+def _stored_features(keypoints: int, width: int, height: int, data: bytes) -> LocalFeatures:
+    """The features of one row of the features table (keypoints, width, height, data)."""
+    return unpack_features(
+        bytes(data), count=int(keypoints), width=int(width), height=int(height)
+    )
 
 
 def _prefix_range(prefix: str) -> tuple[str, str]:
