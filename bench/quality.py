@@ -5,8 +5,9 @@
 The photos are split (seeded) into a collection and held-out unrelated photos. A seeded
 sample of the collection is edited in every kind of ``bench.edits.EDIT_KINDS``; each edited
 copy is a query searched against the whole collection, and a query is a hit at k when its
-original is among the first k results. Every method runs on the same split and queries in
-the same run. The JSON file gets everything; a Markdown table goes to stdout.
+original is among the first k results. Composite edits (a collage, a page) fill the rest of
+their picture with photos from outside the collection. Every method runs on the same split
+and queries in the same run. The JSON file gets everything; a Markdown table goes to stdout.
 """
 
 from __future__ import annotations
@@ -109,8 +110,22 @@ def _display(path: Path) -> str:
 # --- Queries ------------------------------------------------------------------------------
 
 
-def write_queries(config: Config, split: Split, targets: Sequence[int]) -> list[Query]:
-    """Edits every target in every kind and writes the results as JPEG files."""
+def filler_pool(photos: Sequence[Path], split: Split) -> list[Path]:
+    """The photos a composite edit may show beside its target: every photo outside the
+    collection, which with the default split are the unrelated photos. That is fair: none of
+    them is in the collection, so the target stays the only right answer and the others only
+    distract, as the other photos of a real collage do."""
+    collection = set(split.collection)
+    return [photo for photo in photos if photo not in collection]
+
+
+def write_queries(config: Config, split: Split, targets: Sequence[int],
+                  fillers: Sequence[Path]) -> list[Query]:
+    """Edits every target in every kind and writes the results as JPEG files; composites get
+    a seeded choice of ``fillers`` for the rest of their picture."""
+    if not fillers and any(kind.fillers_wanted for kind in config.kinds):
+        raise ValueError("composite edits need photos outside the collection; "
+                         "ask for some with --unrelated")
     queries_dir = config.out_dir / "queries"
     for kind in config.kinds:
         kind_dir = queries_dir / kind.name
@@ -122,7 +137,10 @@ def write_queries(config: Config, split: Split, targets: Sequence[int]) -> list[
         source = split.collection[target]
         original = load_rgb(source)
         for kind in config.kinds:
-            edited = kind.apply(original, derive_seed(config.seed, kind.name, source.name))
+            chosen = seeded_sample(fillers, kind.fillers_wanted,
+                                   derive_seed(config.seed, "fillers", kind.name, source.name))
+            edited = kind.edit(original, derive_seed(config.seed, kind.name, source.name),
+                               [load_rgb(path) for path in chosen])
             path = queries_dir / kind.name / f"{target:04d}_{source.stem}.jpg"
             path.write_bytes(encode_jpeg(edited, kind.jpeg_quality))
             queries.append(Query(kind.name, target, path))
@@ -481,11 +499,12 @@ def run(config: Config) -> dict[str, Any]:
     if engine_blocker:
         print(f"engine skipped: {engine_blocker}", flush=True)
 
-    split = split_photos(list_photos(config.photos), config.collection_size,
-                         config.unrelated_size, derive_seed(config.seed, "split"))
+    photos = list_photos(config.photos)
+    split = split_photos(photos, config.collection_size, config.unrelated_size,
+                         derive_seed(config.seed, "split"))
     targets = seeded_sample(range(len(split.collection)), config.queries_per_kind,
                             derive_seed(config.seed, "queries"))
-    queries = write_queries(config, split, targets)
+    queries = write_queries(config, split, targets, filler_pool(photos, split))
 
     methods: dict[str, Any] = {}
     for method in config.methods:

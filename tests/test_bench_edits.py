@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import io
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
 from skimage import data
 
-from bench.edits import EDIT_KINDS, EditKind, apply_edit, encode_jpeg
+from bench.edits import (
+    EDIT_KINDS,
+    Composite,
+    EditKind,
+    apply_edit,
+    compose_collage,
+    compose_page,
+    encode_jpeg,
+)
 
 # Edits that involve no randomness: the seed is accepted and ignored.
 SEEDLESS = {"hflip", "grayscale", "downscale_jpeg15"}
@@ -24,13 +33,20 @@ def photo() -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+@pytest.fixture(scope="module")
+def fillers() -> list[np.ndarray]:
+    # Fewer than a 3x3 collage's eight other cells, so that reusing fillers is exercised too.
+    return [data.chelsea(), data.coffee(), data.rocket()]
+
+
 def _changed_share(before: np.ndarray, after: np.ndarray) -> float:
     return float(np.any(before != after, axis=2).mean())
 
 
 @pytest.mark.parametrize("kind", EDIT_KINDS, ids=lambda kind: kind.name)
-def test_returns_a_valid_image_of_sane_size(kind: EditKind, photo: np.ndarray) -> None:
-    edited = kind.apply(photo, 7)
+def test_returns_a_valid_image_of_sane_size(kind: EditKind, photo: np.ndarray,
+                                            fillers: list[np.ndarray]) -> None:
+    edited = kind.edit(photo, 7, fillers)
     assert edited.dtype == np.uint8
     assert edited.ndim == 3
     assert edited.shape[2] == 3
@@ -42,15 +58,17 @@ def test_returns_a_valid_image_of_sane_size(kind: EditKind, photo: np.ndarray) -
 
 
 @pytest.mark.parametrize("kind", EDIT_KINDS, ids=lambda kind: kind.name)
-def test_is_deterministic_for_a_seed(kind: EditKind, photo: np.ndarray) -> None:
-    np.testing.assert_array_equal(kind.apply(photo, 123), kind.apply(photo, 123))
+def test_is_deterministic_for_a_seed(kind: EditKind, photo: np.ndarray,
+                                     fillers: list[np.ndarray]) -> None:
+    np.testing.assert_array_equal(kind.edit(photo, 123, fillers), kind.edit(photo, 123, fillers))
 
 
 @pytest.mark.parametrize(
     "kind", [k for k in EDIT_KINDS if k.name not in SEEDLESS], ids=lambda kind: kind.name
 )
-def test_seed_changes_the_edit(kind: EditKind, photo: np.ndarray) -> None:
-    results = [kind.apply(photo, seed) for seed in SEEDS]
+def test_seed_changes_the_edit(kind: EditKind, photo: np.ndarray,
+                               fillers: list[np.ndarray]) -> None:
+    results = [kind.edit(photo, seed, fillers) for seed in SEEDS]
     assert any(
         result.shape != results[0].shape or not np.array_equal(result, results[0])
         for result in results[1:]
@@ -58,8 +76,9 @@ def test_seed_changes_the_edit(kind: EditKind, photo: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("kind", EDIT_KINDS, ids=lambda kind: kind.name)
-def test_changes_the_image(kind: EditKind, photo: np.ndarray) -> None:
-    edited = kind.apply(photo, 7)
+def test_changes_the_image(kind: EditKind, photo: np.ndarray,
+                           fillers: list[np.ndarray]) -> None:
+    edited = kind.edit(photo, 7, fillers)
     if edited.shape == photo.shape:
         mean_difference = np.abs(edited.astype(np.int16) - photo.astype(np.int16)).mean()
         assert mean_difference > 5
@@ -68,17 +87,22 @@ def test_changes_the_image(kind: EditKind, photo: np.ndarray) -> None:
 
 
 @pytest.mark.parametrize("kind", EDIT_KINDS, ids=lambda kind: kind.name)
-def test_leaves_the_input_untouched(kind: EditKind, photo: np.ndarray) -> None:
+def test_leaves_the_input_untouched(kind: EditKind, photo: np.ndarray,
+                                    fillers: list[np.ndarray]) -> None:
     before = photo.copy()
-    kind.apply(photo, 7)
+    fillers_before = [filler.copy() for filler in fillers]
+    kind.edit(photo, 7, fillers)
     np.testing.assert_array_equal(photo, before)
+    for filler, filler_before in zip(fillers, fillers_before, strict=True):
+        np.testing.assert_array_equal(filler, filler_before)
 
 
 @pytest.mark.parametrize("kind", EDIT_KINDS, ids=lambda kind: kind.name)
-def test_handles_the_smallest_photos(kind: EditKind, photo: np.ndarray) -> None:
+def test_handles_the_smallest_photos(kind: EditKind, photo: np.ndarray,
+                                     fillers: list[np.ndarray]) -> None:
     # The benchmark's photo set goes down to 75 px on the longer side.
     tiny = np.asarray(Image.fromarray(photo).resize((75, 59)))
-    edited = kind.apply(tiny, 3)
+    edited = kind.edit(tiny, 3, fillers)
     assert edited.dtype == np.uint8
     assert edited.shape[2] == 3
     assert min(edited.shape[:2]) >= 8
@@ -175,3 +199,102 @@ def test_brightness_contrast_moves_levels(photo: np.ndarray) -> None:
     assert abs(float(edited.mean()) - float(photo.mean())) > 5 or (
         abs(float(edited.std()) - float(photo.std())) > 5
     )
+
+
+def _photo_as_placed(composite: Composite, photo: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The picture's pixels inside the photo's box (the perspective undone), and the shown
+    part of the photo resized to that box, as int16 arrays to compare."""
+    height, width = composite.image.shape[:2]
+    flat = cv2.warpPerspective(composite.image, np.linalg.inv(composite.homography),
+                               (width, height), flags=cv2.INTER_LINEAR)
+    left, top, right, bottom = composite.box
+    shown_left, shown_top, shown_right, shown_bottom = composite.shown
+    expected = cv2.resize(photo[shown_top:shown_bottom, shown_left:shown_right],
+                          (right - left, bottom - top), interpolation=cv2.INTER_AREA)
+    return flat[top:bottom, left:right].astype(np.int16), expected.astype(np.int16)
+
+
+def _box_area(box: tuple[int, int, int, int]) -> int:
+    left, top, right, bottom = box
+    return (right - left) * (bottom - top)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_collage_shows_the_photo_in_one_cell(photo: np.ndarray, fillers: list[np.ndarray],
+                                             seed: int) -> None:
+    composite = compose_collage(photo, seed, fillers)
+    assert composite.parts in {2, 4, 9}
+    # One cell of the grid, less the gutters and the letterbox of a cell of another shape.
+    share = _box_area(composite.box) / (composite.image.shape[0] * composite.image.shape[1])
+    assert 0.55 / composite.parts <= share <= 1 / composite.parts
+    # Only slightly centre-cropped to fill the cell.
+    assert _box_area(composite.shown) >= 0.85 * photo.shape[0] * photo.shape[1]
+    placed, expected = _photo_as_placed(composite, photo)
+    assert np.abs(placed - expected).mean() < 2
+
+
+def test_collage_layouts_vary_with_the_seed(photo: np.ndarray, fillers: list[np.ndarray]) -> None:
+    parts = [compose_collage(photo, seed, fillers).parts for seed in range(40)]
+    assert set(parts) == {2, 4, 9}
+    assert max(set(parts), key=parts.count) == 4
+
+
+def test_collage_fills_the_other_cells_with_the_fillers(photo: np.ndarray,
+                                                        fillers: list[np.ndarray]) -> None:
+    composite = compose_collage(photo, 5, fillers)
+    other = compose_collage(photo, 5, fillers[::-1])
+    left, top, right, bottom = composite.box
+    inside = (slice(top, bottom), slice(left, right))
+    np.testing.assert_array_equal(composite.image[inside], other.image[inside])
+    assert not np.array_equal(composite.image, other.image)
+
+
+def test_collage_without_fillers_is_refused(photo: np.ndarray) -> None:
+    with pytest.raises(ValueError, match="fillers"):
+        apply_edit("collage", photo, 0)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_page_shows_the_photo_at_a_quarter_to_45_percent_of_the_width(
+        photo: np.ndarray, fillers: list[np.ndarray], seed: int) -> None:
+    composite = compose_page(photo, seed, fillers)
+    left, _, right, _ = composite.box
+    assert 0.25 <= (right - left) / composite.image.shape[1] <= 0.45
+    assert composite.shown == (0, 0, photo.shape[1], photo.shape[0])
+    placed, expected = _photo_as_placed(composite, photo)
+    # Looser than the collage's: undoing the perspective resamples the photo a second time.
+    assert np.abs(placed - expected).mean() < 8
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_page_perspective_is_modest(photo: np.ndarray, fillers: list[np.ndarray],
+                                    seed: int) -> None:
+    composite = compose_page(photo, seed, fillers)
+    height, width = composite.image.shape[:2]
+    corners = np.array([[[0, 0], [width - 1, 0], [width - 1, height - 1], [0, height - 1]]],
+                       dtype=np.float64)
+    moved = cv2.perspectiveTransform(corners, composite.homography)[0]
+    shift = np.abs(moved - corners[0]) / np.array([width, height])
+    assert shift.max() <= 0.061
+
+
+def test_page_is_tilted_and_shows_a_second_photo_in_some_seeds(
+        photo: np.ndarray, fillers: list[np.ndarray]) -> None:
+    pages = [compose_page(photo, seed, fillers) for seed in range(20)]
+    assert {np.allclose(page.homography, np.eye(3)) for page in pages} == {True, False}
+    assert {page.parts for page in pages} == {1, 2}
+    assert {compose_page(photo, seed).parts for seed in range(20)} == {1}
+
+
+def test_page_is_light_with_lines_of_text(photo: np.ndarray) -> None:
+    # On a flat page, the text is what makes it a page rather than a border.
+    composite = next(page for page in (compose_page(photo, seed) for seed in range(20))
+                     if np.allclose(page.homography, np.eye(3)))
+    grey = cv2.cvtColor(composite.image, cv2.COLOR_RGB2GRAY)
+    left, top, right, bottom = composite.box
+    outside = np.ones(grey.shape, dtype=bool)
+    outside[top:bottom, left:right] = False
+    assert np.median(grey[outside]) >= 230
+    ink = (grey < 128) & outside
+    assert 0.01 <= ink.mean() <= 0.3
+    assert ink.any(axis=1).mean() >= 0.3  # lines run down most of the page
