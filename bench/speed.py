@@ -608,13 +608,13 @@ class RegionalCounter:
 
     def __init__(self, service: SearchService) -> None:
         self.calls = 0
-        original = service._rank_regions
+        original = service.pipeline.regional_candidates
 
         def counted(*args: Any, **kwargs: Any) -> Any:
             self.calls += 1
             return original(*args, **kwargs)
 
-        service._rank_regions = counted  # type: ignore[method-assign]
+        service.pipeline.regional_candidates = counted  # type: ignore[method-assign]
 
 
 async def run_query(service: SearchService, counter: RegionalCounter, encode_clock: EncodeClock,

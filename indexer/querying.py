@@ -1,0 +1,370 @@
+"""The query pipeline: from a query's features to verified matches.
+
+A query runs in stages: decode and extract (worker), encode the query and its
+mirror image into global vectors, take candidates from the serving view (the
+Annoy generation and the fresh buffer), verify the best few geometrically
+(worker), and only if none verifies, look at a photo framed inside the query,
+then again with regional vectors (the photo may be a small part of the query,
+as in a screenshot) and verify more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from indexer.analysis import Analysis, analyze_bytes, analyze_framed, analyze_path
+from indexer.catalog import GLOBAL_SCOPE, Catalog, ImageRecord
+from indexer.encoding import region_grid
+from indexer.errors import ImageError
+from indexer.features import LocalFeatures
+from indexer.maintenance import ServingView
+from indexer.settings import EngineSettings
+from indexer.verify import Verification, verify_candidates
+from indexer.workers import CpuPool
+
+log = logging.getLogger(__name__)
+
+FloatArray = npt.NDArray[np.float32]
+
+REGIONS = region_grid()
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """One result of a query."""
+
+    image: ImageRecord
+    path: Path  # absolute path of the photo file
+    score: float  # 0..1; above 0.5 only when verified
+    verified: bool  # geometric verification says it is the same picture
+    inliers: int
+    mirrored: bool  # matched as a mirror image of the query
+    similarity: float  # cosine similarity of the global vectors
+
+
+@dataclass(slots=True)
+class StageTimings:
+    """Seconds spent in each stage of the last query (for benchmarks)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+
+Ranking = list[tuple[int, float]]  # (image id, similarity), best first
+FramedLoader = Callable[[], Awaitable[LocalFeatures]]
+# Regions with fewer keypoints than this describe too little to rank by.
+MIN_REGION_KEYPOINTS = 24
+# Inliers beyond which a verified first candidate needs no second opinion.
+_CONFIDENT_INLIERS = 30
+# Reciprocal-rank fusion constant: how much a first place outweighs a fifth.
+RANK_FUSION_K = 3.0
+
+
+def _best_similarity(
+    rankings: Sequence[Ranking], best: dict[int, float] | None = None
+) -> dict[int, float]:
+    """Each image's highest similarity over ``rankings``, added into ``best`` if given."""
+    best = {} if best is None else best
+    for ranking in rankings:
+        for image_id, value in ranking:
+            best[image_id] = max(value, best.get(image_id, -2.0))
+    return best
+
+
+def _by_score(scores: dict[int, float]) -> list[int]:
+    """Image ids, highest score first."""
+    return sorted(scores, key=scores.__getitem__, reverse=True)
+
+
+def _fused_ranking(rankings: Sequence[Ranking]) -> list[int]:
+    """Image ids by reciprocal-rank fusion over several rankings.
+
+    Regional vectors are noisy one by one (a window of sky resembles many
+    photos), but the true original tends to rank well in several overlapping
+    windows; summing 1/(k + rank) rewards that agreement where a plain maximum
+    of similarities rewards the luckiest window.
+    """
+    scores: dict[int, float] = {}
+    for ranking in rankings:
+        for rank, (image_id, _) in enumerate(ranking):
+            scores[image_id] = scores.get(image_id, 0.0) + 1.0 / (RANK_FUSION_K + rank)
+    return _by_score(scores)
+
+
+def _stronger(first: Verification, second: Verification) -> bool:
+    return (first.verified, first.inliers) > (second.verified, second.inliers)
+
+
+def match_score(verification: Verification, similarity: float) -> float:
+    """A score in [0, 1]: verified matches above 0.5 and growing with inliers,
+    unverified ones below 0.5 by global similarity."""
+    if verification.verified:
+        return 0.5 + 0.5 * verification.inliers / (verification.inliers + 20.0)
+    return 0.5 * min(max(similarity, 0.0), 0.999)
+
+
+class QueryPipeline:
+    """Runs queries against the view ``serving()`` returns when each query starts.
+
+    ``locate`` gives the file of a catalog record, for :attr:`Match.path`.
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        settings: EngineSettings,
+        pool: CpuPool,
+        serving: Callable[[], ServingView],
+        locate: Callable[[ImageRecord], Path],
+    ) -> None:
+        self.catalog = catalog
+        self.settings = settings
+        self.pool = pool
+        self._serving = serving
+        self._locate = locate
+
+    async def query(
+        self,
+        source: bytes | Path,
+        *,
+        scope: int = GLOBAL_SCOPE,
+        top: int = 5,
+        timings: StageTimings | None = None,
+    ) -> list[Match]:
+        """The ``top`` most similar images visible from ``scope``, best first.
+
+        Raises:
+            ImageError: the query is not a usable image (each subclass says why).
+            SourceError: the query file cannot be read.
+        """
+        timings = timings if timings is not None else StageTimings()
+        started = time.perf_counter()
+        analysis = await self.pool.run(_analyze, source, self.settings)
+        timings.add("analyze", time.perf_counter() - started)
+        framed: FramedLoader | None = None
+        if analysis.frame is not None:
+            frame = analysis.frame
+
+            async def framed() -> LocalFeatures:
+                return await self.pool.run(analyze_framed, source, frame, self.settings)
+
+        return await self.search(
+            analysis.features, scope=scope, top=top, timings=timings, framed=framed
+        )
+
+    async def search(
+        self,
+        features: LocalFeatures,
+        *,
+        scope: int = GLOBAL_SCOPE,
+        top: int = 5,
+        timings: StageTimings | None = None,
+        framed: FramedLoader | None = None,
+    ) -> list[Match]:
+        """Search with features already extracted (see :meth:`query`).
+
+        ``framed`` extracts the features of a photo framed inside the query; it
+        is called only if the whole query verifies nothing.
+        """
+        timings = timings if timings is not None else StageTimings()
+        serving = self._serving()  # one consistent view for the whole query
+        if serving.generation is None:
+            return []
+        visible = {GLOBAL_SCOPE, scope}
+        oriented = (features, features.mirrored())
+
+        # Encoding and Annoy are pure CPU work of a few milliseconds each: on a
+        # thread they never stall the event loop (numpy and annoy release the GIL).
+        clock = time.perf_counter()
+        # Deep enough to take part in the regional look's fusion below; only the
+        # first batch of it is verified before that.
+        depth = max(top, self.settings.verify_limit)
+        rankings = await asyncio.to_thread(self.candidates, serving, oriented, visible, depth)
+        timings.add("candidates", time.perf_counter() - clock)
+        similarity = _best_similarity(rankings)
+        ranked = _by_score(similarity)
+        # The original is nearly always first: verify the top two alone, and the
+        # rest of the first batch only when they leave doubt.
+        verdicts = await self._verify(features, ranked[:2], timings)
+        if not any(v.verified and v.inliers >= _CONFIDENT_INLIERS for v in verdicts.values()):
+            verdicts.update(
+                await self._verify(features, ranked[2 : self.settings.first_batch], timings)
+            )
+        # The framed photo's verdicts are kept apart: a candidate it rejects may
+        # still verify against the whole query, and it has a budget of its own.
+        framed_verdicts: dict[int, Verification] = {}
+        if framed is not None and not any(v.verified for v in verdicts.values()):
+            framed_verdicts = await self._search_framed(
+                framed, serving=serving, visible=visible, similarity=similarity, timings=timings
+            )
+        if not any(v.verified for v in (*verdicts.values(), *framed_verdicts.values())):
+            clock = time.perf_counter()
+            regional = await asyncio.to_thread(self.regional_candidates, serving, oriented, visible)
+            timings.add("candidates", time.perf_counter() - clock)
+            _best_similarity(regional, similarity)
+            budget = max(self.settings.verify_limit - len(verdicts), 0)
+            # The whole query's own ranking takes part: an original half covered
+            # ranks 20th there and 50th by windows, but well in both together.
+            fused = _fused_ranking([*regional, *rankings])
+            extra = [i for i in fused if i not in verdicts][:budget]
+            verdicts.update(await self._verify(features, extra, timings))
+        for image_id, verdict in framed_verdicts.items():
+            if image_id not in verdicts or _stronger(verdict, verdicts[image_id]):
+                verdicts[image_id] = verdict
+
+        clock = time.perf_counter()
+        shown = set(ranked[:top]) | {i for i, v in verdicts.items() if v.verified}
+        records = await self.catalog.get_many(sorted(shown))
+        timings.add("catalog", time.perf_counter() - clock)
+        matches = []
+        for image_id, record in records.items():
+            if record.scope not in visible:  # defence in depth: never cross chats
+                continue
+            verdict = verdicts.get(image_id, Verification.rejected())
+            matches.append(
+                Match(
+                    image=record,
+                    path=self._locate(record),
+                    score=match_score(verdict, similarity[image_id]),
+                    verified=verdict.verified,
+                    inliers=verdict.inliers,
+                    mirrored=verdict.mirrored,
+                    similarity=similarity[image_id],
+                )
+            )
+        matches.sort(key=lambda m: (m.score, m.inliers), reverse=True)
+        return matches[:top]
+
+    def candidates(
+        self,
+        serving: ServingView,
+        oriented: Sequence[LocalFeatures],
+        visible: set[int],
+        count: int,
+    ) -> list[Ranking]:
+        """The first candidates of a query: one ranking per orientation and source.
+
+        Every source of candidates in ``serving`` contributes its rankings here;
+        the caller merges them by best similarity and fuses them with the
+        regional look. Blocking (CPU work): run it on a thread.
+        """
+        assert serving.generation is not None  # noqa: S101 - checked by the caller
+        vectors = [serving.generation.codebook.encode(f.descriptors) for f in oriented]
+        return self._nearest(serving, vectors, visible, count, self.settings.search_k)
+
+    def regional_candidates(
+        self, serving: ServingView, oriented: Sequence[LocalFeatures], visible: set[int]
+    ) -> list[Ranking]:
+        """One ranking per region of each orientation, for a photo that is only a
+        part of the query. Blocking (CPU work): run it on a thread."""
+        assert serving.generation is not None  # noqa: S101 - checked by the caller
+        codebook = serving.generation.codebook
+        vectors = [
+            row
+            for features in oriented
+            for row in codebook.encode_regions(
+                features, REGIONS, min_keypoints=MIN_REGION_KEYPOINTS
+            )
+        ]
+        return self._nearest(
+            serving,
+            vectors,
+            visible,
+            self.settings.candidates_per_region,
+            self.settings.search_k // 4,
+        )
+
+    def _nearest(
+        self,
+        serving: ServingView,
+        vectors: Sequence[FloatArray],
+        visible: set[int],
+        count: int,
+        search_k: int,
+    ) -> list[Ranking]:
+        """For each vector, the nearest visible images (Annoy and fresh buffer merged)."""
+        # Other chats' images are filtered out after the search, so a chat's own
+        # (rarer) images need a deeper look to stay among the results.
+        depth = count if visible == {GLOBAL_SCOPE} else count * 4
+        generation, fresh, removed = serving.generation, serving.fresh, serving.removed
+        assert generation is not None  # noqa: S101 - callers return early without one
+        rankings = []
+        for vector in vectors:
+            merged: dict[int, float] = {}
+            for found in (
+                generation.search(vector, depth, search_k),
+                fresh.search(vector, depth),
+            ):
+                for image_id, scope, value in zip(
+                    found.ids.tolist(),
+                    found.scopes.tolist(),
+                    found.similarities.tolist(),
+                    strict=True,
+                ):
+                    if scope in visible and image_id not in removed:
+                        merged[image_id] = max(value, merged.get(image_id, -2.0))
+            ordered = sorted(merged.items(), key=lambda item: item[1], reverse=True)
+            rankings.append(ordered[:count])
+        return rankings
+
+    async def _search_framed(
+        self,
+        framed: FramedLoader,
+        *,
+        serving: ServingView,
+        visible: set[int],
+        similarity: dict[int, float],
+        timings: StageTimings,
+    ) -> dict[int, Verification]:
+        """Search the photo framed inside the query as a query of its own.
+
+        Records its candidates' similarities in ``similarity``; returns the
+        verdicts of the framed photo on its first batch of candidates.
+        """
+        clock = time.perf_counter()
+        try:
+            inner = await framed()
+        except ImageError as error:
+            log.info("the framed photo cannot be described: %s", error)
+            return {}
+        timings.add("analyze", time.perf_counter() - clock)
+        clock = time.perf_counter()
+        rankings = await asyncio.to_thread(
+            self.candidates, serving, (inner, inner.mirrored()), visible, self.settings.first_batch
+        )
+        timings.add("candidates", time.perf_counter() - clock)
+        _best_similarity(rankings, similarity)
+        ranked = _by_score(_best_similarity(rankings))
+        return await self._verify(inner, ranked[: self.settings.first_batch], timings)
+
+    async def _verify(
+        self, features: LocalFeatures, ids: Sequence[int], timings: StageTimings
+    ) -> dict[int, Verification]:
+        if not ids:
+            return {}
+        clock = time.perf_counter()
+        stored = await self.catalog.features(ids)
+        timings.add("catalog", time.perf_counter() - clock)
+        present = [i for i in ids if i in stored]
+        clock = time.perf_counter()
+        verdicts = await self.pool.run(
+            verify_candidates, features, [stored[i] for i in present], params=self.settings.verify
+        )
+        timings.add("verify", time.perf_counter() - clock)
+        return dict(zip(present, verdicts, strict=True))
+
+
+def _analyze(source: bytes | Path, settings: EngineSettings) -> Analysis:
+    if isinstance(source, Path):
+        return analyze_path(source, settings, for_query=True)
+    return analyze_bytes(source, settings, for_query=True)
