@@ -66,7 +66,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.runtime.log_level, secrets=[settings.telegram.token.reveal()])
     application = build_application(settings)
     try:
-        application.run_polling(allowed_updates=[Update.MESSAGE])
+        application.run_polling(
+            allowed_updates=[Update.MESSAGE, Update.EDITED_MESSAGE, Update.CALLBACK_QUERY]
+        )
     except InvalidToken:
         return _cannot_start(
             "Telegram refused the bot token: check [telegram] token or TELEGRAM_BOT_TOKEN "

@@ -16,7 +16,7 @@ from telegram import Chat, User
 from telegram.constants import ChatMemberStatus, ChatType
 
 from bot.errors import NotAllowedError, RateLimitedError
-from bot.settings import AccessSettings
+from bot.settings import AccessSettings, AddPolicy
 from indexer.catalog import GLOBAL_SCOPE
 
 QUERY_WINDOW_S: Final = 60.0
@@ -93,9 +93,17 @@ class AccessPolicy:
         if wait_s > 0:
             raise RateLimitedError(user.id, wait_s)
 
-    async def check_may_add(self, chat: Chat, user: User) -> None:
-        """Raises NotAllowedError unless ``user`` may add photos to ``chat``'s collection."""
-        policy = self._settings.add_policy
+    @property
+    def add_policy(self) -> AddPolicy:
+        """Who may /add where a chat did not choose otherwise."""
+        return self._settings.add_policy
+
+    async def check_may_add(
+        self, chat: Chat, user: User, *, chat_policy: AddPolicy | None = None
+    ) -> None:
+        """Raises NotAllowedError unless ``user`` may add photos to ``chat``'s collection
+        (under the chat's own policy, if it chose one in /settings)."""
+        policy = chat_policy or self._settings.add_policy
         if policy == "everyone" or self.is_admin(user):
             return
         if policy == "chat_admins" and await self._is_chat_admin(chat, user):
@@ -110,6 +118,10 @@ class AccessPolicy:
         if image_scope != GLOBAL_SCOPE and await self._is_chat_admin(chat, user):
             return
         raise NotAllowedError("remove", user.id, chat.id)
+
+    async def may_manage(self, chat: Chat, user: User) -> bool:
+        """Whether ``user`` may change how ``chat`` is watched: its admins and bot admins."""
+        return self.is_admin(user) or await self._is_chat_admin(chat, user)
 
     async def _is_chat_admin(self, chat: Chat, user: User) -> bool:
         if chat.type == ChatType.PRIVATE:

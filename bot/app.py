@@ -15,23 +15,27 @@ from typing import Any, Final, TypeAlias, TypeVar
 
 from telegram import BotCommand, LinkPreviewOptions
 from telegram.constants import ParseMode
+from telegram.error import TelegramError
 from telegram.ext import (
     AIORateLimiter,
     Application,
     ApplicationBuilder,
     CallbackContext,
+    CallbackQueryHandler,
     CommandHandler,
     ContextTypes,
     Defaults,
     ExtBot,
+    JobQueue,
     MessageHandler,
     filters,
 )
 
-from bot import handlers, replies
+from bot import handlers, replies, watching
 from bot.access import AccessPolicy, SlidingWindowLimiter
 from bot.messages import CaptionCommand, MentionsThisBot
 from bot.settings import BotSettings
+from bot.watch import RepostWatch
 from indexer.errors import IndexNotFoundError
 from indexer.search import SearchService
 from indexer.settings import EngineSettings
@@ -42,6 +46,8 @@ log = logging.getLogger(__name__)
 # AIORateLimiter waits out a 429's retry_after and tries again this many times.
 FLOOD_RETRIES: Final = 3
 ADMIN_ALERTS_PER_HOUR: Final = 6
+RETENTION_INTERVAL_S: Final = 86_400.0  # retention runs daily
+RETENTION_FIRST_S: Final = 600.0  # and first a while after start-up, not during it
 
 T = TypeVar("T")
 
@@ -53,6 +59,7 @@ class BotData:
         self.settings: BotSettings | None = None  # set by build_application
         self.access: AccessPolicy | None = None  # set by build_application
         self.service: SearchService | None = None  # open between post_init and post_shutdown
+        self.watch: RepostWatch | None = None  # runs between post_init and post_shutdown
         self.admin_alerts = SlidingWindowLimiter(ADMIN_ALERTS_PER_HOUR, 3600.0)
 
 
@@ -72,13 +79,17 @@ class BotContext(CallbackContext[ExtBot[int], dict[Any, Any], dict[Any, Any], Bo
         return _required(self.bot_data.service, "search service")
 
     @property
+    def watch(self) -> RepostWatch:
+        return _required(self.bot_data.watch, "repost watch")
+
+    @property
     def admin_alerts(self) -> SlidingWindowLimiter:
         """How often the admins may be told about failures."""
         return self.bot_data.admin_alerts
 
 
 BotApplication: TypeAlias = Application[
-    ExtBot[int], BotContext, dict[Any, Any], dict[Any, Any], BotData, None
+    ExtBot[int], BotContext, dict[Any, Any], dict[Any, Any], BotData, JobQueue[BotContext]
 ]
 
 
@@ -104,7 +115,7 @@ def build_application(
         )
         .rate_limiter(AIORateLimiter(max_retries=FLOOD_RETRIES))
         .concurrent_updates(settings.runtime.concurrent_updates)
-        .job_queue(None)  # nothing is scheduled: no need for APScheduler's thread
+        .job_queue(JobQueue["BotContext"]())  # the daily retention job of the repost watch
         .post_init(functools.partial(_open_engine, engine_settings=engine_settings))
         .post_shutdown(_close_engine)
     )
@@ -122,6 +133,7 @@ def build_application(
 def _add_handlers(application: BotApplication, settings: BotSettings) -> None:
     new_message = filters.UpdateType.MESSAGE  # edits of old requests are not new requests
     image = filters.PHOTO | filters.Document.ALL
+    commanded = CaptionCommand("search") | CaptionCommand("add") | CaptionCommand("remove")
     if settings.access.allowed_chats:
         allowed = filters.Chat(chat_id=settings.access.allowed_chats | settings.access.admins)
         application.add_handler(MessageHandler(~allowed, handlers.refuse_chat), group=-1)
@@ -133,6 +145,11 @@ def _add_handlers(application: BotApplication, settings: BotSettings) -> None:
             CommandHandler("search", handlers.search, filters=new_message),
             CommandHandler("add", handlers.add, filters=new_message),
             CommandHandler("remove", handlers.remove, filters=new_message),
+            CommandHandler("watch", watching.watch_command, filters=new_message),
+            CommandHandler("settings", watching.settings_command, filters=new_message),
+            CommandHandler("forget", watching.forget_command, filters=new_message),
+            CallbackQueryHandler(watching.settings_button, pattern=r"^settings:"),
+            CallbackQueryHandler(watching.repost_button, pattern=r"^watch:"),
             MessageHandler(new_message & image & CaptionCommand("search"), handlers.search),
             MessageHandler(new_message & image & CaptionCommand("add"), handlers.add),
             MessageHandler(new_message & image & CaptionCommand("remove"), handlers.remove),
@@ -143,6 +160,19 @@ def _add_handlers(application: BotApplication, settings: BotSettings) -> None:
                 handlers.search,
             ),
         ]
+    )
+    # The watch sees every image of a group (new or with its photo edited) in a group of its
+    # own, so that a photo mentioning the bot is both searched and watched. Photos sent with a
+    # command are the command's: /add keeps them, and a later copy links to them.
+    application.add_handler(
+        MessageHandler(
+            (filters.UpdateType.MESSAGE | filters.UpdateType.EDITED_MESSAGE)
+            & filters.ChatType.GROUPS
+            & (filters.PHOTO | filters.Document.IMAGE)
+            & ~commanded,
+            watching.watched_photo,
+        ),
+        group=1,
     )
     application.add_error_handler(handlers.on_error)
 
@@ -162,9 +192,46 @@ async def _open_engine(
     await application.bot.set_my_commands(
         [BotCommand(command, description) for command, description in replies.COMMANDS]
     )
+    watch = RepostWatch(
+        application.bot_data.service,
+        application.bot,
+        queue_size=settings.watch.queue_size,
+        # One more than the CPU workers, so that one photo downloads while others compute.
+        workers=pool.workers + 1,
+        album_wait_s=settings.watch.album_wait_s,
+        alert_admins=functools.partial(_tell_admins, application),
+    )
+    await watch.start()
+    application.bot_data.watch = watch
+    if application.job_queue is None:
+        raise RuntimeError("the job queue is missing: install python-telegram-bot[job-queue]")
+    application.job_queue.run_repeating(
+        _apply_retention, interval=RETENTION_INTERVAL_S, first=RETENTION_FIRST_S, name="retention"
+    )
+
+
+async def _apply_retention(context: BotContext) -> None:
+    """The daily job: every chat forgets the photos older than its retention setting."""
+    await context.watch.apply_retention()
+
+
+async def _tell_admins(application: BotApplication, text: str) -> None:
+    """A note to the bot admins (at most a few an hour, shared with error alerts)."""
+    settings = _required(application.bot_data.settings, "settings")
+    if not settings.access.admins or application.bot_data.admin_alerts.acquire("watch") > 0:
+        return
+    for admin in sorted(settings.access.admins):
+        try:
+            await application.bot.send_message(admin, text)
+        except TelegramError as failure:
+            log.warning("could not tell admin %s: %s", admin, failure)
 
 
 async def _close_engine(application: BotApplication) -> None:
+    watch = application.bot_data.watch
+    if watch is not None:
+        application.bot_data.watch = None
+        await watch.stop()
     service = application.bot_data.service
     if service is None:  # post_init failed before opening it
         return

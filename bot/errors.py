@@ -3,7 +3,7 @@
     RefusedError               the request cannot be served as asked (not a bug)
     ├── MissingImageError      a command with no photo to work on (or no image id for /remove)
     ├── FileTooBigError        over the 20 MB a bot may download
-    ├── NotAllowedError        the user may not do this here (add or remove)
+    ├── NotAllowedError        the user may not do this here (add, remove, change the watch)
     └── RateLimitedError       the user asked too often; try again in a while
 
 Handlers raise these; the global error handler answers them with a sentence from replies.py and
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-Action = Literal["search", "add", "remove"]
+Action = Literal["search", "add", "remove", "watch"]
 
 
 class RefusedError(Exception):

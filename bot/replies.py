@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import datetime as dtm
 import re
+from collections.abc import Sequence
 from html import escape
 from pathlib import PurePath
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from bot.errors import (
     FileTooBigError,
@@ -24,6 +25,9 @@ from indexer.catalog import GLOBAL_SCOPE, ImageRecord
 from indexer.errors import IndexerError
 from indexer.search import IndexStats, Match
 
+if TYPE_CHECKING:
+    from bot.watch import FirstSeen
+
 # A supergroup's chat id is -100 followed by the id its t.me/c/ links use.
 _SUPERGROUP_ID_OFFSET: Final = 1_000_000_000_000
 _LONGEST_SHOWN_NAME: Final = 120
@@ -35,6 +39,9 @@ COMMANDS: Final[tuple[tuple[str, str], ...]] = (
     ("add", "Add the photo you reply to (or send with /add) to this chat's collection"),
     ("remove", "Remove a photo: reply to it or to a result, or /remove ID"),
     ("stats", "Collection size and index age"),
+    ("watch", "Groups: /watch on or /watch off, to answer reposts (admins)"),
+    ("settings", "Groups: the repost watch's settings (admins)"),
+    ("forget", "Reply to your own photo to remove it from this chat's history"),
     ("help", "How to use this bot, with examples"),
     ("start", "What this bot does"),
 )
@@ -66,6 +73,12 @@ def help_text(bot_username: str) -> str:
         "Photos added in a chat are found only in that chat.\n"
         "• <code>/remove 12</code> removes the photo numbered 12 in my replies; or reply "
         "<code>/remove</code> to a photo or to one of my results (chat admins).\n\n"
+        "<b>Repost watch (groups)</b>\n"
+        "• <code>/watch on</code> (admins): every photo posted here is checked, and a photo "
+        "that is the same picture as an earlier post gets a link to it. "
+        "<code>/watch off</code> stops it; /settings has the options.\n"
+        "• Reply <code>/forget</code> to your own photo to remove it from this chat's history."
+        "\n\n"
         "<b>Other commands</b>\n"
         "• /stats: how many photos, how fresh the index is.\n\n"
         f"In groups, commands may be addressed to me: <code>/search@{name}</code>."
@@ -98,8 +111,16 @@ def _origin(record: ImageRecord) -> str:
 
 
 def _message_link(chat_id: int, message_id: int | None) -> str | None:
-    """A t.me link to a message: only supergroup messages have one (for their members)."""
-    if message_id is None or chat_id >= -_SUPERGROUP_ID_OFFSET:
+    return None if message_id is None else message_link(chat_id, None, message_id)
+
+
+def message_link(chat_id: int, chat_username: str | None, message_id: int) -> str | None:
+    """A t.me link to a message, for the chat's members: t.me/<name>/<id> in a public group,
+    t.me/c/<internal id>/<id> in a private supergroup (its chat id without the -100 prefix).
+    Basic groups and private chats have none."""
+    if chat_username:
+        return f"https://t.me/{chat_username}/{message_id}"
+    if chat_id >= -_SUPERGROUP_ID_OFFSET:
         return None
     return f"https://t.me/c/{-chat_id - _SUPERGROUP_ID_OFFSET}/{message_id}"
 
@@ -147,7 +168,7 @@ def image_id_in(text: str | None) -> int | None:
 # -- refusals and failures ------------------------------------------------------------------------
 
 
-def refusal(error: RefusedError | IndexerError) -> str:
+def refusal(error: RefusedError | IndexerError) -> str:  # noqa: PLR0911 - one per kind
     """Why a request was declined, for a refusal or an engine error caused by the input."""
     if isinstance(error, IndexerError):
         return f"⚠️ {escape(error.user_message)}"
@@ -160,6 +181,8 @@ def refusal(error: RefusedError | IndexerError) -> str:
         seconds = max(1, round(error.retry_after_s))
         return f"⏳ That was a lot of photos. Please try again in {seconds} s."
     if isinstance(error, NotAllowedError):
+        if error.action == "watch":
+            return only_admins_here()
         return f"🔒 Only the admins can {error.action} photos here."
     if isinstance(error, MissingImageError):
         return _usage(error.command)
@@ -217,3 +240,170 @@ def _ago(elapsed: dtm.timedelta) -> str:
 
 def _shortened(text: str, limit: int = _LONGEST_SHOWN_NAME) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# -- repost watch -------------------------------------------------------------------------------
+
+NOT_A_REPOST_BUTTON: Final = "🙅 Not a repost"
+DELETE_REPOST_BUTTON: Final = "🗑 Delete repost"
+_STYLE_NAMES: Final = {"reply": "a reply", "reaction": "a reaction only", "silent": "silent (log)"}
+_POLICY_NAMES: Final = {
+    "everyone": "everyone",
+    "chat_admins": "chat admins",
+    "admins": "bot admins only",
+}
+
+
+def seen_before(reposts: Sequence[tuple[FirstSeen, int]]) -> str:
+    """The answer to a repost (or to an album with reposts): where each was seen first."""
+    if len(reposts) == 1:
+        [(first, times)] = reposts
+        return f"🔁 <b>Seen before</b>: {_first_seen(first)}. Seen {_times(times)}."
+    lines = [f"🔁 <b>Seen before</b>: {len(reposts)} photos of this album."]
+    lines += [
+        f"{number}. {_first_seen(first)}. Seen {_times(times)}."
+        for number, (first, times) in enumerate(reposts, start=1)
+    ]
+    return "\n".join(lines)
+
+
+def _first_seen(first: FirstSeen) -> str:
+    if first.who is None:
+        return "this picture is in the offline collection"
+    posted = "first posted"
+    if first.link is not None:
+        posted = f'<a href="{escape(first.link, quote=True)}">first posted</a>'
+    when = "" if first.when is None else f" on {_moment(first.when)}"
+    return f"{posted} by {escape(_shortened(first.who))}{when}"
+
+
+def _times(count: int) -> str:
+    return "twice" if count == 2 else f"{count} times"
+
+
+def _moment(timestamp: float) -> str:
+    return f"{dtm.datetime.fromtimestamp(timestamp, dtm.UTC):%d %b %Y %H:%M} UTC"
+
+
+def watch_usage(on: bool) -> str:
+    state = "on" if on else "off"
+    return (
+        f"👁 The repost watch is <b>{state}</b> here. Send <code>/watch on</code> or "
+        "<code>/watch off</code> (admins), or use /settings."
+    )
+
+
+def watch_only_in_groups() -> str:
+    return "👁 The repost watch works in groups: add me to one and send /watch on there."
+
+
+def watch_switched(on: bool) -> str:
+    if on:
+        return (
+            "👁 Repost watch is <b>on</b>: every photo posted here is checked, and one that is "
+            "the same picture as an earlier post gets a link to it. /settings has the options."
+        )
+    return "💤 Repost watch is <b>off</b>. Photos posted here are no longer checked."
+
+
+def watch_cannot_see(bot_username: str) -> str:
+    """/watch on in a group where privacy mode hides the photos from the bot."""
+    return (
+        "⚠️ I cannot see the photos posted here yet: my privacy mode is on and I am not an "
+        "admin of this group. Change one of these:\n"
+        "• make me an <b>admin</b> of this group (with the <i>Delete messages</i> right, so "
+        "the <i>Delete repost</i> button works too), or\n"
+        f"• in @BotFather send <code>/setprivacy</code>, choose @{escape(bot_username)} and "
+        "<b>Disable</b>; then remove me from this group and add me again (Telegram applies "
+        "the change only when I join)."
+    )
+
+
+def settings_title() -> str:
+    return "⚙️ <b>Repost watch settings</b> for this chat. Tap a button to change it."
+
+
+def setting_watch(on: bool) -> str:
+    return f"👁 Watch: {'on' if on else 'off'}"
+
+
+def setting_style(style: str) -> str:
+    return f"↩️ Answer: {_STYLE_NAMES.get(style, style)}"
+
+
+def setting_global(counts: bool) -> str:
+    return f"📁 Offline collection counts: {'yes' if counts else 'no'}"
+
+
+def setting_retention(days: int) -> str:
+    return "🗓 Forget photos: never" if days == 0 else f"🗓 Forget photos after {days} days"
+
+
+def setting_add(policy: str) -> str:
+    return f"✋ Who may /add: {_POLICY_NAMES.get(policy, policy)}"
+
+
+def setting_changed() -> str:
+    return "Saved."
+
+
+def settings_only_in_groups() -> str:
+    return "⚙️ /settings is for groups: send it in a group where I am a member."
+
+
+def only_admins_here() -> str:
+    return "🔒 Only this chat's admins can do that."
+
+
+def only_admins_or_poster() -> str:
+    return "🔒 Only the admins or the person who posted it can say that."
+
+
+def button_expired() -> str:
+    return "This button is no longer current."
+
+
+def not_a_repost_noted() -> str:
+    return "Noted: I will not call this pair a repost again."
+
+
+def repost_deleted() -> str:
+    return "Deleted."
+
+
+def cannot_delete() -> str:
+    return (
+        "I cannot delete messages here: make me an admin with the \"Delete messages\" right."
+    )
+
+
+def forget_usage() -> str:
+    return "Reply <code>/forget</code> to a photo you posted here to remove it from my memory."
+
+
+def forget_not_known() -> str:
+    return "🤷 I do not keep that photo: it was posted before the watch was on, or forgotten."
+
+
+def forget_not_yours() -> str:
+    return "🔒 You can only make me forget photos you posted yourself."
+
+
+def forgotten() -> str:
+    return "🧹 Forgotten: that photo is no longer part of this chat's history."
+
+
+def watch_behind(waiting: int) -> str:
+    """To the bot admins: the watch cannot keep up (the photos are kept, and checked later)."""
+    return (
+        f"⏳ The repost watch is behind: {waiting} photos wait to be checked. None is lost; "
+        "answers come late until it catches up. More [index] workers would help."
+    )
+
+
+def watch_gave_up(chat_id: int, message_id: int, error: BaseException) -> str:
+    detail = escape(_shortened(f"{type(error).__name__}: {error}", 400))
+    return (
+        f"🚨 The repost watch gave up on message {message_id} in chat {chat_id} after "
+        f"several tries:\n<code>{detail}</code>"
+    )

@@ -94,6 +94,12 @@ class RuntimeSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class WatchSettings:
+    queue_size: int  # watched photos queued in memory; more wait in the catalog's inbox
+    album_wait_s: float  # quiet time after an album's last item before it is answered
+
+
+@dataclass(frozen=True, slots=True)
 class BotSettings:
     """Everything the bot is configured with, validated."""
 
@@ -102,6 +108,7 @@ class BotSettings:
     search: SearchSettings
     access: AccessSettings
     runtime: RuntimeSettings
+    watch: WatchSettings
 
 
 def load_settings(path: Path, environ: Mapping[str, str] | None = None) -> BotSettings:
@@ -146,6 +153,7 @@ def parse_settings(
         search=_search(sections["search"]),
         access=_access(sections["access"]),
         runtime=_runtime(sections["runtime"]),
+        watch=_watch(sections["watch"]),
     )
 
 
@@ -157,6 +165,7 @@ _SECTIONS: Final = {
     "search": ("top_n", "min_score"),
     "access": ("admins", "add_policy", "allowed_chats", "queries_per_minute"),
     "runtime": ("concurrent_updates", "notify_admins_on_error", "log_level"),
+    "watch": ("queue_size", "album_wait_s"),
 }
 
 
@@ -234,6 +243,14 @@ def _runtime(section: Mapping[str, Any]) -> RuntimeSettings:
     )
 
 
+def _watch(section: Mapping[str, Any]) -> WatchSettings:
+    wait = _read(section, "watch", "album_wait_s", 1.0, _number(0.0, 60.0))
+    return WatchSettings(
+        queue_size=_read(section, "watch", "queue_size", 100, _whole(2, 100_000)),
+        album_wait_s=wait,
+    )
+
+
 # -- value checks: each returns the value or an error phrase ("must be ...") --------------------
 
 
@@ -265,6 +282,16 @@ def _whole(minimum: int, maximum: int) -> Callable[[Any], tuple[int | None, str 
         if isinstance(value, int) and not isinstance(value, bool) and minimum <= value <= maximum:
             return value, None
         return None, f"must be a whole number from {minimum} to {maximum}"
+
+    return check
+
+
+def _number(minimum: float, maximum: float) -> Callable[[Any], tuple[float | None, str | None]]:
+    def check(value: Any) -> tuple[float | None, str | None]:
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if number and minimum <= value <= maximum:
+            return float(value), None
+        return None, f"must be a number from {minimum:g} to {maximum:g}"
 
     return check
 

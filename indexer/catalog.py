@@ -79,6 +79,49 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX images_by_path ON images (path);
     """,
+    # Repost watch (the bot's group feature). A sighting is one chat message showing a picture
+    # (an image row); the chat's first sighting of an image is its original. The inbox keeps
+    # every watched photo received but not yet checked, so a kill loses none of them.
+    """
+    CREATE TABLE chat_settings (
+        chat_id INTEGER PRIMARY KEY,
+        watch INTEGER NOT NULL DEFAULT 0,
+        reply_style TEXT NOT NULL DEFAULT 'reply',
+        global_counts INTEGER NOT NULL DEFAULT 0,
+        retention_days INTEGER NOT NULL DEFAULT 0,
+        add_policy TEXT,
+        updated_at REAL NOT NULL
+    );
+    CREATE TABLE sightings (
+        chat_id INTEGER NOT NULL,
+        message_id INTEGER NOT NULL,
+        image_id INTEGER NOT NULL REFERENCES images (id) ON DELETE CASCADE,
+        sender_id INTEGER,
+        sender_name TEXT NOT NULL,
+        posted_at REAL NOT NULL,
+        file_unique_id TEXT NOT NULL,
+        answer_message_id INTEGER,
+        dismissed INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (chat_id, message_id)
+    );
+    CREATE INDEX sightings_by_image ON sightings (image_id, chat_id, posted_at);
+    CREATE INDEX sightings_by_answer ON sightings (chat_id, answer_message_id);
+    CREATE INDEX sightings_by_date ON sightings (chat_id, posted_at);
+    CREATE TABLE dismissed_pairs (
+        chat_id INTEGER NOT NULL,
+        image_id INTEGER NOT NULL REFERENCES images (id) ON DELETE CASCADE,
+        file_unique_id TEXT NOT NULL,
+        PRIMARY KEY (chat_id, image_id, file_unique_id)
+    );
+    CREATE TABLE watch_inbox (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        chat_id INTEGER NOT NULL,
+        message_id INTEGER NOT NULL,
+        payload TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        UNIQUE (chat_id, message_id)
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _SQLITE_FULL = 13
@@ -538,6 +581,213 @@ class Catalog:
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db, self._write_turn)
+
+
+    # -- chats: watch settings, sightings, dismissed pairs --------------------------------
+    # The repost watch of the bot. A sighting is one chat message showing a picture (an image
+    # row); a chat's first sighting of an image is its original. The inbox holds every watched
+    # photo received and not yet checked, so that a kill loses none. Rows are returned as
+    # dicts keyed by column name; the bot gives them their types.
+
+    _CHAT_SETTINGS_COLUMNS = (
+        "chat_id, watch, reply_style, global_counts, retention_days, add_policy"
+    )
+    _SIGHTING_COLUMNS = (
+        "chat_id, message_id, image_id, sender_id, sender_name, posted_at, file_unique_id, "
+        "answer_message_id, dismissed"
+    )
+    _INBOX_COLUMNS = "chat_id, message_id, payload, attempts"
+
+    async def chat_settings(self, chat_id: int) -> dict[str, Any] | None:
+        """The chat's stored settings, or None if it never changed any."""
+        rows = await self._rows(
+            f"SELECT {self._CHAT_SETTINGS_COLUMNS} FROM chat_settings WHERE chat_id = ?",
+            (chat_id,),
+        )
+        return rows[0] if rows else None
+
+    async def save_chat_settings(
+        self,
+        chat_id: int,
+        *,
+        watch: bool,
+        reply_style: str,
+        global_counts: bool,
+        retention_days: int,
+        add_policy: str | None,
+    ) -> None:
+        async with _translated_errors(), self._transaction():
+            await self._db.execute(
+                "INSERT INTO chat_settings (chat_id, watch, reply_style, global_counts, "
+                "retention_days, add_policy, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (chat_id) DO UPDATE SET watch = excluded.watch, "
+                "reply_style = excluded.reply_style, global_counts = excluded.global_counts, "
+                "retention_days = excluded.retention_days, add_policy = excluded.add_policy, "
+                "updated_at = excluded.updated_at",
+                (chat_id, int(watch), reply_style, int(global_counts), retention_days,
+                 add_policy, time.time()),
+            )  # fmt: skip
+
+    async def chats_with_retention(self) -> list[dict[str, Any]]:
+        """Settings of every chat that forgets its photos after some days."""
+        return await self._rows(
+            f"SELECT {self._CHAT_SETTINGS_COLUMNS} FROM chat_settings "
+            "WHERE retention_days > 0 ORDER BY chat_id"
+        )
+
+    async def inbox_put(self, chat_id: int, message_id: int, payload: str) -> None:
+        """Keep a watched photo until it is checked; a newer payload (an edit) replaces it."""
+        async with _translated_errors(), self._transaction():
+            await self._db.execute(
+                "INSERT INTO watch_inbox (chat_id, message_id, payload) VALUES (?, ?, ?) "
+                "ON CONFLICT (chat_id, message_id) DO UPDATE SET payload = excluded.payload, "
+                "attempts = 0",
+                (chat_id, message_id, payload),
+            )
+
+    async def inbox_items(self, *, limit: int) -> list[dict[str, Any]]:
+        """The oldest ``limit`` photos waiting to be checked, in arrival order."""
+        return await self._rows(
+            f"SELECT {self._INBOX_COLUMNS} FROM watch_inbox ORDER BY seq LIMIT ?", (limit,)
+        )
+
+    async def inbox_item(self, chat_id: int, message_id: int) -> dict[str, Any] | None:
+        rows = await self._rows(
+            f"SELECT {self._INBOX_COLUMNS} FROM watch_inbox WHERE chat_id = ? AND message_id = ?",
+            (chat_id, message_id),
+        )
+        return rows[0] if rows else None
+
+    async def inbox_count(self) -> int:
+        return await self._scalar("SELECT count(*) FROM watch_inbox")
+
+    async def inbox_failed_attempt(self, chat_id: int, message_id: int) -> None:
+        async with _translated_errors(), self._transaction():
+            await self._db.execute(
+                "UPDATE watch_inbox SET attempts = attempts + 1 "
+                "WHERE chat_id = ? AND message_id = ?",
+                (chat_id, message_id),
+            )
+
+    async def inbox_drop(self, chat_id: int, message_id: int, payload: str) -> bool:
+        """Forget a waiting photo, unless an edit replaced its payload meanwhile (then False)."""
+        async with _translated_errors(), self._transaction():
+            cursor = await self._db.execute(
+                "DELETE FROM watch_inbox WHERE chat_id = ? AND message_id = ? AND payload = ?",
+                (chat_id, message_id, payload),
+            )
+        return cursor.rowcount > 0
+
+    async def record_sighting(self, sighting: dict[str, Any], *, inbox_payload: str) -> bool:
+        """Store a checked photo (replacing an earlier sighting of the same message) and take
+        it out of the inbox, in one transaction. ``sighting`` has the sightings columns.
+        Returns False, storing no sighting, when its image was removed meanwhile."""
+        async with _translated_errors(), self._transaction():
+            exists = await self._db.execute_fetchall(
+                "SELECT 1 FROM images WHERE id = ?", (sighting["image_id"],)
+            )
+            if exists:
+                columns = self._SIGHTING_COLUMNS.split(", ")
+                await self._db.execute(
+                    f"INSERT OR REPLACE INTO sightings ({self._SIGHTING_COLUMNS}) "
+                    f"VALUES ({', '.join('?' * len(columns))})",
+                    tuple(sighting[column] for column in columns),
+                )
+            await self._db.execute(
+                "DELETE FROM watch_inbox WHERE chat_id = ? AND message_id = ? AND payload = ?",
+                (sighting["chat_id"], sighting["message_id"], inbox_payload),
+            )
+        return bool(exists)
+
+    async def sighting(self, chat_id: int, message_id: int) -> dict[str, Any] | None:
+        rows = await self._rows(
+            f"SELECT {self._SIGHTING_COLUMNS} FROM sightings WHERE chat_id = ? AND message_id = ?",
+            (chat_id, message_id),
+        )
+        return rows[0] if rows else None
+
+    async def sightings_of(self, chat_id: int, image_id: int) -> list[dict[str, Any]]:
+        """The chat's sightings of an image that were not dismissed, oldest first."""
+        return await self._rows(
+            f"SELECT {self._SIGHTING_COLUMNS} FROM sightings WHERE image_id = ? AND chat_id = ? "
+            "AND dismissed = 0 ORDER BY posted_at, message_id",
+            (image_id, chat_id),
+        )
+
+    async def sightings_answered_by(
+        self, chat_id: int, answer_message_id: int
+    ) -> list[dict[str, Any]]:
+        """The sightings one of the bot's repost answers is about."""
+        return await self._rows(
+            f"SELECT {self._SIGHTING_COLUMNS} FROM sightings WHERE chat_id = ? "
+            "AND answer_message_id = ? ORDER BY message_id",
+            (chat_id, answer_message_id),
+        )
+
+    async def set_answer(
+        self, chat_id: int, message_ids: Sequence[int], answer_message_id: int
+    ) -> None:
+        async with _translated_errors(), self._transaction():
+            await self._db.executemany(
+                "UPDATE sightings SET answer_message_id = ? WHERE chat_id = ? AND message_id = ?",
+                [(answer_message_id, chat_id, message_id) for message_id in message_ids],
+            )
+
+    async def is_dismissed(self, chat_id: int, image_id: int, file_unique_id: str) -> bool:
+        rows = await self._rows(
+            "SELECT 1 AS found FROM dismissed_pairs WHERE chat_id = ? AND image_id = ? "
+            "AND file_unique_id = ?",
+            (chat_id, image_id, file_unique_id),
+        )
+        return bool(rows)
+
+    async def dismiss(self, chat_id: int, pairs: Sequence[tuple[int, int, str]]) -> None:
+        """Mark sightings (message id, image id, file unique id) as "not a repost": they no
+        longer count, and the pair of pictures is remembered."""
+        async with _translated_errors(), self._transaction():
+            await self._db.executemany(
+                "UPDATE sightings SET dismissed = 1, answer_message_id = NULL "
+                "WHERE chat_id = ? AND message_id = ?",
+                [(chat_id, message_id) for message_id, _, _ in pairs],
+            )
+            await self._db.executemany(
+                "INSERT OR IGNORE INTO dismissed_pairs (chat_id, image_id, file_unique_id) "
+                "VALUES (?, ?, ?)",
+                [(chat_id, image_id, unique_id) for _, image_id, unique_id in pairs],
+            )
+
+    async def delete_sightings(self, chat_id: int, message_ids: Sequence[int]) -> None:
+        async with _translated_errors(), self._transaction():
+            await self._db.executemany(
+                "DELETE FROM sightings WHERE chat_id = ? AND message_id = ?",
+                [(chat_id, message_id) for message_id in message_ids],
+            )
+
+    async def chat_images_before(self, chat_id: int, cutoff: float) -> list[int]:
+        """Ids of the chat's own images first posted (or else added) before ``cutoff``."""
+        rows = await self._rows(
+            "SELECT i.id AS id FROM images i LEFT JOIN sightings s ON s.chat_id = i.scope "
+            "AND s.message_id = i.origin_message_id "
+            "WHERE i.scope = ? AND coalesce(s.posted_at, i.added_at) < ? ORDER BY i.id",
+            (chat_id, cutoff),
+        )
+        return [int(row["id"]) for row in rows]
+
+    async def forget_sightings_before(self, chat_id: int, cutoff: float) -> int:
+        """Delete the chat's sightings posted before ``cutoff``; returns how many."""
+        async with _translated_errors(), self._transaction():
+            cursor = await self._db.execute(
+                "DELETE FROM sightings WHERE chat_id = ? AND posted_at < ?", (chat_id, cutoff)
+            )
+        return int(cursor.rowcount)
+
+    async def _rows(self, sql: str, parameters: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        async with _translated_errors():
+            cursor = await self._db.execute(sql, parameters)
+            names = [column[0] for column in cursor.description]
+            rows = await cursor.fetchall()
+            await cursor.close()
+        return [dict(zip(names, row, strict=True)) for row in rows]
 
 
 class _Transaction:
