@@ -10,7 +10,12 @@ What it emulates, in the shapes of the Bot API (``{"ok": true, "result": ...}`` 
 * methods getMe, deleteWebhook, getWebhookInfo, getUpdates (offset / limit / long-poll timeout /
   allowed_updates, and a 409 for a competing poll), sendMessage, sendPhoto, sendDocument,
   sendMediaGroup, sendChatAction, setMyCommands, getMyCommands, deleteMyCommands, getChatMember,
-  getFile, and file downloads under ``/file/bot<token>/<file_path>``;
+  getFile, answerCallbackQuery, editMessageReplyMarkup, editMessageText, deleteMessage,
+  deleteMessages, setMessageReaction, and file downloads under ``/file/bot<token>/<file_path>``;
+* updates of kinds message, edited_message and callback_query: a user presses an inline button
+  (``user_presses_button``), edits a photo (``user_edits_photo``), forwards one
+  (``user_forwards_photo``), or a linked channel's post arrives in its discussion group
+  (``channel_post_arrives``, ``is_automatic_forward``);
 * method names are case-insensitive, as in the real API; a wrong token answers 401, an unknown
   method 404;
 * the ``HTML``, ``MarkdownV2`` and legacy ``Markdown`` parse modes are parsed into plain text and
@@ -49,7 +54,7 @@ from PIL import Image, UnidentifiedImageError
 from telegram.ext import Application
 
 JsonDict = dict[str, Any]
-ChatType = Literal["private", "group", "supergroup"]
+ChatType = Literal["private", "group", "supergroup", "channel"]
 MemberStatus = Literal["creator", "administrator", "member", "restricted", "left", "kicked"]
 
 GET_FILE_LIMIT_BYTES = 20 * 1024 * 1024
@@ -93,6 +98,8 @@ _JSON_PARAMS = frozenset(
         "caption_entities",
         "commands",
         "entities",
+        "message_ids",
+        "reaction",
         "link_preview_options",
         "media",
         "reply_markup",
@@ -101,8 +108,20 @@ _JSON_PARAMS = frozenset(
     }
 )
 _INT_PARAMS = frozenset(
-    {"limit", "message_id", "message_thread_id", "offset", "reply_to_message_id", "user_id"}
+    {
+        "cache_time",
+        "limit",
+        "message_id",
+        "message_thread_id",
+        "offset",
+        "reply_to_message_id",
+        "user_id",
+    }
 )
+# The reactions a bot may set (the Bot API's ReactionTypeEmoji list, in part).
+_BOT_REACTIONS = frozenset({"👍", "👎", "❤", "🔥", "👀", "🤔", "😁", "🎉", "🤯", "💯", "🙈"})
+# Telegram's service account, the sender of a channel post forwarded into its discussion group.
+_TELEGRAM_SERVICE_USER: JsonDict = {"id": 777000, "is_bot": False, "first_name": "Telegram"}
 _FLOAT_PARAMS = frozenset({"timeout"})
 _BOOL_PARAMS = frozenset(
     {
@@ -113,7 +132,9 @@ _BOOL_PARAMS = frozenset(
         "disable_web_page_preview",
         "drop_pending_updates",
         "has_spoiler",
+        "is_big",
         "protect_content",
+        "show_alert",
         "show_caption_above_media",
     }
 )
@@ -927,6 +948,15 @@ class TelegramEmulator:
         self._file_counter = 0
         self._commands: dict[tuple[str, str], list[JsonDict]] = {}
         self._flood_rules: dict[str, _FloodRule] = {}
+        self._admin_rights: dict[tuple[int, int], JsonDict] = {}
+        self._callback_queries: dict[str, JsonDict] = {}
+        self._next_callback_id = 88_000_000_001
+        self._next_channel_id = 2_000_000_001
+        self.reactions: dict[tuple[int, int], list[JsonDict]] = {}
+        self.deleted: set[tuple[int, int]] = set()
+        self.callback_answers: dict[str, JsonDict] = {}
+        # Added to the clock of messages users send: a test posts "days ago" with it.
+        self.clock_offset_s = 0
         implementations: dict[str, _MethodImplementation] = {
             "getMe": self._get_me,
             "deleteWebhook": self._delete_webhook,
@@ -941,6 +971,12 @@ class TelegramEmulator:
             "deleteMyCommands": self._delete_my_commands,
             "getChatMember": self._get_chat_member,
             "getFile": self._get_file,
+            "answerCallbackQuery": self._answer_callback_query,
+            "editMessageReplyMarkup": self._edit_message_reply_markup,
+            "editMessageText": self._edit_message_text,
+            "deleteMessage": self._delete_message,
+            "deleteMessages": self._delete_messages,
+            "setMessageReaction": self._set_message_reaction,
         }
         self._methods = implementations
         # getUpdates is answered apart because it awaits (long polling).
@@ -1098,11 +1134,17 @@ class TelegramEmulator:
         return chat
 
     def set_member_status(
-        self, chat: EmulatedChat, user: EmulatedUser, status: MemberStatus
+        self,
+        chat: EmulatedChat,
+        user: EmulatedUser,
+        status: MemberStatus,
+        *,
+        can_delete_messages: bool = True,
     ) -> None:
         """Set what getChatMember reports for ``user`` (or ``emu.bot_user``) in a group.
 
         A bot whose status is "left" or "kicked" cannot post there (403, as in Telegram).
+        An administrator has every right, or all but "Delete messages".
 
         Raises:
             ValueError: for a private chat, or an unknown chat or user.
@@ -1112,6 +1154,19 @@ class TelegramEmulator:
         if chat.type == "private":
             raise ValueError("membership of a private chat cannot change")
         self._members[chat.id][user.id] = status
+        self._admin_rights[(chat.id, user.id)] = {"can_delete_messages": can_delete_messages}
+
+    def create_channel(self, title: str, *, username: str | None = None) -> EmulatedChat:
+        """A channel (ids are -100..., like supergroups'); its posts reach the bot only through
+        a linked discussion group (:meth:`channel_post_arrives`)."""
+        number = self._next_channel_id
+        self._next_channel_id += 1
+        chat = EmulatedChat(
+            id=-(1_000_000_000_000 + number), type="channel", title=title, username=username
+        )
+        self._chats[chat.id] = chat
+        self._members[chat.id] = {}
+        return chat
 
     def block_bot(self, user: EmulatedUser) -> None:
         """The user blocks the bot: sending to their private chat then answers 403."""
@@ -1165,6 +1220,120 @@ class TelegramEmulator:
         content = {"photo": self._store_photo(image)}
         content.update(self._user_caption(caption))
         return self._user_message(chat, user, content, reply_to, message_thread_id)
+
+    def user_forwards_photo(
+        self,
+        chat: EmulatedChat,
+        user: EmulatedUser,
+        image: bytes,
+        *,
+        original_sender: EmulatedUser,
+        original_date: int | None = None,
+    ) -> JsonDict:
+        """The user forwards a photo first sent by ``original_sender`` elsewhere
+        (``forward_origin`` of type "user").
+
+        Raises:
+            ValueError: as :meth:`user_sends_photo`.
+        """
+        content: JsonDict = {
+            "forward_origin": {
+                "type": "user",
+                "date": original_date if original_date is not None else self._now() - 3600,
+                "sender_user": original_sender.to_api(),
+            },
+            "photo": self._store_photo(image),
+        }
+        return self._user_message(chat, user, content, None, None)
+
+    def channel_post_arrives(
+        self, group: EmulatedChat, channel: EmulatedChat, image: bytes, *, post_id: int = 1
+    ) -> JsonDict:
+        """A photo posted in ``channel`` arrives in its linked discussion group ``group``, as
+        Telegram forwards it there: from the service account, ``sender_chat`` the channel,
+        ``is_automatic_forward``. Privacy mode does not hide these from the bot.
+
+        Raises:
+            ValueError: for an unknown chat, or a ``channel`` that is not a channel.
+        """
+        self._require_chat(group)
+        self._require_chat(channel)
+        if channel.type != "channel":
+            raise ValueError(f"chat {channel.id} is not a channel")
+        message: JsonDict = {
+            "message_id": self._next_message_id(group.id),
+            "from": dict(_TELEGRAM_SERVICE_USER),
+            "sender_chat": channel.to_api(),
+            "chat": group.to_api(),
+            "date": self._now(),
+            "forward_origin": {
+                "type": "channel",
+                "date": self._now(),
+                "chat": channel.to_api(),
+                "message_id": post_id,
+            },
+            "is_automatic_forward": True,
+            "photo": self._store_photo(image),
+        }
+        self._messages[(group.id, message["message_id"])] = message
+        if self._bot_receives(group, message):
+            self._queue_update("message", message)
+        return message
+
+    def user_edits_photo(
+        self, chat: EmulatedChat, user: EmulatedUser, message: Mapping[str, Any], image: bytes
+    ) -> JsonDict:
+        """The user replaces the photo of their message (editMessageMedia in a client): an
+        ``edited_message`` update with the new photo and an ``edit_date``.
+
+        Raises:
+            ValueError: for a message that is not the user's, or not in the chat.
+        """
+        stored = self._find_message(chat.id, int(message["message_id"]))
+        if stored is None or stored.get("from", {}).get("id") != user.id:
+            raise ValueError(f"message {message['message_id']} is not {user.id}'s in {chat.id}")
+        edited = {**stored, "photo": self._store_photo(image), "edit_date": self._now()}
+        self._messages[(chat.id, int(edited["message_id"]))] = edited
+        if self._bot_receives(chat, edited):
+            self._queue_update("edited_message", edited)
+        return edited
+
+    def user_presses_button(
+        self, chat: EmulatedChat, user: EmulatedUser, message: SentMessage, callback_data: str
+    ) -> str:
+        """The user presses an inline button of one of the bot's messages; returns the
+        callback query's id (see ``callback_answers``).
+
+        Raises:
+            ValueError: if the message has no button with that callback data, or was deleted.
+        """
+        self._require_user(user)
+        current = self._find_message(chat.id, message.message_id)
+        if current is None:
+            raise ValueError(f"message {message.message_id} in {chat.id} was deleted")
+        buttons = [
+            button
+            for row in current.get("reply_markup", {}).get("inline_keyboard", [])
+            for button in row
+        ]
+        if not any(button.get("callback_data") == callback_data for button in buttons):
+            raise ValueError(f"message {message.message_id} has no button {callback_data!r}")
+        query_id = str(self._next_callback_id)
+        self._next_callback_id += 1
+        query: JsonDict = {
+            "id": query_id,
+            "from": user.to_api(),
+            "message": current,
+            "chat_instance": _short_hash("chat_instance", chat.id),
+            "data": callback_data,
+        }
+        self._callback_queries[query_id] = query
+        self._queue_update("callback_query", query)
+        return query_id
+
+    def current_message(self, chat: EmulatedChat, message_id: int) -> JsonDict | None:
+        """A message as it is now (edits applied), or None once deleted."""
+        return self._find_message(chat.id, message_id)
 
     def user_sends_album(
         self,
@@ -1694,7 +1863,134 @@ class TelegramEmulator:
         if user is None:
             raise _bad_request("user not found")
         status = self._members[chat.id].get(user.id, "left")
-        return _Handled(_chat_member_api(user, status))
+        member = _chat_member_api(user, status)
+        if status == "administrator":
+            member.update(self._admin_rights.get((chat.id, user.id), {}))
+        return _Handled(member)
+
+    def _answer_callback_query(
+        self, params: Mapping[str, Any], files: Mapping[str, UploadedFile]
+    ) -> _Handled:
+        query_id = str(params.get("callback_query_id") or "")
+        # Telegram accepts one answer per query.
+        if query_id not in self._callback_queries or query_id in self.callback_answers:
+            raise _bad_request(
+                "query is too old and response timeout expired or query ID is invalid"
+            )
+        text = params.get("text")
+        if text is not None and len(str(text)) > 200:
+            raise _bad_request("MESSAGE_TOO_LONG")
+        self.callback_answers[query_id] = {
+            "text": text,
+            "show_alert": bool(params.get("show_alert", False)),
+        }
+        return _Handled(True)
+
+    def _editable_bot_message(self, params: Mapping[str, Any]) -> JsonDict:
+        if params.get("inline_message_id"):
+            raise _bad_request("inline messages are not emulated")
+        chat = self._known_chat(params.get("chat_id"))
+        message = self._find_message(chat.id, int(params.get("message_id") or 0))
+        if message is None:
+            raise _bad_request("message to edit not found")
+        if message["from"]["id"] != self.bot_user.id:
+            raise _bad_request("message can't be edited")
+        return message
+
+    def _edit_message_reply_markup(
+        self, params: Mapping[str, Any], files: Mapping[str, UploadedFile]
+    ) -> _Handled:
+        message = self._editable_bot_message(params)
+        markup = params.get("reply_markup")
+        new_markup = markup if isinstance(markup, dict) and markup.get("inline_keyboard") else None
+        if new_markup == message.get("reply_markup"):
+            raise _bad_request(
+                "message is not modified: specified new message content and reply markup are "
+                "exactly the same as a current content and reply markup of the message"
+            )
+        if new_markup is None:
+            message.pop("reply_markup", None)
+        else:
+            message["reply_markup"] = new_markup
+        message["edit_date"] = self._now()
+        return _Handled(message)
+
+    def _edit_message_text(
+        self, params: Mapping[str, Any], files: Mapping[str, UploadedFile]
+    ) -> _Handled:
+        message = self._editable_bot_message(params)
+        if "text" not in message:
+            raise _bad_request("there is no text in the message to edit")
+        text, entities = self._formatted(str(params.get("text") or ""), params, "entities")
+        if not text:
+            raise _bad_request("message text is empty")
+        markup = params.get("reply_markup")
+        new_markup = markup if isinstance(markup, dict) and markup.get("inline_keyboard") else None
+        if text == message["text"] and new_markup == message.get("reply_markup"):
+            raise _bad_request("message is not modified")
+        message["text"] = text
+        message.pop("entities", None)
+        if entities:
+            message["entities"] = entities
+        if new_markup is None:
+            message.pop("reply_markup", None)
+        else:
+            message["reply_markup"] = new_markup
+        message["edit_date"] = self._now()
+        return _Handled(message)
+
+    def _delete_one(self, chat: EmulatedChat, message_id: int) -> None:
+        message = self._find_message(chat.id, message_id)
+        if message is None:
+            raise _bad_request("message to delete not found")
+        own = message.get("from", {}).get("id") == self.bot_user.id
+        if not own and chat.type != "private" and not self._may_delete_others(chat):
+            raise _bad_request("message can't be deleted")
+        del self._messages[(chat.id, message_id)]
+        self.deleted.add((chat.id, message_id))
+
+    def _may_delete_others(self, chat: EmulatedChat) -> bool:
+        status = self._members[chat.id].get(self.bot_user.id)
+        if status == "creator":
+            return True
+        rights = self._admin_rights.get((chat.id, self.bot_user.id), {})
+        return status == "administrator" and bool(rights.get("can_delete_messages", True))
+
+    def _delete_message(
+        self, params: Mapping[str, Any], files: Mapping[str, UploadedFile]
+    ) -> _Handled:
+        chat = self._known_chat(params.get("chat_id"))
+        self._delete_one(chat, int(params.get("message_id") or 0))
+        return _Handled(True)
+
+    def _delete_messages(
+        self, params: Mapping[str, Any], files: Mapping[str, UploadedFile]
+    ) -> _Handled:
+        chat = self._known_chat(params.get("chat_id"))
+        message_ids = params.get("message_ids")
+        if not isinstance(message_ids, list) or not 1 <= len(message_ids) <= 100:
+            raise _bad_request("message_ids must be a list of 1-100 ids")
+        # As in Telegram, messages that cannot be deleted are skipped, not refused.
+        for message_id in message_ids:
+            with contextlib.suppress(BotApiError):
+                self._delete_one(chat, int(message_id))
+        return _Handled(True)
+
+    def _set_message_reaction(
+        self, params: Mapping[str, Any], files: Mapping[str, UploadedFile]
+    ) -> _Handled:
+        chat = self._known_chat(params.get("chat_id"))
+        message_id = int(params.get("message_id") or 0)
+        if self._find_message(chat.id, message_id) is None:
+            raise _bad_request("message to react not found")
+        reaction = params.get("reaction") or []
+        if not isinstance(reaction, list) or len(reaction) > 1:
+            raise _bad_request("REACTIONS_TOO_MANY")
+        for item in reaction:
+            if item.get("type") != "emoji" or item.get("emoji") not in _BOT_REACTIONS:
+                raise _bad_request("REACTION_INVALID")
+        self.reactions[(chat.id, message_id)] = list(reaction)
+        return _Handled(True)
 
     def _get_file(self, params: Mapping[str, Any], files: Mapping[str, UploadedFile]) -> _Handled:
         file_id = params.get("file_id")
@@ -1772,7 +2068,7 @@ class TelegramEmulator:
             message["is_topic_message"] = True
         message["from"] = sender.to_api()
         message["chat"] = chat.to_api()
-        message["date"] = int(time.time())
+        message["date"] = self._now()
         if replied is not None:
             # Telegram embeds the replied-to message one level deep only.
             message["reply_to_message"] = {
@@ -1826,6 +2122,9 @@ class TelegramEmulator:
                 if not at or f"@{addressee}" == own_mention:
                     return True
         return False
+
+    def _now(self) -> int:
+        return int(time.time()) + self.clock_offset_s
 
     def _queue_update(self, kind: str, payload: JsonDict) -> None:
         self._updates.append(_Update(self._next_update_id, kind, payload))

@@ -41,4 +41,4 @@ async def test_the_bot_process_serves_until_sigterm_then_stops_cleanly(
     assert emu.token not in stderr
     assert (tmp_path / "index" / "catalog.sqlite").exists()
     polls = emu.calls_of("getUpdates")
-    assert polls[0].params["allowed_updates"] == ["message"]
+    assert polls[0].params["allowed_updates"] == ["message", "edited_message", "callback_query"]
