@@ -11,6 +11,7 @@ committed. Kill delays come from seeded generators, so a failing run can be repl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import os
@@ -694,3 +695,106 @@ async def test_the_bot_says_the_disk_is_full_saves_nothing_and_a_later_retry_wor
     assert (found.text or "").startswith("1. ✅ same picture")
     assert f"#{image_id}" in (found.text or "")
     assert catalog_health(index).problems == []
+
+
+# --- the bot killed while it checks a watched group's photos ----------------------------------
+
+
+def watched_state(index: Path, chat_id: int, message_id: int) -> tuple[int, int]:
+    """(rows in the watch inbox, sightings) of one message, read from outside the bot."""
+    with contextlib.closing(sqlite3.connect(index / CATALOG_FILE, timeout=30)) as connection:
+        waiting = connection.execute(
+            "SELECT count(*) FROM watch_inbox WHERE chat_id = ? AND message_id = ?",
+            (chat_id, message_id),
+        ).fetchone()[0]
+        seen = connection.execute(
+            "SELECT count(*) FROM sightings WHERE chat_id = ? AND message_id = ?",
+            (chat_id, message_id),
+        ).fetchone()[0]
+    return int(waiting), int(seen)
+
+
+async def kill_bot_during_watched_add(
+    emu: TelegramEmulator,
+    bot: BotProcess,
+    index: Path,
+    *,
+    group: EmulatedChat,
+    user: EmulatedUser,
+    data: bytes,
+    how: str,
+) -> tuple[str, dict[str, Any]]:
+    """Post ``data`` in a watched group and SIGKILL the bot: as soon as the photo is in the
+    watch's inbox (``"received"``), as it fetches the photo (``"downloaded"``), or while the
+    add waits for the catalog's write lock after writing the original (``"file-written"``)."""
+    target = f"{ORIGINALS_DIR}/{sha256(data)[:2]}/{sha256(data)}.jpg"
+    deadline = time.monotonic() + PROCESS_DEADLINE_S
+    if how == "downloaded":
+        downloads = len(emu.calls_of("getFile"))
+        request = emu.user_sends_photo(group, user, data)
+        await emu.wait_for(lambda _: len(emu.calls_of("getFile")) > downloads)
+        await bot.kill()
+        return "killed as it fetched the photo", request
+    request = emu.user_sends_photo(group, user, data)
+    while watched_state(index, group.id, request["message_id"]) == (0, 0):
+        assert time.monotonic() < deadline, "the watched photo never reached the inbox"
+        await asyncio.sleep(0.005)
+    if how == "received":
+        await bot.kill()
+        return "killed as soon as the photo was in the inbox", request
+    with CatalogWriteLock(index):
+        while target not in original_files(index):
+            assert time.monotonic() < deadline, "the watched add never wrote its original"
+            await asyncio.sleep(0.02)
+        await bot.kill()
+    return "killed between writing the original and committing its row", request
+
+
+async def test_a_bot_killed_during_watched_adds_loses_no_photo_and_links_reposts_to_them(
+    emu: TelegramEmulator, bot_template: Path, tmp_path: Path
+) -> None:
+    index = Path(shutil.copytree(bot_template, tmp_path / "index"))
+    config = write_bot_config(tmp_path / "config.toml", emu, index)
+    alice = emu.create_user("Alice")
+    probe = emu.private_chat(alice)
+    group = emu.create_group("Watched", [alice], chat_type="supergroup")
+    emu.set_member_status(group, alice, "administrator")
+    emu.set_member_status(group, emu.bot_user, "administrator")  # it sees every photo
+    kill_points = ["received", "downloaded", "file-written"]
+    seeds = [700 + number for number in range(len(kill_points))]
+    pictures = [drawing(seed) for seed in seeds]
+    problems: list[str] = []
+    states: list[str] = []
+    bot = await started_bot(emu, config, probe, alice)
+    try:
+        await answer_to(emu, group, emu.user_sends_text(group, alice, "/watch on"))
+        posted = []
+        for how, data in zip(kill_points, pictures, strict=True):
+            what, request = await kill_bot_during_watched_add(
+                emu, bot, index, group=group, user=alice, data=data, how=how
+            )
+            posted.append(request)
+            bot = await started_bot(emu, config, probe, alice)  # settings survived: still on
+            deadline = time.monotonic() + PROCESS_DEADLINE_S
+            while watched_state(index, group.id, request["message_id"]) != (0, 1):
+                if time.monotonic() > deadline:
+                    state = watched_state(index, group.id, request["message_id"])
+                    problems.append(f"{what}: (inbox rows, sightings) = {state}")
+                    break
+                await asyncio.sleep(0.05)
+            states.append(f"{what}: recorded after the restart")
+            health = catalog_health(index)
+            if health.problems or len(images_with_hash(index, sha256(data))) != 1:
+                rows = images_with_hash(index, sha256(data))
+                problems.append(f"{what}: {health.problems}, rows {rows}")
+        for request, seed in zip(posted, seeds, strict=True):
+            repost = emu.user_sends_photo(group, alice, drawing_query(seed))
+            [answer] = await answer_to(emu, group, repost)
+            if f"/{request['message_id']}" not in str(answer.message.get("entities")):
+                problems.append(f"the repost of {request['message_id']} got {answer.text}")
+    finally:
+        status, _ = await bot.stop()
+
+    report_figures("crash-watch-add", kills=len(kill_points), states=states, problems=problems)
+    assert problems == []
+    assert status == 0
