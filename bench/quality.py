@@ -46,8 +46,16 @@ from bench.common import (
 )
 from bench.edits import EDITS_BY_NAME, EditKind, encode_jpeg
 
-METHODS = ("tutorial", "phash", "engine")
-METHOD_LABELS = {"tutorial": "Tutorial", "phash": "pHash", "engine": "Engine"}
+METHODS = ("tutorial", "phash", "engine-global", "engine")
+# engine-global: the engine with its former candidate stage, the global vector alone (no
+# inverted-file votes), on the same index: the old stage and the new one in one run.
+ENGINE_METHODS = ("engine-global", "engine")
+METHOD_LABELS = {
+    "tutorial": "Tutorial",
+    "phash": "pHash",
+    "engine-global": "Engine (global vector only)",
+    "engine": "Engine",
+}
 TOP_K = 5
 
 
@@ -248,15 +256,18 @@ def engine_unavailable_reason() -> str | None:
 
 
 @asynccontextmanager
-async def open_engine(photos_dir: Path, index_dir: Path,
-                      workers: int) -> AsyncIterator[EngineSearch]:
+async def open_engine(photos_dir: Path, index_dir: Path, workers: int,
+                      *, votes: bool = True) -> AsyncIterator[EngineSearch]:
     """Indexes ``photos_dir`` and yields a search function: the only code that knows the
-    engine's API, so this is what to change when that API changes."""
+    engine's API, so this is what to change when that API changes. Without ``votes`` the
+    inverted file takes no part in the candidates (the engine's former candidate stage)."""
     from indexer.build import build_index
     from indexer.search import SearchService
+    from indexer.settings import EngineSettings
 
     await build_index(photos_dir, index_dir, workers=workers, progress=True)
-    service = await SearchService.open(index_dir)
+    settings = EngineSettings() if votes else EngineSettings(vote_candidates=0)
+    service = await SearchService.open(index_dir, settings=settings)
 
     async def search(query: Path) -> list[EngineMatch]:
         matches = await service.query(query, top=TOP_K)
@@ -304,8 +315,8 @@ def bare_kaze_seconds(path: Path, work_size: int, min_side: int = 400) -> float:
     return seconds
 
 
-async def evaluate_engine(config: Config, split: Split,
-                          queries: Sequence[Query]) -> dict[str, Any]:
+async def evaluate_engine(config: Config, split: Split, queries: Sequence[Query],
+                          *, votes: bool = True) -> dict[str, Any]:
     from indexer.errors import ImageError
 
     photos_dir, index_dir = link_collection(config, split)
@@ -316,7 +327,7 @@ async def evaluate_engine(config: Config, split: Split,
     false_verified: list[dict[str, Any]] = []
     refused_unrelated: list[dict[str, str]] = []
 
-    async with open_engine(photos_dir, index_dir, config.workers) as search:
+    async with open_engine(photos_dir, index_dir, config.workers, votes=votes) as search:
         for query in tqdm(queries, desc="engine: queries", unit="query"):
             start = time.perf_counter()
             try:
@@ -381,8 +392,8 @@ def markdown_report(report: dict[str, Any], kinds: Sequence[EditKind]) -> str:
     headers = ["Edit"]
     for name in ran:
         headers += [f"{METHOD_LABELS[name]} R@1", f"{METHOD_LABELS[name]} R@5"]
-        if name == "engine":
-            headers.append("Engine verified@1")
+        if name in ENGINE_METHODS:
+            headers.append(f"{METHOD_LABELS[name]} verified@1")
 
     def cells(kind_name: str | None) -> list[str]:
         """The row of one edit kind, or of all edits together when ``kind_name`` is None."""
@@ -391,7 +402,7 @@ def markdown_report(report: dict[str, Any], kinds: Sequence[EditKind]) -> str:
             result = methods[name]
             rates = result["overall"] if kind_name is None else result["per_kind"][kind_name]
             row += [percent(rates["recall_at_1"]), percent(rates["recall_at_5"])]
-            if name == "engine":
+            if name in ENGINE_METHODS:
                 row.append(percent(rates["verified_recall_at_1"]))
         return row
 
@@ -414,18 +425,19 @@ def markdown_report(report: dict[str, Any], kinds: Sequence[EditKind]) -> str:
     for name in config["methods"]:
         if methods[name]["status"] != "ok":
             lines.append(f"{METHOD_LABELS[name]}: not run ({methods[name]['reason']}).")
-    if "engine" in ran:
-        engine = methods["engine"]
+    for engine_name in (name for name in ran if name in ENGINE_METHODS):
+        engine = methods[engine_name]
+        label = METHOD_LABELS[engine_name]
         unrelated = engine["unrelated"]
         lines.append(
-            f"Engine false verifications on unrelated photos: {unrelated['false_verified']} "
+            f"{label} false verifications on unrelated photos: {unrelated['false_verified']} "
             f"of {unrelated['queries'] - len(unrelated['refused'])} "
             f"({percent(unrelated['false_verified_rate'])})."
         )
         if "timing" in engine:
             timing = engine["timing"]
             lines.append(
-                f"Engine query in-process: median {1000 * timing['engine_query_median_s']:.0f} "
+                f"{label} query in-process: median {1000 * timing['engine_query_median_s']:.0f} "
                 f"ms, {timing['ratio_of_medians']:.2f}x the median bare KAZE extraction "
                 f"({1000 * timing['bare_kaze_median_s']:.0f} ms at {timing['work_size']} px) "
                 f"of the same {timing['queries_timed']} queries."
@@ -495,7 +507,9 @@ def parse_args(argv: Sequence[str] | None) -> Config:
 
 
 def run(config: Config) -> dict[str, Any]:
-    engine_blocker = engine_unavailable_reason() if "engine" in config.methods else None
+    engine_blocker = (
+        engine_unavailable_reason() if set(ENGINE_METHODS) & set(config.methods) else None
+    )
     if engine_blocker:
         print(f"engine skipped: {engine_blocker}", flush=True)
 
@@ -508,12 +522,13 @@ def run(config: Config) -> dict[str, Any]:
 
     methods: dict[str, Any] = {}
     for method in config.methods:
-        if method == "engine" and engine_blocker:
+        if method in ENGINE_METHODS and engine_blocker:
             methods[method] = {"status": "skipped", "reason": engine_blocker}
             continue
         start = time.perf_counter()
-        if method == "engine":
-            result = asyncio.run(evaluate_engine(config, split, queries))
+        if method in ENGINE_METHODS:
+            result = asyncio.run(evaluate_engine(config, split, queries,
+                                                 votes=method == "engine"))
         else:
             result = evaluate_baseline(method, config, split, queries)
         methods[method] = {"status": "ok", **result,

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -20,6 +21,7 @@ from indexer.ann import ExactVectors, Generation, GenerationStore
 from indexer.catalog import Catalog
 from indexer.encoding import Codebook, train_centroids, train_codebook, vlad_vector
 from indexer.errors import IndexCorruptError
+from indexer.inverted_file import InvertedFile
 from indexer.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -71,10 +73,13 @@ class IndexMaintainer:
     swap to a new view, so no add lands in a fresh buffer that is being replaced.
     """
 
-    def __init__(self, catalog: Catalog, settings: EngineSettings, store: GenerationStore) -> None:
+    def __init__(
+        self, index_dir: Path, catalog: Catalog, settings: EngineSettings, store: GenerationStore
+    ) -> None:
         self.catalog = catalog
         self.settings = settings
         self.write_lock = asyncio.Lock()
+        self.inverted = InvertedFile(index_dir, catalog, settings, self.write_lock)
         self._store = store
         self._serving = ServingView.empty()
         self._rebuild_lock = asyncio.Lock()
@@ -90,7 +95,9 @@ class IndexMaintainer:
         return self._rebuild_task is not None and not self._rebuild_task.done()
 
     async def load(self) -> None:
-        """Serve the current generation; rebuild it from the catalog if it is corrupt."""
+        """Serve the current generation and inverted file; rebuild either from the
+        catalog if it is corrupt or missing (an index older than the inverted file)."""
+        await self.inverted.load()
         try:
             generation = self._store.load_current()
         except IndexCorruptError as error:
@@ -108,6 +115,7 @@ class IndexMaintainer:
         if self._rebuild_task is not None:
             with contextlib.suppress(Exception):
                 await self._rebuild_task
+        await self.inverted.close()
         self._serving = ServingView.empty()
 
     async def install(self, generation: Generation | None) -> None:
@@ -136,12 +144,14 @@ class IndexMaintainer:
             self._rebuild_task = asyncio.create_task(self.rebuild(), name="index-rebuild")
 
     async def rebuild(self, *, retrain: bool = False) -> str | None:
-        """Fold every image of the catalog into a new generation and swap it in.
+        """Fold every image of the catalog into a new generation and swap it in,
+        and bring the inverted file up to date (:meth:`InvertedFile.rebuild`).
 
         Retrains the codebook when asked, when there is none, or when the
         collection has grown ``retrain_growth`` times since it was trained.
         Returns the new generation's name, or ``None`` for an empty catalog.
         """
+        await self.inverted.rebuild(retrain=retrain)
         async with self._rebuild_lock:
             total = await self.catalog.count()
             if total == 0:

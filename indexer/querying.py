@@ -26,6 +26,7 @@ from indexer.encoding import region_grid
 from indexer.errors import ImageError
 from indexer.features import LocalFeatures
 from indexer.maintenance import ServingView
+from indexer.segments import SegmentSet
 from indexer.settings import EngineSettings
 from indexer.verify import Verification, verify_candidates
 from indexer.workers import CpuPool
@@ -101,6 +102,27 @@ def _fused_ranking(rankings: Sequence[Ranking]) -> list[int]:
     return _by_score(scores)
 
 
+@dataclass(frozen=True, slots=True)
+class FirstLook:
+    """A query's first candidates from both sources."""
+
+    rankings: list[Ranking]  # nearest global vectors, one ranking per orientation
+    votes: Ranking  # inverted-file votes, both orientations merged
+
+    def order(self, similarity: dict[int, float]) -> list[int]:
+        """The order to verify candidates in: the votes fused with the global
+        vectors' ranking (``similarity``, their best similarity by image).
+
+        Votes find a part of a photo, or a photo among a million others; the
+        global vector finds whole pictures whose local features changed too
+        much to vote (blur, low texture). Fusing ranks rewards either.
+        """
+        if not self.votes:
+            return _by_score(similarity)
+        by_vector = [(i, similarity[i]) for i in _by_score(similarity)]
+        return _fused_ranking([self.votes, by_vector])
+
+
 def _stronger(first: Verification, second: Verification) -> bool:
     return (first.verified, first.inliers) > (second.verified, second.inliers)
 
@@ -124,13 +146,16 @@ class QueryPipeline:
         catalog: Catalog,
         settings: EngineSettings,
         pool: CpuPool,
+        *,
         serving: Callable[[], ServingView],
+        segments: Callable[[], SegmentSet | None],
         locate: Callable[[ImageRecord], Path],
     ) -> None:
         self.catalog = catalog
         self.settings = settings
         self.pool = pool
         self._serving = serving
+        self._segments = segments
         self._locate = locate
 
     async def query(
@@ -177,22 +202,27 @@ class QueryPipeline:
         is called only if the whole query verifies nothing.
         """
         timings = timings if timings is not None else StageTimings()
-        serving = self._serving()  # one consistent view for the whole query
+        # One consistent view of each source for the whole query.
+        serving, segments = self._serving(), self._segments()
         if serving.generation is None:
             return []
         visible = {GLOBAL_SCOPE, scope}
         oriented = (features, features.mirrored())
 
-        # Encoding and Annoy are pure CPU work of a few milliseconds each: on a
-        # thread they never stall the event loop (numpy and annoy release the GIL).
+        # Voting, encoding and Annoy are pure CPU work of a few milliseconds each:
+        # on a thread they never stall the event loop (numba, numpy and annoy
+        # release the GIL).
         clock = time.perf_counter()
         # Deep enough to take part in the regional look's fusion below; only the
         # first batch of it is verified before that.
         depth = max(top, self.settings.verify_limit)
-        rankings = await asyncio.to_thread(self.candidates, serving, oriented, visible, depth)
+        look = await asyncio.to_thread(
+            self.candidates, serving, segments, oriented, scope=scope, count=depth
+        )
         timings.add("candidates", time.perf_counter() - clock)
+        rankings = look.rankings
         similarity = _best_similarity(rankings)
-        ranked = _by_score(similarity)
+        ranked = look.order(similarity)
         # The original is nearly always first: verify the top two alone, and the
         # rest of the first batch only when they leave doubt.
         verdicts = await self._verify(features, ranked[:2], timings)
@@ -205,7 +235,12 @@ class QueryPipeline:
         framed_verdicts: dict[int, Verification] = {}
         if framed is not None and not any(v.verified for v in verdicts.values()):
             framed_verdicts = await self._search_framed(
-                framed, serving=serving, visible=visible, similarity=similarity, timings=timings
+                framed,
+                serving=serving,
+                segments=segments,
+                scope=scope,
+                similarity=similarity,
+                timings=timings,
             )
         if not any(v.verified for v in (*verdicts.values(), *framed_verdicts.values())):
             clock = time.perf_counter()
@@ -213,9 +248,9 @@ class QueryPipeline:
             timings.add("candidates", time.perf_counter() - clock)
             _best_similarity(regional, similarity)
             budget = max(self.settings.verify_limit - len(verdicts), 0)
-            # The whole query's own ranking takes part: an original half covered
+            # The whole query's own rankings take part: an original half covered
             # ranks 20th there and 50th by windows, but well in both together.
-            fused = _fused_ranking([*regional, *rankings])
+            fused = _fused_ranking([*regional, *rankings, look.votes])
             extra = [i for i in fused if i not in verdicts][:budget]
             verdicts.update(await self._verify(features, extra, timings))
         for image_id, verdict in framed_verdicts.items():
@@ -235,11 +270,11 @@ class QueryPipeline:
                 Match(
                     image=record,
                     path=self._locate(record),
-                    score=match_score(verdict, similarity[image_id]),
+                    score=match_score(verdict, similarity.get(image_id, 0.0)),
                     verified=verdict.verified,
                     inliers=verdict.inliers,
                     mirrored=verdict.mirrored,
-                    similarity=similarity[image_id],
+                    similarity=similarity.get(image_id, 0.0),
                 )
             )
         matches.sort(key=lambda m: (m.score, m.inliers), reverse=True)
@@ -248,19 +283,31 @@ class QueryPipeline:
     def candidates(
         self,
         serving: ServingView,
+        segments: SegmentSet | None,
         oriented: Sequence[LocalFeatures],
-        visible: set[int],
+        *,
+        scope: int,
         count: int,
-    ) -> list[Ranking]:
-        """The first candidates of a query: one ranking per orientation and source.
-
-        Every source of candidates in ``serving`` contributes its rankings here;
-        the caller merges them by best similarity and fuses them with the
-        regional look. Blocking (CPU work): run it on a thread.
+    ) -> FirstLook:
+        """The first candidates of a query (each orientation): the nearest global
+        vectors, and the images that the local features vote for in the inverted
+        file. Blocking (CPU work): run it on a thread.
         """
         assert serving.generation is not None  # noqa: S101 - checked by the caller
         vectors = [serving.generation.codebook.encode(f.descriptors) for f in oriented]
-        return self._nearest(serving, vectors, visible, count, self.settings.search_k)
+        visible = {GLOBAL_SCOPE, scope}
+        rankings = self._nearest(serving, vectors, visible, count, self.settings.search_k)
+        votes = (
+            segments.vote(
+                oriented,
+                scope=scope,
+                count=self.settings.vote_candidates,
+                params=self.settings.vote,
+            )
+            if segments is not None
+            else []
+        )
+        return FirstLook(rankings, votes)
 
     def regional_candidates(
         self, serving: ServingView, oriented: Sequence[LocalFeatures], visible: set[int]
@@ -322,7 +369,8 @@ class QueryPipeline:
         framed: FramedLoader,
         *,
         serving: ServingView,
-        visible: set[int],
+        segments: SegmentSet | None,
+        scope: int,
         similarity: dict[int, float],
         timings: StageTimings,
     ) -> dict[int, Verification]:
@@ -339,12 +387,17 @@ class QueryPipeline:
             return {}
         timings.add("analyze", time.perf_counter() - clock)
         clock = time.perf_counter()
-        rankings = await asyncio.to_thread(
-            self.candidates, serving, (inner, inner.mirrored()), visible, self.settings.first_batch
+        look = await asyncio.to_thread(
+            self.candidates,
+            serving,
+            segments,
+            (inner, inner.mirrored()),
+            scope=scope,
+            count=self.settings.first_batch,
         )
         timings.add("candidates", time.perf_counter() - clock)
-        _best_similarity(rankings, similarity)
-        ranked = _by_score(_best_similarity(rankings))
+        _best_similarity(look.rankings, similarity)
+        ranked = look.order(_best_similarity(look.rankings))
         return await self._verify(inner, ranked[: self.settings.first_batch], timings)
 
     async def _verify(

@@ -78,6 +78,9 @@ class IndexStats:
     codebook_trained_on: int | None
     failures: int
     bytes_per_image: dict[str, float]
+    # The inverted file: images it holds (live), and its segments on disk.
+    voting_images: int = 0
+    segments: int = 0
 
 
 class SearchService:
@@ -99,12 +102,13 @@ class SearchService:
         self.settings = settings
         self.pool = pool
         self._originals = OriginalStore(index_dir, catalog)
-        self._maintainer = IndexMaintainer(catalog, settings, store)
+        self._maintainer = IndexMaintainer(index_dir, catalog, settings, store)
         self.pipeline = QueryPipeline(
             catalog,
             settings,
             pool,
             serving=lambda: self._maintainer.serving,
+            segments=lambda: self._maintainer.inverted.current,
             locate=self._originals.locate,
         )
 
@@ -261,6 +265,7 @@ class SearchService:
                 raise
             if generation is not None and vector is not None:
                 serving.record_added(image_id, scope, vector)
+            self._maintainer.inverted.add(image_id, scope, stored_features)
             record = await self.catalog.get(image_id)
         if generation is None:
             # The first image: train a codebook so search works at once.
@@ -291,6 +296,7 @@ class SearchService:
                 raise NotFoundError(f"no image #{image_id} in this chat")
             await self.catalog.delete_images([image_id])
             self._maintainer.serving.record_removed(image_id)
+            await self._maintainer.inverted.remove([image_id])
             await self._originals.release(record.path)
         self._maintainer.maybe_rebuild_in_background()
         return record
@@ -339,6 +345,7 @@ class SearchService:
     async def stats(self) -> IndexStats:
         serving = self._maintainer.serving
         generation = serving.generation
+        segments = self._maintainer.inverted.current
         return IndexStats(
             images=await self.catalog.count(),
             indexed=len(generation) if generation is not None else 0,
@@ -349,4 +356,6 @@ class SearchService:
             codebook_trained_on=generation.codebook.trained_on if generation is not None else None,
             failures=len(await self.catalog.failures()),
             bytes_per_image=await self.catalog.bytes_per_image(),
+            voting_images=len(segments) if segments is not None else 0,
+            segments=len(segments.sealed) if segments is not None else 0,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from indexer.features import KazeParams
+from indexer.segments import VoteParams
 from indexer.verify import VerifyParams
 
 # Settings that change what is stored: an index keeps the values it was built with.
@@ -65,6 +66,14 @@ class EngineSettings:
     retrain_growth: float = 2.0  # retrain the codebook once the collection grew this much
     training_images: int = 20_000  # most images the codebook and PCA are trained on
     annoy_build_trees: int = 32
+    # -- the inverted file (docs/BENCHMARKS.md, "Inverted file") --
+    vocabulary_half_words: int = 1024  # words = its square: 2^20
+    vocabulary_training_descriptors: int = 131_072
+    vote: VoteParams = field(default_factory=VoteParams)
+    vote_candidates: int = 32  # best-voted images that take part in the fusion
+    seal_after: int = 256  # images in memory before they are written as a segment
+    merge_factor: int = 8  # adjacent segments of one size class merged into one
+    segment_images: int = 131_072  # images per segment written by a rebuild
     max_file_bytes: int = 50 * 2**20
     max_pixels: int = 60_000_000
     verify: VerifyParams = field(default_factory=VerifyParams)

@@ -144,7 +144,7 @@ async def real_vectors(index: Path) -> FloatArray:
     codebook = loaded(GenerationStore(index / GENERATIONS_DIR)).codebook
     rows = []
     async with await Catalog.open(index / CATALOG_FILE) as catalog:
-        async for _, features in catalog.iter_features():
+        async for _, _, features in catalog.iter_features():
             rows.append(codebook.encode(features.descriptors)[None])
             rows.append(codebook.encode_regions(features, REGIONS))
             rows.append(codebook.encode_regions(features.mirrored(), REGIONS))

@@ -334,7 +334,7 @@ async def test_vectors_of_another_codebook_count_as_missing(catalog: Catalog) ->
 async def test_features_come_in_id_order(catalog: Catalog) -> None:
     ids = await catalog.insert_images([new_image(seed) for seed in range(20, 30)])
 
-    every = [image_id async for image_id, _ in catalog.iter_features(batch=3)]
+    every = [image_id async for image_id, _, _ in catalog.iter_features(batch=3)]
 
     assert every == ids
 

@@ -1,0 +1,330 @@
+"""Posting lists: for each visual word, the images that contain it.
+
+This is the only module that imports numba: the voting kernel below is the hot
+loop of the candidate stage.
+
+A set of posting lists is stored word-major in compressed-sparse-row form, as
+an inverted file (Sivic & Zisserman's Video Google; COLMAP's retrieval
+module): ``words`` holds the distinct words in ascending order, and the
+postings of ``words[i]`` are ``docs[starts[i]:starts[i + 1]]`` with their
+``signatures`` alongside. A doc is a dense number local to the lists;
+``ids[doc]`` is its catalog id and ``scopes[doc]`` its scope. Looking a word up
+is a binary search in ``words``, so a small set of lists (a few hundred
+images) costs no table of a million offsets.
+
+Eight bytes a posting (doc and signature): with 500 keypoints an image, 4 KB.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numba
+import numpy as np
+import numpy.typing as npt
+
+from indexer.errors import IndexCorruptError
+
+IdArray = npt.NDArray[np.int64]
+UintArray = npt.NDArray[np.uint32]
+FloatArray = npt.NDArray[np.float32]
+
+_ARRAYS = ("words", "starts", "docs", "signatures", "ids", "scopes")
+
+
+@dataclass(frozen=True, slots=True)
+class PostingLists:
+    """Immutable word-major posting lists of a set of images (in memory or mapped)."""
+
+    words: UintArray  # (w,) distinct words, ascending
+    starts: IdArray  # (w + 1,) where each word's postings start in docs/signatures
+    docs: UintArray  # (p,) local doc numbers, ascending within a word
+    signatures: UintArray  # (p,) Hamming signatures, aligned with docs
+    ids: IdArray  # (d,) catalog ids, ascending
+    scopes: IdArray  # (d,) scope of each doc
+
+    def __len__(self) -> int:
+        """How many images the lists hold."""
+        return len(self.ids)
+
+    @property
+    def postings(self) -> int:
+        return len(self.docs)
+
+    @classmethod
+    def empty(cls) -> PostingLists:
+        return cls(
+            words=np.empty(0, np.uint32),
+            starts=np.zeros(1, np.int64),
+            docs=np.empty(0, np.uint32),
+            signatures=np.empty(0, np.uint32),
+            ids=np.empty(0, np.int64),
+            scopes=np.empty(0, np.int64),
+        )
+
+    @classmethod
+    def build(
+        cls,
+        ids: Sequence[int] | IdArray,
+        scopes: Sequence[int] | IdArray,
+        words: Sequence[UintArray],
+        signatures: Sequence[UintArray],
+    ) -> PostingLists:
+        """Lists of images ``ids`` (ascending), image ``i`` having postings
+        ``words[i]`` with ``signatures[i]``."""
+        id_array = np.asarray(ids, dtype=np.int64)
+        if len(id_array) > 1 and not np.all(np.diff(id_array) > 0):
+            raise ValueError("posting lists need ascending, distinct image ids")
+        counts = np.fromiter((len(w) for w in words), np.int64, len(words))
+        docs = np.repeat(np.arange(len(id_array), dtype=np.uint32), counts)
+        every_word = (
+            np.concatenate(words).astype(np.uint32) if len(words) else np.empty(0, np.uint32)
+        )
+        every_signature = (
+            np.concatenate(signatures).astype(np.uint32)
+            if len(signatures)
+            else np.empty(0, np.uint32)
+        )
+        return _word_major(
+            every_word, docs, every_signature, id_array, np.asarray(scopes, dtype=np.int64)
+        )
+
+    def lookup(self, query_words: UintArray) -> tuple[IdArray, IdArray]:
+        """Where each query word's postings start and end (equal where it has none)."""
+        position = np.searchsorted(self.words, query_words)
+        inside = np.minimum(position, max(len(self.words) - 1, 0))
+        present = (position < len(self.words)) & (
+            self.words[inside] == query_words if len(self.words) else False
+        )
+        begin = np.where(present, self.starts[position.clip(max=len(self.starts) - 1)], 0)
+        end = np.where(present, self.starts[(position + 1).clip(max=len(self.starts) - 1)], 0)
+        return begin.astype(np.int64), end.astype(np.int64)
+
+    def per_doc_words(self) -> tuple[UintArray, UintArray, UintArray]:
+        """Every posting as (doc, word, signature), doc-major: the inverse of :meth:`build`."""
+        every_word = np.repeat(self.words, np.diff(self.starts))
+        order = np.argsort(self.docs, kind="stable")
+        return (
+            np.asarray(self.docs[order]),
+            np.asarray(every_word[order]),
+            np.asarray(self.signatures[order]),
+        )
+
+
+def merge_lists(parts: Sequence[PostingLists], drop: set[int]) -> PostingLists:
+    """One set of lists holding every image of ``parts`` except those in ``drop``.
+
+    ``parts`` must hold disjoint, ascending id ranges, in order.
+    """
+    kept_words, kept_docs, kept_signatures, kept_ids, kept_scopes = [], [], [], [], []
+    base = 0
+    for part in parts:
+        docs, words, signatures = part.per_doc_words()
+        alive = np.ones(len(part), dtype=bool)
+        if drop:
+            alive = ~np.isin(part.ids, np.fromiter(drop, np.int64, len(drop)))
+        renumbered = np.cumsum(alive, dtype=np.int64) - 1 + base
+        keep = alive[docs]
+        kept_words.append(words[keep])
+        kept_docs.append(renumbered[docs[keep]].astype(np.uint32))
+        kept_signatures.append(signatures[keep])
+        kept_ids.append(np.asarray(part.ids)[alive])
+        kept_scopes.append(np.asarray(part.scopes)[alive])
+        base += int(alive.sum())
+    if not parts:
+        return PostingLists.empty()
+    ids = np.concatenate(kept_ids)
+    if len(ids) > 1 and not np.all(np.diff(ids) > 0):
+        raise ValueError("merged parts must hold ascending, disjoint id ranges")
+    return _word_major(
+        np.concatenate(kept_words),
+        np.concatenate(kept_docs),
+        np.concatenate(kept_signatures),
+        ids,
+        np.concatenate(kept_scopes),
+    )
+
+
+def _word_major(
+    words: UintArray, docs: UintArray, signatures: UintArray, ids: IdArray, scopes: IdArray
+) -> PostingLists:
+    # A stable sort keeps docs ascending within each word, as they came doc-major.
+    order = np.argsort(words, kind="stable")
+    sorted_words = words[order]
+    distinct, first = np.unique(sorted_words, return_index=True)
+    starts = np.append(first, len(sorted_words)).astype(np.int64)
+    return PostingLists(
+        words=distinct.astype(np.uint32),
+        starts=starts,
+        docs=np.ascontiguousarray(docs[order], dtype=np.uint32),
+        signatures=np.ascontiguousarray(signatures[order], dtype=np.uint32),
+        ids=np.ascontiguousarray(ids, dtype=np.int64),
+        scopes=np.ascontiguousarray(scopes, dtype=np.int64),
+    )
+
+
+# -- on disk ------------------------------------------------------------------------
+
+
+def save_lists(lists: PostingLists, folder: Path) -> list[str]:
+    """Write ``lists`` into ``folder`` as one .npy file per array; returns the file names.
+
+    The caller fsyncs and renames the folder into place.
+    """
+    names = []
+    for name in _ARRAYS:
+        file_name = f"{name}.npy"
+        np.save(folder / file_name, np.ascontiguousarray(getattr(lists, name)))
+        names.append(file_name)
+    return names
+
+
+def load_lists(folder: Path) -> PostingLists:
+    """Map the lists saved in ``folder``; pages are read on demand and shared.
+
+    Raises:
+        IndexCorruptError: a file is missing, truncated or inconsistent.
+    """
+    try:
+        arrays = {
+            name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
+            for name in _ARRAYS
+        }
+    except (OSError, ValueError) as error:
+        raise IndexCorruptError(f"posting segment {folder.name}: {error}") from error
+    lists = PostingLists(**arrays)
+    consistent = (
+        len(lists.starts) == len(lists.words) + 1
+        and len(lists.signatures) == len(lists.docs)
+        and len(lists.scopes) == len(lists.ids)
+        and (len(lists.starts) == 0 or int(lists.starts[-1]) == len(lists.docs))
+    )
+    if not consistent:
+        raise IndexCorruptError(f"posting segment {folder.name} has inconsistent arrays")
+    return lists
+
+
+# -- voting --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class QueryWords:
+    """A query's (descriptor, word) entries, with what each one is worth."""
+
+    words: UintArray  # (e,)
+    signatures: UintArray  # (e,)
+    descriptors: npt.NDArray[np.int32]  # (e,) which query descriptor each entry came from
+    weights: FloatArray  # (e,) idf squared; 0 for stop-listed words
+
+
+@dataclass(frozen=True, slots=True)
+class Votes:
+    """The docs of one set of lists that received votes, with their scores (unordered)."""
+
+    docs: UintArray
+    scores: FloatArray
+
+
+def vote(
+    lists: PostingLists,
+    begin: IdArray,
+    end: IdArray,
+    query: QueryWords,
+    *,
+    max_hamming: int,
+    hamming_weights: FloatArray,
+    scope: int,
+    deleted: npt.NDArray[np.bool_] | None,
+) -> Votes:
+    """Score every doc of ``lists`` visible from ``scope`` against the query.
+
+    ``begin`` and ``end`` are where each query entry's postings lie in
+    ``lists`` (:meth:`PostingLists.lookup`).
+    A posting counts when its word is a query entry's and the signatures differ
+    in at most ``max_hamming`` bits; it adds the entry's weight times
+    ``hamming_weights[distance]``. Each query descriptor votes at most once per
+    doc, with its best posting there (burstiness: a repeated texture, a
+    window's many panes, would otherwise outvote the real match).
+    """
+    if not len(lists) or not len(query.words):
+        return Votes(np.empty(0, np.uint32), np.empty(0, np.float32))
+    dead = (
+        np.zeros(len(lists), dtype=np.bool_) if deleted is None else np.asarray(deleted, np.bool_)
+    )
+    docs, scores = _vote_kernel(
+        begin,
+        end,
+        query.signatures,
+        query.descriptors,
+        query.weights,
+        lists.docs,
+        lists.signatures,
+        lists.scopes,
+        dead,
+        np.int64(scope),
+        np.int64(max_hamming),
+        hamming_weights.astype(np.float32),
+    )
+    return Votes(docs, scores)
+
+
+@numba.njit(cache=True, nogil=True)
+def _popcount(value: np.uint32) -> int:  # pragma: no cover - compiled
+    value = value - ((value >> 1) & 0x55555555)
+    value = (value & 0x33333333) + ((value >> 2) & 0x33333333)
+    return int((((value + (value >> 4)) & 0x0F0F0F0F) * 0x01010101) & 0xFFFFFFFF) >> 24
+
+
+@numba.njit(cache=True, nogil=True)
+def _vote_kernel(  # noqa: PLR0917 - numba kernels take positional arrays
+    # (compiled; tested against brute-force voting)
+    begin: IdArray,
+    end: IdArray,
+    query_signatures: UintArray,
+    query_descriptors: npt.NDArray[np.int32],
+    query_weights: FloatArray,
+    docs: UintArray,
+    signatures: UintArray,
+    scopes: IdArray,
+    deleted: npt.NDArray[np.bool_],
+    scope: np.int64,
+    max_hamming: np.int64,
+    hamming_weights: FloatArray,
+) -> tuple[UintArray, FloatArray]:
+    doc_count = len(scopes)
+    scores = np.zeros(doc_count, np.float32)
+    # +1: zero means "no descriptor has voted for this doc yet".
+    voter = np.zeros(doc_count, np.int32)
+    best = np.empty(doc_count, np.float32)
+    touched = np.empty(doc_count, np.uint32)
+    touched_count = 0
+    for entry in range(len(begin)):
+        weight = query_weights[entry]
+        if weight <= 0.0:
+            continue
+        signature = query_signatures[entry]
+        descriptor = query_descriptors[entry] + 1
+        for posting in range(begin[entry], end[entry]):
+            distance = _popcount(signature ^ signatures[posting])
+            if distance > max_hamming:
+                continue
+            doc = docs[posting]
+            doc_scope = scopes[doc]
+            if (doc_scope != 0 and doc_scope != scope) or deleted[doc]:  # noqa: PLR1714 - plain
+                # comparisons compile to two instructions in numba
+                continue
+            value = weight * hamming_weights[distance]
+            if voter[doc] != descriptor:
+                if voter[doc] == 0:
+                    touched[touched_count] = doc
+                    touched_count += 1
+                voter[doc] = descriptor
+                best[doc] = value
+                scores[doc] += value
+            elif value > best[doc]:
+                scores[doc] += value - best[doc]
+                best[doc] = value
+    found = touched[:touched_count].copy()
+    return found, scores[found]

@@ -1,0 +1,408 @@
+"""The inverted file: vocabulary, posting lists, voting, segments, merges and tombstones.
+
+Voting is checked against brute force: every query descriptor compared with
+every stored descriptor's word and signature directly, with no posting lists.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from indexer.errors import IndexCorruptError
+from indexer.features import LocalFeatures
+from indexer.postings import PostingLists, QueryWords, load_lists, merge_lists, save_lists, vote
+from indexer.segments import (
+    Segment,
+    SegmentSet,
+    SegmentStore,
+    VoteParams,
+    merge_plan,
+    merged,
+)
+from indexer.vocabulary import (
+    SIGNATURE_BITS,
+    Vocabulary,
+    half_words_for,
+    train_vocabulary,
+)
+
+HAMMING_WEIGHTS = np.exp(-((np.arange(33) / 8.0) ** 2)).astype(np.float32)
+
+
+def unit_rows(rng: np.random.Generator, count: int) -> np.ndarray:
+    rows = rng.standard_normal((count, 64)).astype(np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def vocabulary() -> Vocabulary:
+    return train_vocabulary(unit_rows(np.random.default_rng(1), 4000), half_words=32, trained_on=8)
+
+
+def features_of(descriptors: np.ndarray, seed: int) -> LocalFeatures:
+    rng = np.random.default_rng(seed)
+    points = rng.uniform(0, 400, size=(len(descriptors), 2)).astype(np.float32)
+    return LocalFeatures(points=points, descriptors=descriptors, width=400, height=400)
+
+
+def brute_force_scores(
+    stored: dict[int, tuple[np.ndarray, np.ndarray, int]],
+    query: QueryWords,
+    *,
+    max_hamming: int,
+    scope: int,
+    removed: set[int],
+) -> dict[int, float]:
+    """Each visible image's score: per query descriptor, its best posting there."""
+    scores: dict[int, float] = {}
+    for image_id, (words, signatures, image_scope) in stored.items():
+        if image_id in removed or image_scope not in (0, scope):
+            continue
+        best_per_descriptor: dict[int, float] = {}
+        for word, signature, descriptor, weight in zip(
+            query.words, query.signatures, query.descriptors, query.weights, strict=True
+        ):
+            if weight <= 0:
+                continue
+            for stored_word, stored_signature in zip(words, signatures, strict=True):
+                if stored_word != word:
+                    continue
+                distance = int(np.bitwise_count(np.uint32(signature ^ stored_signature)))
+                if distance > max_hamming:
+                    continue
+                value = float(weight * HAMMING_WEIGHTS[distance])
+                best_per_descriptor[int(descriptor)] = max(
+                    value, best_per_descriptor.get(int(descriptor), 0.0)
+                )
+        if best_per_descriptor:
+            scores[image_id] = sum(best_per_descriptor.values())
+    return scores
+
+
+# -- vocabulary ----------------------------------------------------------------------
+
+
+def test_a_descriptor_and_a_slightly_moved_copy_share_a_word_and_most_bits(
+    vocabulary: Vocabulary,
+) -> None:
+    rng = np.random.default_rng(2)
+    original = unit_rows(rng, 300)
+    moved = original + 0.01 * rng.standard_normal(original.shape).astype(np.float32)
+    unrelated = unit_rows(rng, 300)
+
+    first = vocabulary.assign(original)
+    copy = vocabulary.assign(moved, per_half=2)
+    other = vocabulary.assign(unrelated, per_half=2)
+
+    same_word = (copy.words == first.words).any(axis=1)
+    assert same_word.mean() > 0.95
+    assert (other.words == first.words).any(axis=1).mean() < 0.3
+    distances = np.bitwise_count(copy.signatures[:, 0] ^ first.signatures[:, 0])
+    random_distances = np.bitwise_count(other.signatures[:, 0] ^ first.signatures[:, 0])
+    assert np.median(distances[copy.words[:, 0] == first.words[:, 0]]) <= 3
+    assert np.median(random_distances) >= SIGNATURE_BITS // 2 - 4
+
+
+def test_multiple_assignment_lists_the_nearest_pair_first(vocabulary: Vocabulary) -> None:
+    descriptors = unit_rows(np.random.default_rng(3), 50)
+
+    single = vocabulary.assign(descriptors)
+    several = vocabulary.assign(descriptors, per_half=2)
+
+    assert several.words.shape == (50, 4)
+    assert len(np.unique(several.words, axis=1)[0]) == 4
+    np.testing.assert_array_equal(several.words[:, 0], single.words[:, 0])
+    np.testing.assert_array_equal(several.signatures[:, 0], single.signatures[:, 0])
+
+
+def test_the_vocabulary_round_trips_and_a_damaged_file_is_reported(
+    vocabulary: Vocabulary, tmp_path: Path
+) -> None:
+    path = tmp_path / "vocabulary.npz"
+    vocabulary.save(path)
+    loaded = Vocabulary.load(path)
+    assert loaded.id == vocabulary.id
+    descriptors = unit_rows(np.random.default_rng(4), 20)
+    np.testing.assert_array_equal(
+        loaded.assign(descriptors).words, vocabulary.assign(descriptors).words
+    )
+
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(IndexCorruptError, match="vocabulary"):
+        Vocabulary.load(path)
+
+
+@pytest.mark.parametrize(
+    ("descriptors", "expected"), [(100, 16), (20_000, 512), (40_000, 1024), (10**7, 1024)]
+)
+def test_a_small_collection_gets_a_smaller_vocabulary(descriptors: int, expected: int) -> None:
+    assert half_words_for(descriptors, largest=1024) == expected
+
+
+# -- lists and voting ----------------------------------------------------------------
+
+
+def random_images(
+    vocabulary: Vocabulary, seed: int, count: int, scopes: tuple[int, ...] = (0,)
+) -> dict[int, tuple[np.ndarray, np.ndarray, int]]:
+    rng = np.random.default_rng(seed)
+    images = {}
+    for image_id in range(1, count + 1):
+        assignment = vocabulary.assign(unit_rows(rng, int(rng.integers(5, 60))))
+        images[image_id * 3] = (
+            assignment.words[:, 0],
+            assignment.signatures[:, 0],
+            scopes[image_id % len(scopes)],
+        )
+    return images
+
+
+def lists_of(images: dict[int, tuple[np.ndarray, np.ndarray, int]]) -> PostingLists:
+    ids = sorted(images)
+    return PostingLists.build(
+        ids,
+        [images[i][2] for i in ids],
+        [images[i][0] for i in ids],
+        [images[i][1] for i in ids],
+    )
+
+
+def query_words(vocabulary: Vocabulary, descriptors: np.ndarray) -> QueryWords:
+    assignment = vocabulary.assign(descriptors, per_half=2)
+    count = assignment.words.size
+    rng = np.random.default_rng(len(descriptors))
+    return QueryWords(
+        words=assignment.words.reshape(-1),
+        signatures=assignment.signatures.reshape(-1),
+        descriptors=np.repeat(np.arange(len(descriptors), dtype=np.int32), 4),
+        # Some entries stop-listed (weight 0), the rest weighted unevenly.
+        weights=np.where(rng.random(count) < 0.1, 0.0, rng.uniform(0.5, 2.0, count)).astype(
+            np.float32
+        ),
+    )
+
+
+def voted(
+    lists: PostingLists,
+    query: QueryWords,
+    *,
+    max_hamming: int,
+    scope: int,
+    deleted: np.ndarray | None = None,
+) -> dict[int, float]:
+    begin, end = lists.lookup(query.words)
+    votes = vote(
+        lists,
+        begin,
+        end,
+        query,
+        max_hamming=max_hamming,
+        hamming_weights=HAMMING_WEIGHTS,
+        scope=scope,
+        deleted=deleted,
+    )
+    return dict(zip(lists.ids[votes.docs].tolist(), votes.scores.tolist(), strict=True))
+
+
+@pytest.mark.parametrize("max_hamming", [0, 6, 12, 32])
+def test_voting_equals_brute_force(vocabulary: Vocabulary, max_hamming: int) -> None:
+    images = random_images(vocabulary, seed=5, count=40, scopes=(0, -100, -200))
+    lists = lists_of(images)
+    rng = np.random.default_rng(6)
+    # A query made of copies of some stored descriptors' neighbourhoods and noise.
+    query = query_words(vocabulary, unit_rows(rng, 80))
+
+    expected = brute_force_scores(images, query, max_hamming=max_hamming, scope=-100, removed=set())
+    got = voted(lists, query, max_hamming=max_hamming, scope=-100)
+
+    assert got.keys() == expected.keys()
+    for image_id, score in expected.items():
+        assert got[image_id] == pytest.approx(score, rel=1e-5)
+    assert all(images[i][2] in (0, -100) for i in got)
+
+
+def test_a_stored_image_votes_for_itself_first(vocabulary: Vocabulary) -> None:
+    rng = np.random.default_rng(7)
+    stored = {i: unit_rows(rng, 60) for i in range(1, 31)}
+    assignments = {i: vocabulary.assign(d) for i, d in stored.items()}
+    lists = PostingLists.build(
+        list(stored),
+        [0] * len(stored),
+        [assignments[i].words[:, 0] for i in stored],
+        [assignments[i].signatures[:, 0] for i in stored],
+    )
+    for image_id in (1, 17, 30):
+        noisy = stored[image_id][:30] + 0.01 * rng.standard_normal((30, 64)).astype(np.float32)
+        scores = voted(lists, query_words(vocabulary, noisy), max_hamming=10, scope=0)
+        assert max(scores, key=scores.__getitem__) == image_id
+
+
+def test_tombstoned_docs_get_no_votes(vocabulary: Vocabulary) -> None:
+    images = random_images(vocabulary, seed=8, count=30)
+    lists = lists_of(images)
+    query = query_words(vocabulary, unit_rows(np.random.default_rng(9), 60))
+    everyone = voted(lists, query, max_hamming=32, scope=0)
+    removed = sorted(everyone)[:5]
+
+    segment = Segment(None, lists).without(removed)
+    after = voted(lists, query, max_hamming=32, scope=0, deleted=segment.deleted)
+
+    assert after == {i: s for i, s in everyone.items() if i not in removed}
+
+
+def test_lists_round_trip_through_files_and_truncation_is_reported(
+    vocabulary: Vocabulary, tmp_path: Path
+) -> None:
+    lists = lists_of(random_images(vocabulary, seed=10, count=12))
+    save_lists(lists, tmp_path)
+    loaded = load_lists(tmp_path)
+    for name in ("words", "starts", "docs", "signatures", "ids", "scopes"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(lists, name))
+
+    (tmp_path / "docs.npy").write_bytes((tmp_path / "docs.npy").read_bytes()[:-8])
+    with pytest.raises(IndexCorruptError):
+        load_lists(tmp_path)
+
+
+def test_ids_must_ascend() -> None:
+    with pytest.raises(ValueError, match="ascending"):
+        PostingLists.build([3, 2], [0, 0], [np.ones(1, np.uint32)] * 2, [np.ones(1, np.uint32)] * 2)
+
+
+# -- merges and tombstones, as properties --------------------------------------------------
+
+
+def contents(lists: PostingLists) -> dict[int, list[tuple[int, int]]]:
+    """Image id -> its sorted (word, signature) postings, whatever the layout."""
+    docs, words, signatures = lists.per_doc_words()
+    result: dict[int, list[tuple[int, int]]] = {int(i): [] for i in lists.ids}
+    for doc, word, signature in zip(
+        docs.tolist(), words.tolist(), signatures.tolist(), strict=True
+    ):
+        result[int(lists.ids[doc])].append((word, signature))
+    return {i: sorted(p) for i, p in result.items()}
+
+
+image_postings = st.lists(
+    st.tuples(st.integers(0, 40), st.integers(0, 2**32 - 1)), min_size=0, max_size=12
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.lists(image_postings, min_size=0, max_size=6), min_size=1, max_size=5),
+    st.sets(st.integers(1, 40)),
+)
+def test_merging_keeps_every_live_image_and_drops_tombstoned_ones(
+    parts_postings: list[list[list[tuple[int, int]]]], removed: set[int]
+) -> None:
+    parts, expected, next_id = [], {}, 1
+    for part in parts_postings:
+        ids = list(range(next_id, next_id + len(part)))
+        next_id += len(part)
+        parts.append(
+            PostingLists.build(
+                ids,
+                [0] * len(ids),
+                [np.array([w for w, _ in p], np.uint32) for p in part],
+                [np.array([s for _, s in p], np.uint32) for p in part],
+            )
+        )
+        expected.update({i: sorted(p) for i, p in zip(ids, part, strict=True) if i not in removed})
+
+    segments = [Segment(None, part).without(sorted(removed)) for part in parts]
+    result = merged(segments)
+
+    assert contents(result) == expected
+    assert list(result.ids) == sorted(expected)
+    assert np.all(np.diff(result.words.astype(np.int64)) > 0)
+    for start, end in zip(result.starts[:-1], result.starts[1:], strict=True):
+        assert np.all(np.diff(result.docs[start:end].astype(np.int64)) >= 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 5000), min_size=0, max_size=30), st.integers(2, 6))
+def test_the_merge_plan_merges_adjacent_segments_of_one_level(
+    sizes: list[int], factor: int
+) -> None:
+    plan = merge_plan(sizes, seal_after=100, merge_factor=factor)
+    if plan is None:
+        return
+    assert len(plan) == factor
+    assert plan.stop <= len(sizes)
+
+
+def test_the_merge_plan_waits_for_enough_segments() -> None:
+    assert merge_plan([100] * 7, seal_after=100, merge_factor=8) is None
+    assert merge_plan([100] * 8, seal_after=100, merge_factor=8) == range(8)
+    assert merge_plan([800, 100, 100, 100], seal_after=100, merge_factor=3) == range(1, 4)
+
+
+# -- the segment set and its folder ---------------------------------------------------------
+
+
+def test_a_segment_set_survives_sealing_committing_and_reloading(
+    vocabulary: Vocabulary, tmp_path: Path
+) -> None:
+    rng = np.random.default_rng(11)
+    descriptors = {i: unit_rows(rng, 40) for i in range(1, 21)}
+    empty = SegmentSet(vocabulary, (), Segment(None, PostingLists.empty()), ceiling=0)
+    grown = empty.with_images(
+        list(descriptors), [0] * 20, [vocabulary.assign(d) for d in descriptors.values()]
+    )
+    store = SegmentStore(tmp_path / "postings")
+    store.save_vocabulary(vocabulary)
+    segment = store.write_segment(grown.open.lists)
+    sealed = SegmentSet(vocabulary, (segment,), Segment(None, PostingLists.empty()), ceiling=20)
+    sealed = sealed.without_images([5])
+    store.commit(sealed)
+
+    reloaded = store.load()
+
+    assert reloaded is not None
+    assert reloaded.ceiling == 20
+    assert reloaded.tombstones == {5}
+    assert len(reloaded) == 19
+    query = [features_of(descriptors[9][:25], seed=1)]
+    ranking = reloaded.vote(query, scope=0, count=3, params=VoteParams())
+    assert ranking[0][0] == 9
+    removed_query = [features_of(descriptors[5][:25], seed=2)]
+    assert all(
+        i != 5 for i, _ in reloaded.vote(removed_query, scope=0, count=20, params=VoteParams())
+    )
+
+
+def test_stale_and_abandoned_files_are_removed_but_committed_ones_kept(
+    vocabulary: Vocabulary, tmp_path: Path
+) -> None:
+    store = SegmentStore(tmp_path)
+    store.save_vocabulary(vocabulary)
+    lists = lists_of(random_images(vocabulary, seed=12, count=5))
+    kept = store.write_segment(lists)
+    dropped = store.write_segment(lists)
+    store.commit(SegmentSet(vocabulary, (kept,), Segment(None, PostingLists.empty()), ceiling=15))
+
+    store.remove_stale()
+
+    names = {entry.name for entry in tmp_path.iterdir()}
+    assert kept.name in names
+    assert dropped.name not in names
+    assert store.load() is not None
+
+
+def test_an_unreadable_commit_point_is_reported(tmp_path: Path) -> None:
+    store = SegmentStore(tmp_path)
+    (tmp_path / "SEGMENTS.json").write_text("{not json", encoding="utf-8")
+    with pytest.raises(IndexCorruptError, match="SEGMENTS"):
+        store.load()
+
+
+def test_merging_lists_of_overlapping_ranges_is_refused(vocabulary: Vocabulary) -> None:
+    lists = lists_of(random_images(vocabulary, seed=13, count=3))
+    with pytest.raises(ValueError, match="ascending"):
+        merge_lists([lists, lists], drop=set())
