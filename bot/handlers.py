@@ -76,7 +76,8 @@ async def add(update: Update, context: BotContext) -> None:
     message = _message(update)
     image_message, attachment = image_for(message, "add")
     user = _sender(message)
-    await context.access.check_may_add(message.chat, user)
+    chat_settings = await context.watch.settings(message.chat_id)  # /settings may narrow it
+    await context.access.check_may_add(message.chat, user, chat_policy=chat_settings.add_policy)
     context.access.check_query(user)
     data = await download(context.bot, attachment)
     result = await context.service.add(

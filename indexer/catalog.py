@@ -469,36 +469,24 @@ class Catalog:
         return result
 
     async def iter_features(
-        self, *, after_id: int = 0, up_to_id: int | None = None, batch: int = 256
-    ) -> AsyncIterator[tuple[int, int, LocalFeatures]]:
-        """(id, scope, features) of the images with ids in (``after_id``, ``up_to_id``],
-        in id order."""
-        last = after_id
-        ceiling = up_to_id if up_to_id is not None else 2**63 - 1
+        self, *, batch: int = 256
+    ) -> AsyncIterator[tuple[int, LocalFeatures]]:
+        """All images' features in id order."""
+        last = 0
         while True:
             async with _translated_errors():
                 rows = list(
                     await self._db.execute_fetchall(
-                        "SELECT f.image_id, i.scope, f.keypoints, f.width, f.height, f.data "
-                        "FROM features f JOIN images i ON i.id = f.image_id "
-                        "WHERE f.image_id > ? AND f.image_id <= ? ORDER BY f.image_id LIMIT ?",
-                        (last, ceiling, batch),
+                        "SELECT image_id, keypoints, width, height, data FROM features "
+                        "WHERE image_id > ? ORDER BY image_id LIMIT ?",
+                        (last, batch),
                     )
                 )
             if not rows:
                 return
-            for image_id, scope, *stored in rows:
-                yield int(image_id), int(scope), _stored_features(*stored)
+            for image_id, *stored in rows:
+                yield int(image_id), _stored_features(*stored)
             last = int(rows[-1][0])
-
-    async def ids(self, *, up_to_id: int | None = None) -> IdArray:
-        """Every image id (up to ``up_to_id``), ascending."""
-        ceiling = up_to_id if up_to_id is not None else 2**63 - 1
-        async with _translated_errors():
-            rows = await self._db.execute_fetchall(
-                "SELECT id FROM images WHERE id <= ? ORDER BY id", (ceiling,)
-            )
-        return np.fromiter((row[0] for row in rows), np.int64)
 
     async def iter_training_features(
         self, count: int, *, batch: int = 256
@@ -594,6 +582,7 @@ class Catalog:
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db, self._write_turn)
+
 
     # -- chats: watch settings, sightings, dismissed pairs --------------------------------
     # The repost watch of the bot. A sighting is one chat message showing a picture (an image

@@ -282,7 +282,9 @@ async def test_start_help_stats_and_the_command_menu(
     assert "0 photos added in this chat" in stats
     assert "Pending adds: 0 photos" in stats
     commands = [command["command"] for command in emu.bot_commands()]
-    assert commands == ["search", "add", "remove", "stats", "help", "start"]
+    assert commands == [
+        "search", "add", "remove", "stats", "watch", "settings", "forget", "help", "start"
+    ]
 
 
 async def test_chats_outside_the_allowed_list_are_turned_away(

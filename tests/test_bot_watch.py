@@ -208,7 +208,7 @@ async def test_buttons_settings_restart_retention_and_forget_in_a_public_group(
 
         emu.user_sends_text(group, alice, "/settings")
         [panel] = await emu.wait_for_messages(group, 1, timeout=REPLY_DEADLINE_S)
-        for button in ("settings:style", "settings:keep", "settings:global"):
+        for button in ("settings:style", "settings:keep", "settings:global", "settings:add"):
             pressed = emu.user_presses_button(group, alice, panel, button)
             await emu.wait_for(lambda _, p=pressed: p in emu.callback_answers, timeout=30)
         stranger = emu.user_presses_button(group, bob, panel, "settings:watch")
@@ -241,7 +241,7 @@ async def test_buttons_settings_restart_retention_and_forget_in_a_public_group(
         "↩️ Answer: a reaction only",
         "📁 Offline collection counts: yes",
         "🗓 Forget photos after 7 days",
-        "✋ Who may /add: everyone",
+        "✋ Who may /add: chat admins",
     ]
 
     # A restart keeps the settings: a repost now gets a reaction, not a message.
@@ -263,12 +263,16 @@ async def test_buttons_settings_restart_retention_and_forget_in_a_public_group(
         emu.user_sends_text(group, bob, "/forget", reply_to=original)
         [forgotten] = await emu.wait_for_messages(group, 1, timeout=REPLY_DEADLINE_S)
         after_forget = emu.user_sends_photo(group, carol, edited_photo("horse", angle=6.0))
+        emu.user_sends_photo(group, bob, photo_bytes("rocket"), caption="/add")
+        [add_refused] = await emu.wait_for_messages(group, 1, timeout=REPLY_DEADLINE_S)
         await idle(application)
         watch = watch_of(application)
         moon_sighting = await watch.sighting(group.id, old["message_id"])
         fresh_sighting = await watch.sighting(group.id, fresh_moon["message_id"])
 
-    assert len(emu.messages_sent(group)) == sent_before + 3  # only the three /forget replies
+    # Only the three /forget replies and the refused /add: reposts got reactions.
+    assert len(emu.messages_sent(group)) == sent_before + 4
+    assert add_refused.text == "🔒 Only the admins can add photos here."
     assert emu.reactions[(group.id, reacted["message_id"])] == [{"type": "emoji", "emoji": "👀"}]
     assert (group.id, offline["message_id"]) in emu.reactions
     assert (group.id, old["message_id"]) not in emu.reactions
