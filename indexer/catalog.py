@@ -83,8 +83,9 @@ MIGRATIONS: tuple[str, ...] = (
     # (an image row); the chat's first sighting of an image is its original. The inbox keeps
     # every watched photo received but not yet checked, so a kill loses none of them.
     # IF NOT EXISTS: a catalog whose version number was lowered by hand can be upgraded again.
+    # IF NOT EXISTS: a catalog whose version number was lowered by hand can be upgraded again.
     """
-    CREATE TABLE IF NOT EXISTS chat_settings (
+    CREATE TABLE IF NOT EXISTS IF NOT EXISTS chat_settings (
         chat_id INTEGER PRIMARY KEY,
         watch INTEGER NOT NULL DEFAULT 0,
         reply_style TEXT NOT NULL DEFAULT 'reply',
@@ -93,7 +94,7 @@ MIGRATIONS: tuple[str, ...] = (
         add_policy TEXT,
         updated_at REAL NOT NULL
     );
-    CREATE TABLE IF NOT EXISTS sightings (
+    CREATE TABLE IF NOT EXISTS IF NOT EXISTS sightings (
         chat_id INTEGER NOT NULL,
         message_id INTEGER NOT NULL,
         image_id INTEGER NOT NULL REFERENCES images (id) ON DELETE CASCADE,
@@ -105,16 +106,16 @@ MIGRATIONS: tuple[str, ...] = (
         dismissed INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (chat_id, message_id)
     );
-    CREATE INDEX IF NOT EXISTS sightings_by_image ON sightings (image_id, chat_id, posted_at);
-    CREATE INDEX IF NOT EXISTS sightings_by_answer ON sightings (chat_id, answer_message_id);
-    CREATE INDEX IF NOT EXISTS sightings_by_date ON sightings (chat_id, posted_at);
-    CREATE TABLE IF NOT EXISTS dismissed_pairs (
+    CREATE INDEX IF NOT EXISTS IF NOT EXISTS sightings_by_image ON sightings (image_id, chat_id, posted_at);
+    CREATE INDEX IF NOT EXISTS IF NOT EXISTS sightings_by_answer ON sightings (chat_id, answer_message_id);
+    CREATE INDEX IF NOT EXISTS IF NOT EXISTS sightings_by_date ON sightings (chat_id, posted_at);
+    CREATE TABLE IF NOT EXISTS IF NOT EXISTS dismissed_pairs (
         chat_id INTEGER NOT NULL,
         image_id INTEGER NOT NULL REFERENCES images (id) ON DELETE CASCADE,
         file_unique_id TEXT NOT NULL,
         PRIMARY KEY (chat_id, image_id, file_unique_id)
     );
-    CREATE TABLE IF NOT EXISTS watch_inbox (
+    CREATE TABLE IF NOT EXISTS IF NOT EXISTS watch_inbox (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
         chat_id INTEGER NOT NULL,
         message_id INTEGER NOT NULL,
@@ -469,24 +470,36 @@ class Catalog:
         return result
 
     async def iter_features(
-        self, *, batch: int = 256
-    ) -> AsyncIterator[tuple[int, LocalFeatures]]:
-        """All images' features in id order."""
-        last = 0
+        self, *, after_id: int = 0, up_to_id: int | None = None, batch: int = 256
+    ) -> AsyncIterator[tuple[int, int, LocalFeatures]]:
+        """(id, scope, features) of the images with ids in (``after_id``, ``up_to_id``],
+        in id order."""
+        last = after_id
+        ceiling = up_to_id if up_to_id is not None else 2**63 - 1
         while True:
             async with _translated_errors():
                 rows = list(
                     await self._db.execute_fetchall(
-                        "SELECT image_id, keypoints, width, height, data FROM features "
-                        "WHERE image_id > ? ORDER BY image_id LIMIT ?",
-                        (last, batch),
+                        "SELECT f.image_id, i.scope, f.keypoints, f.width, f.height, f.data "
+                        "FROM features f JOIN images i ON i.id = f.image_id "
+                        "WHERE f.image_id > ? AND f.image_id <= ? ORDER BY f.image_id LIMIT ?",
+                        (last, ceiling, batch),
                     )
                 )
             if not rows:
                 return
-            for image_id, *stored in rows:
-                yield int(image_id), _stored_features(*stored)
+            for image_id, scope, *stored in rows:
+                yield int(image_id), int(scope), _stored_features(*stored)
             last = int(rows[-1][0])
+
+    async def ids(self, *, up_to_id: int | None = None) -> IdArray:
+        """Every image id (up to ``up_to_id``), ascending."""
+        ceiling = up_to_id if up_to_id is not None else 2**63 - 1
+        async with _translated_errors():
+            rows = await self._db.execute_fetchall(
+                "SELECT id FROM images WHERE id <= ? ORDER BY id", (ceiling,)
+            )
+        return np.fromiter((row[0] for row in rows), np.int64)
 
     async def iter_training_features(
         self, count: int, *, batch: int = 256
@@ -582,7 +595,6 @@ class Catalog:
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db, self._write_turn)
-
 
     # -- chats: watch settings, sightings, dismissed pairs --------------------------------
     # The repost watch of the bot. A sighting is one chat message showing a picture (an image
