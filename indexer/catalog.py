@@ -83,9 +83,8 @@ MIGRATIONS: tuple[str, ...] = (
     # (an image row); the chat's first sighting of an image is its original. The inbox keeps
     # every watched photo received but not yet checked, so a kill loses none of them.
     # IF NOT EXISTS: a catalog whose version number was lowered by hand can be upgraded again.
-    # IF NOT EXISTS: a catalog whose version number was lowered by hand can be upgraded again.
     """
-    CREATE TABLE IF NOT EXISTS IF NOT EXISTS chat_settings (
+    CREATE TABLE IF NOT EXISTS chat_settings (
         chat_id INTEGER PRIMARY KEY,
         watch INTEGER NOT NULL DEFAULT 0,
         reply_style TEXT NOT NULL DEFAULT 'reply',
@@ -94,7 +93,7 @@ MIGRATIONS: tuple[str, ...] = (
         add_policy TEXT,
         updated_at REAL NOT NULL
     );
-    CREATE TABLE IF NOT EXISTS IF NOT EXISTS sightings (
+    CREATE TABLE IF NOT EXISTS sightings (
         chat_id INTEGER NOT NULL,
         message_id INTEGER NOT NULL,
         image_id INTEGER NOT NULL REFERENCES images (id) ON DELETE CASCADE,
@@ -106,16 +105,16 @@ MIGRATIONS: tuple[str, ...] = (
         dismissed INTEGER NOT NULL DEFAULT 0,
         PRIMARY KEY (chat_id, message_id)
     );
-    CREATE INDEX IF NOT EXISTS IF NOT EXISTS sightings_by_image ON sightings (image_id, chat_id, posted_at);
-    CREATE INDEX IF NOT EXISTS IF NOT EXISTS sightings_by_answer ON sightings (chat_id, answer_message_id);
-    CREATE INDEX IF NOT EXISTS IF NOT EXISTS sightings_by_date ON sightings (chat_id, posted_at);
-    CREATE TABLE IF NOT EXISTS IF NOT EXISTS dismissed_pairs (
+    CREATE INDEX IF NOT EXISTS sightings_by_image ON sightings (image_id, chat_id, posted_at);
+    CREATE INDEX IF NOT EXISTS sightings_by_answer ON sightings (chat_id, answer_message_id);
+    CREATE INDEX IF NOT EXISTS sightings_by_date ON sightings (chat_id, posted_at);
+    CREATE TABLE IF NOT EXISTS dismissed_pairs (
         chat_id INTEGER NOT NULL,
         image_id INTEGER NOT NULL REFERENCES images (id) ON DELETE CASCADE,
         file_unique_id TEXT NOT NULL,
         PRIMARY KEY (chat_id, image_id, file_unique_id)
     );
-    CREATE TABLE IF NOT EXISTS IF NOT EXISTS watch_inbox (
+    CREATE TABLE IF NOT EXISTS watch_inbox (
         seq INTEGER PRIMARY KEY AUTOINCREMENT,
         chat_id INTEGER NOT NULL,
         message_id INTEGER NOT NULL,
