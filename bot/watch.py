@@ -244,6 +244,7 @@ class RepostWatch:
         self._settings: dict[int, ChatSettings] = {}
         self._albums: dict[tuple[int, str], _Album] = {}
         self._workers: list[asyncio.Task[None]] = []
+        self._answer_tasks: set[asyncio.Task[None]] = set()
         self._busy = 0
         self._idle = asyncio.Event()  # set while no photo is being checked
         self._idle.set()
@@ -274,6 +275,8 @@ class RepostWatch:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._workers = []
+        if self._answer_tasks:  # answers already decided are still sent
+            await asyncio.wait(set(self._answer_tasks), timeout=grace_s)
         for album in self._albums.values():
             if album.timer is not None:
                 album.timer.cancel()
@@ -507,10 +510,21 @@ class RepostWatch:
         assert photo.media_group_id is not None  # noqa: S101 - callers check
         return self._albums.setdefault((photo.chat_id, photo.media_group_id), _Album())
 
+    @property
+    def answers_pending(self) -> int:
+        """Answers decided and not sent yet (Telegram allows a group 20 messages a minute)."""
+        return len(self._answer_tasks)
+
+    def _send_answer(self, reposts: list[Repost]) -> None:
+        """Answer in the background: a flood-limited reply must not hold up the next check."""
+        task = asyncio.create_task(self._answer(reposts), name="repost-answer")
+        self._answer_tasks.add(task)
+        task.add_done_callback(self._answer_tasks.discard)
+
     async def _settle(self, photo: WatchedPhoto, repost: Repost | None) -> None:
         if photo.media_group_id is None:
             if repost is not None:
-                await self._answer([repost])
+                self._send_answer([repost])
             return
         key = (photo.chat_id, photo.media_group_id)
         album = self._album(photo)
@@ -532,13 +546,17 @@ class RepostWatch:
             return
         del self._albums[key]
         if album.reposts:
-            try:
-                await self._answer(sorted(album.reposts, key=lambda r: r.photo.message_id))
-            except Exception:
-                log.exception("could not answer the album %s in chat %s", key[1], key[0])
+            self._send_answer(sorted(album.reposts, key=lambda r: r.photo.message_id))
 
     async def _answer(self, reposts: Sequence[Repost]) -> None:
         """One answer for one post (or one album): a reply, a reaction, or a log line."""
+        try:
+            await self._deliver(reposts)
+        except Exception:
+            # A background task: nobody else would see the failure.
+            log.exception("could not answer a repost in chat %s", reposts[0].photo.chat_id)
+
+    async def _deliver(self, reposts: Sequence[Repost]) -> None:
         first = reposts[0].photo
         settings = await self.settings(first.chat_id)
         log.info(
