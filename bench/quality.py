@@ -286,8 +286,6 @@ def link_collection(config: Config, split: Split) -> tuple[Path, Path]:
     key = hashlib.sha256(listing.encode()).hexdigest()[:12]
     base = config.out_dir / "engine" / f"collection-{key}"
     photos_dir, index_dir = base / "photos", base / "index"
-    if config.fresh_index and index_dir.exists():
-        shutil.rmtree(index_dir)
     photos_dir.mkdir(parents=True, exist_ok=True)
     for row, path in enumerate(split.collection):
         link = photos_dir / f"{row:04d}_{path.name}"
@@ -520,6 +518,9 @@ def run(config: Config) -> dict[str, Any]:
                             derive_seed(config.seed, "queries"))
     queries = write_queries(config, split, targets, filler_pool(photos, split))
 
+    if config.fresh_index:
+        # Once per run: both engine methods then search the same index.
+        shutil.rmtree(link_collection(config, split)[1], ignore_errors=True)
     methods: dict[str, Any] = {}
     for method in config.methods:
         if method in ENGINE_METHODS and engine_blocker:

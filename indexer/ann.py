@@ -32,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 from annoy import AnnoyIndex
 
+from indexer.durable import fsync_directory, fsync_file
 from indexer.encoding import Codebook
 from indexer.errors import IndexCorruptError, IndexIncompatibleError
 
@@ -283,15 +284,15 @@ class GenerationStore:
             }
             (temporary / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2), "utf-8")
             for file_name in (*files, MANIFEST_FILE):
-                _fsync_file(temporary / file_name)
+                fsync_file(temporary / file_name)
             final = self.root / name
             temporary.rename(final)
-            _fsync_directory(self.root)
+            fsync_directory(self.root)
             pointer = self.root / f"{CURRENT_FILE}.tmp"
             pointer.write_text(name, encoding="utf-8")
-            _fsync_file(pointer)
+            fsync_file(pointer)
             pointer.replace(self.root / CURRENT_FILE)
-            _fsync_directory(self.root)
+            fsync_directory(self.root)
         except BaseException:
             shutil.rmtree(temporary, ignore_errors=True)
             raise
@@ -353,16 +354,3 @@ def _failed_checksums(folder: Path, files: dict[str, dict[str, Any]]) -> list[st
         if not intact:
             failed.append(file_name)
     return failed
-
-
-def _fsync_file(path: Path) -> None:
-    with path.open("rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

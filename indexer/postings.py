@@ -211,12 +211,25 @@ def load_lists(folder: Path) -> PostingLists:
 
 @dataclass(frozen=True, slots=True)
 class QueryWords:
-    """A query's (descriptor, word) entries, with what each one is worth."""
+    """A query's distinct words, each with the signatures of the query
+    descriptors assigned to it and what a match on it is worth."""
 
-    words: UintArray  # (e,)
+    words: UintArray  # (g,) distinct, ascending
+    starts: IdArray  # (g + 1,) signatures[starts[i]:starts[i + 1]] are words[i]'s
     signatures: UintArray  # (e,)
-    descriptors: npt.NDArray[np.int32]  # (e,) which query descriptor each entry came from
-    weights: FloatArray  # (e,) idf squared; 0 for stop-listed words
+    weights: FloatArray  # (g,) idf squared; 0 for stop-listed words
+
+    @classmethod
+    def of(cls, words: UintArray, signatures: UintArray) -> QueryWords:
+        """Group (word, signature) entries by word, every word weighing 1."""
+        order = np.argsort(words, kind="stable")
+        distinct, first = np.unique(words[order], return_index=True)
+        return cls(
+            words=distinct.astype(np.uint32),
+            starts=np.append(first, len(words)).astype(np.int64),
+            signatures=np.ascontiguousarray(signatures[order], dtype=np.uint32),
+            weights=np.ones(len(distinct), dtype=np.float32),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,13 +253,14 @@ def vote(
 ) -> Votes:
     """Score every doc of ``lists`` visible from ``scope`` against the query.
 
-    ``begin`` and ``end`` are where each query entry's postings lie in
-    ``lists`` (:meth:`PostingLists.lookup`).
-    A posting counts when its word is a query entry's and the signatures differ
-    in at most ``max_hamming`` bits; it adds the entry's weight times
-    ``hamming_weights[distance]``. Each query descriptor votes at most once per
-    doc, with its best posting there (burstiness: a repeated texture, a
-    window's many panes, would otherwise outvote the real match).
+    ``begin`` and ``end`` are where each query word's postings lie in
+    ``lists`` (:meth:`PostingLists.lookup`). A posting matches when a query
+    signature of its word differs from its own in at most ``max_hamming``
+    bits. Each word a doc shares with the query counts once, with its best
+    match: the word's weight times ``hamming_weights[distance]``. Counting a
+    shared word once on both sides is what keeps bursts (lines of text, a
+    fence, a window's many panes, each giving dozens of near-identical
+    descriptors) from outvoting the real match (Jegou, Douze & Schmid 2009).
     """
     if not len(lists) or not len(query.words):
         return Votes(np.empty(0, np.uint32), np.empty(0, np.float32))
@@ -256,8 +270,8 @@ def vote(
     docs, scores = _vote_kernel(
         begin,
         end,
+        query.starts,
         query.signatures,
-        query.descriptors,
         query.weights,
         lists.docs,
         lists.signatures,
@@ -282,8 +296,8 @@ def _vote_kernel(  # noqa: PLR0917 - numba kernels take positional arrays
     # (compiled; tested against brute-force voting)
     begin: IdArray,
     end: IdArray,
+    query_starts: IdArray,
     query_signatures: UintArray,
-    query_descriptors: npt.NDArray[np.int32],
     query_weights: FloatArray,
     docs: UintArray,
     signatures: UintArray,
@@ -295,19 +309,21 @@ def _vote_kernel(  # noqa: PLR0917 - numba kernels take positional arrays
 ) -> tuple[UintArray, FloatArray]:
     doc_count = len(scopes)
     scores = np.zeros(doc_count, np.float32)
-    # +1: zero means "no descriptor has voted for this doc yet".
+    # The last query word (+1) that matched each doc; zero: none yet.
     voter = np.zeros(doc_count, np.int32)
     best = np.empty(doc_count, np.float32)
     touched = np.empty(doc_count, np.uint32)
     touched_count = 0
-    for entry in range(len(begin)):
-        weight = query_weights[entry]
+    for word in range(len(begin)):
+        weight = query_weights[word]
         if weight <= 0.0:
             continue
-        signature = query_signatures[entry]
-        descriptor = query_descriptors[entry] + 1
-        for posting in range(begin[entry], end[entry]):
-            distance = _popcount(signature ^ signatures[posting])
+        first, last = query_starts[word], query_starts[word + 1]
+        for posting in range(begin[word], end[word]):
+            stored = signatures[posting]
+            distance = 33  # more bits than a signature has: no match yet
+            for entry in range(first, last):
+                distance = min(distance, _popcount(query_signatures[entry] ^ stored))
             if distance > max_hamming:
                 continue
             doc = docs[posting]
@@ -316,11 +332,11 @@ def _vote_kernel(  # noqa: PLR0917 - numba kernels take positional arrays
                 # comparisons compile to two instructions in numba
                 continue
             value = weight * hamming_weights[distance]
-            if voter[doc] != descriptor:
+            if voter[doc] != word + 1:
                 if voter[doc] == 0:
                     touched[touched_count] = doc
                     touched_count += 1
-                voter[doc] = descriptor
+                voter[doc] = word + 1
                 best[doc] = value
                 scores[doc] += value
             elif value > best[doc]:

@@ -11,6 +11,7 @@ as in a screenshot) and verify more.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -100,6 +101,18 @@ def _fused_ranking(rankings: Sequence[Ranking]) -> list[int]:
         for rank, (image_id, _) in enumerate(ranking):
             scores[image_id] = scores.get(image_id, 0.0) + 1.0 / (RANK_FUSION_K + rank)
     return _by_score(scores)
+
+
+def _alternated(first: Sequence[int], second: Sequence[int]) -> list[int]:
+    """The items of both lists taken in turns, each once, in order."""
+    seen: set[int] = set()
+    taken = []
+    for pair in itertools.zip_longest(first, second):
+        for item in pair:
+            if item is not None and item not in seen:
+                seen.add(item)
+                taken.append(item)
+    return taken
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,8 +263,12 @@ class QueryPipeline:
             budget = max(self.settings.verify_limit - len(verdicts), 0)
             # The whole query's own rankings take part: an original half covered
             # ranks 20th there and 50th by windows, but well in both together.
-            fused = _fused_ranking([*regional, *rankings, look.votes])
-            extra = [i for i in fused if i not in verdicts][:budget]
+            fused = _fused_ranking([*regional, *rankings])
+            # The votes take turns with the windows: among 70 rankings of windows
+            # their one ranking would be outvoted, yet a photo shown small on a
+            # page is found by its votes (4th to 10th) and by no window.
+            voted = [image_id for image_id, _ in look.votes]
+            extra = [i for i in _alternated(voted, fused) if i not in verdicts][:budget]
             verdicts.update(await self._verify(features, extra, timings))
         for image_id, verdict in framed_verdicts.items():
             if image_id not in verdicts or _stronger(verdict, verdicts[image_id]):

@@ -34,6 +34,7 @@ from indexer.querying import (
     StageTimings,
     match_score,
 )
+from indexer.segments import SegmentSet
 from indexer.settings import EngineSettings
 from indexer.workers import CpuPool
 
@@ -326,6 +327,11 @@ class SearchService:
         """The generation being served, ``None`` before the first build."""
         generation = self._maintainer.serving.generation
         return generation.name if generation is not None else None
+
+    @property
+    def segments(self) -> SegmentSet | None:
+        """The inverted file as queries see it now (``None`` before the first build)."""
+        return self._maintainer.inverted.current
 
     @property
     def rebuild_running(self) -> bool:

