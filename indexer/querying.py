@@ -267,7 +267,10 @@ class QueryPipeline:
             # The votes take turns with the windows: among 70 rankings of windows
             # their one ranking would be outvoted, yet a photo shown small on a
             # page is found by its votes (4th to 10th) and by no window.
-            voted = [image_id for image_id, _ in look.votes]
+            clock = time.perf_counter()
+            mirror_votes = await asyncio.to_thread(self.votes, segments, oriented[1], scope=scope)
+            timings.add("candidates", time.perf_counter() - clock)
+            voted = _alternated([i for i, _ in look.votes], [i for i, _ in mirror_votes])
             extra = [i for i in _alternated(voted, fused) if i not in verdicts][:budget]
             verdicts.update(await self._verify(features, extra, timings))
         for image_id, verdict in framed_verdicts.items():
@@ -306,25 +309,30 @@ class QueryPipeline:
         scope: int,
         count: int,
     ) -> FirstLook:
-        """The first candidates of a query (each orientation): the nearest global
-        vectors, and the images that the local features vote for in the inverted
-        file. Blocking (CPU work): run it on a thread.
+        """The first candidates of a query: the nearest global vectors of each
+        orientation, and the images that the query's local features vote for in
+        the inverted file. Blocking (CPU work): run it on a thread.
+
+        Only the query as sent votes here (``oriented[0]``): a mirrored copy is
+        found by its mirrored global vector, nearly always, and voting costs
+        most of this stage, so the mirror image votes only in the second look
+        (:meth:`votes`).
         """
         assert serving.generation is not None  # noqa: S101 - checked by the caller
         vectors = [serving.generation.codebook.encode(f.descriptors) for f in oriented]
         visible = {GLOBAL_SCOPE, scope}
         rankings = self._nearest(serving, vectors, visible, count, self.settings.search_k)
-        votes = (
-            segments.vote(
-                oriented,
-                scope=scope,
-                count=self.settings.vote_candidates,
-                params=self.settings.vote,
-            )
-            if segments is not None
-            else []
+        return FirstLook(rankings, self.votes(segments, oriented[0], scope=scope))
+
+    def votes(
+        self, segments: SegmentSet | None, features: LocalFeatures, *, scope: int
+    ) -> Ranking:
+        """The images ``features`` vote for, best first. Blocking: run it on a thread."""
+        if segments is None:
+            return []
+        return segments.vote(
+            (features,), scope=scope, count=self.settings.vote_candidates, params=self.settings.vote
         )
-        return FirstLook(rankings, votes)
 
     def regional_candidates(
         self, serving: ServingView, oriented: Sequence[LocalFeatures], visible: set[int]
