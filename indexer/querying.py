@@ -179,12 +179,7 @@ class QueryPipeline:
         top: int = 5,
         timings: StageTimings | None = None,
     ) -> list[Match]:
-        """The ``top`` most similar images visible from ``scope``, best first.
-
-        Raises:
-            ImageError: the query is not a usable image (each subclass says why).
-            SourceError: the query file cannot be read.
-        """
+        """Decode and describe ``source``, then :meth:`search` (see :meth:`SearchService.query`)."""
         timings = timings if timings is not None else StageTimings()
         started = time.perf_counter()
         analysis = await self.pool.run(_analyze, source, self.settings)

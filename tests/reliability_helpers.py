@@ -265,6 +265,24 @@ def kill_group(process_id: int) -> None:
         os.killpg(process_id, signal.SIGKILL)
 
 
+async def started_script(
+    script: str, *arguments: str | Path | int
+) -> tuple[asyncio.subprocess.Process, bytes]:
+    """Start ``python -c script *arguments`` in its own process group and wait for the line
+    it prints when it is ready (starting with "ready"): the process (its stdout still
+    readable) and that line."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", script, *map(str, arguments),
+        env=subprocess_environment(),
+        stdout=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )  # fmt: skip
+    assert process.stdout is not None
+    ready = await asyncio.wait_for(process.stdout.readline(), PROCESS_DEADLINE_S)
+    assert ready.startswith(b"ready"), ready
+    return process, ready
+
+
 async def run_process(
     *arguments: str | Path, cwd: Path = REPOSITORY, environment: Mapping[str, str] | None = None
 ) -> tuple[int, str, str]:

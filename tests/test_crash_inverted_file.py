@@ -12,19 +12,17 @@ import asyncio
 import dataclasses
 import logging
 import random
-import sys
 from pathlib import Path
 
 import pytest
 from reliability_helpers import (
     FAST_ENGINE,
-    PROCESS_DEADLINE_S,
     catalog_health,
     create_empty_index,
     kill_group,
     report_figures,
     service_of,
-    subprocess_environment,
+    started_script,
 )
 from test_reliability_crash import drawing, drawing_query
 
@@ -58,15 +56,7 @@ asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3])))
 
 async def added_until_killed(index: Path, first: int, delay: float) -> list[int]:
     """Start adding drawings from seed ``first``; SIGKILL after ``delay`` s; the seeds reported."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", ADD_SCRIPT, str(index), str(first), "200",
-        env=subprocess_environment(),
-        stdout=asyncio.subprocess.PIPE,
-        start_new_session=True,
-    )  # fmt: skip
-    assert process.stdout is not None
-    ready = await asyncio.wait_for(process.stdout.readline(), PROCESS_DEADLINE_S)
-    assert ready.startswith(b"ready"), ready
+    process, _ = await started_script(ADD_SCRIPT, index, first, 200)
     await asyncio.sleep(delay)
     kill_group(process.pid)
     await process.wait()

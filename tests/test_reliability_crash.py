@@ -47,6 +47,7 @@ from reliability_helpers import (
     run_process,
     service_of,
     sha256,
+    started_script,
     subprocess_environment,
     write_bot_config,
 )
@@ -482,15 +483,8 @@ async def check_rebuild_kills(
     rng = random.Random(seed)
     served: list[str] = []
     for _ in range(kills):
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-c", REBUILD_SCRIPT, str(index), "1000",
-            env=subprocess_environment(),
-            stdout=asyncio.subprocess.PIPE,
-            start_new_session=True,
-        )  # fmt: skip
+        process, ready = await started_script(REBUILD_SCRIPT, index, 1000)
         assert process.stdout is not None
-        ready = await asyncio.wait_for(process.stdout.readline(), PROCESS_DEADLINE_S)
-        assert ready.startswith(b"ready"), ready
         await asyncio.sleep(rng.uniform(0.05, 2.0))
         kill_group(process.pid)
         await process.wait()
