@@ -2,6 +2,9 @@
 
     .venv/bin/python -m bench.scale --photos ../shared/photos
 
+With ``--end-to-end --distractors N``: the engine's whole query, old and new candidate stage,
+among N hard distractors instead (:mod:`bench.scale_end_to_end`; its own options follow).
+
 Global vectors at 10k..1M are synthetic but shaped by real ones. An index is built on the
 real photos (or ``--index`` names one); its PCA-whitened vectors are the anchors. A
 synthetic photo is a "scene" around a real anchor plus its own variation, both drawn as
@@ -34,6 +37,7 @@ import asyncio
 import hashlib
 import os
 import shutil
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -844,6 +848,10 @@ def parse_arguments(argv: Sequence[str] | None = None) -> Config:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR / "scale.json")
     parser.add_argument("--work", type=Path, default=DEFAULT_OUT_DIR / "scale")
     parser.add_argument("--keep", action="store_true", help="keep the catalog and generations")
+    parser.add_argument("--end-to-end", action="store_true",
+                        help="the end-to-end benchmark among distractors instead "
+                             "(bench.scale_end_to_end: --distractors N, --queries-per-kind, "
+                             "--work, --out, --keep)")
     parser.add_argument("--graph-efs", type=integers, default=(),
                         help="also measure an HNSW graph (faiss) at these efSearch values")
     arguments = parser.parse_args(argv)
@@ -857,7 +865,14 @@ def parse_arguments(argv: Sequence[str] | None = None) -> Config:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    config = parse_arguments(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if "--end-to-end" in arguments:
+        from bench import scale_end_to_end
+
+        arguments.remove("--end-to-end")
+        scale_end_to_end.main(arguments)
+        return
+    config = parse_arguments(arguments)
     config.work.mkdir(parents=True, exist_ok=True)
     try:
         result = asyncio.run(run(config))
