@@ -203,11 +203,15 @@ class QueryPipeline:
         top: int = 5,
         timings: StageTimings | None = None,
         framed: FramedLoader | None = None,
+        first_look_only: bool = False,
     ) -> list[Match]:
         """Search with features already extracted (see :meth:`query`).
 
         ``framed`` extracts the features of a photo framed inside the query; it
-        is called only if the whole query verifies nothing.
+        is called only if the whole query verifies nothing. With
+        ``first_look_only`` only the first batch of candidates is verified: the
+        look for a copy of a photo being added, which is the whole photo, not a
+        part of one, and which for a new photo would otherwise take every stage.
         """
         timings = timings if timings is not None else StageTimings()
         # One consistent view of each source for the whole query.
@@ -250,7 +254,9 @@ class QueryPipeline:
                 similarity=similarity,
                 timings=timings,
             )
-        if not any(v.verified for v in (*verdicts.values(), *framed_verdicts.values())):
+        if not first_look_only and not any(
+            v.verified for v in (*verdicts.values(), *framed_verdicts.values())
+        ):
             clock = time.perf_counter()
             regional = await asyncio.to_thread(self.regional_candidates, serving, oriented, visible)
             timings.add("candidates", time.perf_counter() - clock)

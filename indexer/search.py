@@ -280,7 +280,9 @@ class SearchService:
         same_bytes = await self.catalog.find_by_hash(analysis.content_hash, scopes)
         if same_bytes is not None:
             return same_bytes
-        for match in await self.pipeline.search(analysis.features, scope=scope, top=1):
+        for match in await self.pipeline.search(
+            analysis.features, scope=scope, top=1, first_look_only=True
+        ):
             if match.verified:
                 return match.image
         return None
