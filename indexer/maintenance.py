@@ -3,7 +3,9 @@
 Queries search a :class:`ServingView`: an Annoy generation plus what changed
 since it was built (a fresh buffer searched exactly, and the ids removed). A
 rebuild folds the catalog into a new generation in the background, writes it
-beside the old one and swaps a new view in as a whole.
+beside the old one and swaps a new view in as a whole. The maintainer also
+owns the inverted file (:class:`InvertedFile`), which keeps its own segments
+and is brought up to date by the same rebuilds.
 """
 
 from __future__ import annotations

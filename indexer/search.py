@@ -5,9 +5,10 @@ are in :mod:`indexer.querying`, what queries search and its rebuilds in
 :mod:`indexer.maintenance`, the originals kept for added photos in
 :mod:`indexer.originals`. The catalog is the source of truth for all of them.
 
-Adds land in the catalog first, then in the serving view's fresh buffer, so
-they are searchable at once; a background rebuild folds them into a new Annoy
-generation and swaps it in atomically.
+Adds land in the catalog first, then in the serving view's fresh buffer and
+the inverted file's open set, so they are searchable at once; a background
+rebuild folds them into a new Annoy generation and the open set is sealed into
+a segment, each swapped in atomically.
 """
 
 from __future__ import annotations
