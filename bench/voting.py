@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +24,7 @@ from bench.common import machine_info, median, write_json
 from indexer.analysis import analyze_path
 from indexer.postings import PostingLists, QueryWords, Votes, vote
 from indexer.search import SearchService
-from indexer.segments import SegmentSet
+from indexer.segments import SegmentSet, WeightedQuery
 from indexer.settings import EngineSettings
 
 
@@ -88,24 +87,13 @@ def numpy_vote(
 
 
 def queries_of(segments: SegmentSet, settings: EngineSettings, photos: Sequence[Path]
-               ) -> list[tuple[QueryWords, list[PostingLists]]]:
-    """Each photo's grouped query words (both orientations) with idf weights of the index."""
-    lists = [s.lists for s in segments.segments if len(s.lists)]
-    documents = sum(len(item) for item in lists)
-    stop = max(settings.vote.stop_minimum, settings.vote.stop_fraction * documents)
+               ) -> list[WeightedQuery]:
+    """Each photo's weighted query words (both orientations), as the engine votes with them."""
     prepared = []
     for photo in photos:
         features = analyze_path(photo, settings, for_query=True).features
         for oriented in (features, features.mirrored()):
-            assignment = segments.vocabulary.assign(
-                oriented.descriptors, per_half=settings.vote.assignments_per_half)
-            grouped = QueryWords.of(assignment.words.reshape(-1),
-                                    assignment.signatures.reshape(-1))
-            frequency = sum((e - b for b, e in (item.lookup(grouped.words) for item in lists)),
-                            np.zeros(len(grouped.words), np.int64))
-            idf = np.log(documents / np.maximum(frequency, 1)).astype(np.float32)
-            weights = np.where((frequency > 0) & (frequency <= stop), idf * idf, 0.0)
-            prepared.append((replace(grouped, weights=weights.astype(np.float32)), lists))
+            prepared.append(segments.weighted_query(oriented, settings.vote))
     return prepared
 
 
@@ -119,13 +107,15 @@ async def run(index: Path, photos: Sequence[Path], tiles: Sequence[int]) -> dict
     finally:
         await service.close()
     params = settings.vote
-    hamming_weights = np.exp(-((np.arange(33) / params.hamming_sigma) ** 2)).astype(np.float32)
+    hamming_weights = params.hamming_weights
     result: dict[str, object] = {"machine": machine_info(), "queries": len(photos), "tiles": {}}
     for times in tiles:
         compiled, plain, postings = [], [], []
         cache: dict[int, PostingLists] = {}
-        for query, lists in prepared:
-            for item in lists:
+        for prepared_query in prepared:
+            query = prepared_query.words
+            for segment in prepared_query.segments:
+                item = segment.lists
                 big = cache.setdefault(id(item), tiled(item, times))
                 begin, end = big.lookup(query.words)
                 postings.append(int((end - begin).sum()))
@@ -143,7 +133,7 @@ async def run(index: Path, photos: Sequence[Path], tiles: Sequence[int]) -> dict
                 assert all(abs(got[d] - expected[d]) <= 1e-3 * max(1.0, expected[d]) for d in got)
         ratios = [p / c for p, c in zip(plain, compiled, strict=True)]
         summary = {
-            "images": times * sum(len(item) for item in prepared[0][1]),
+            "images": times * sum(len(segment.lists) for segment in prepared[0].segments),
             "postings_visited_median": median(postings),
             "numba_ms_median": 1000 * median(compiled),
             "numpy_ms_median": 1000 * median(plain),

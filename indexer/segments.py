@@ -72,8 +72,23 @@ class VoteParams:
     stop_fraction: float = 0.01
     stop_minimum: int = 8  # ... but a small collection keeps lists up to this long
 
+    @property
+    def hamming_weights(self) -> npt.NDArray[np.float32]:
+        """What a match at each Hamming distance 0..32 is worth."""
+        distances = np.arange(33, dtype=np.float32)
+        return np.asarray(np.exp(-((distances / self.hamming_sigma) ** 2)), dtype=np.float32)
+
 
 Ranking = list[tuple[int, float]]
+
+
+@dataclass(frozen=True, slots=True)
+class WeightedQuery:
+    """A query's words with their idf weights, and where they lie in each segment."""
+
+    words: QueryWords
+    segments: tuple[Segment, ...]  # the segments that hold images
+    ranges: tuple[tuple[IdArray, IdArray], ...]  # (begin, end) of each word, per segment
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,44 +158,51 @@ class SegmentSet:
             tombstones=self.tombstones | frozenset(int(i) for i in image_ids),
         )
 
+    def weighted_query(self, features: LocalFeatures, params: VoteParams) -> WeightedQuery:
+        """The words ``features`` vote with, weighted by idf squared (a word shared
+        by the query and an image counts once on each side: Jegou et al. 2009,
+        with Hamming embedding), stop-listed words weighing 0."""
+        segments = tuple(s for s in self.segments if len(s.lists))
+        documents = sum(len(s.lists) for s in segments)
+        stop = max(params.stop_minimum, params.stop_fraction * documents)
+        assignment = self.vocabulary.assign(
+            features.descriptors[: params.voting_descriptors],
+            per_half=params.assignments_per_half,
+        )
+        nearest = params.words_per_descriptor
+        grouped = QueryWords.of(
+            assignment.words[:, :nearest].reshape(-1),
+            assignment.signatures[:, :nearest].reshape(-1),
+        )
+        ranges = tuple(s.lists.lookup(grouped.words) for s in segments)
+        frequency = sum(
+            (end - begin for begin, end in ranges), np.zeros(len(grouped.words), np.int64)
+        )
+        idf = np.log(max(documents, 1) / np.maximum(frequency, 1)).astype(np.float32)
+        weights = np.where((frequency > 0) & (frequency <= stop), idf * idf, 0.0)
+        return WeightedQuery(
+            words=replace(grouped, weights=weights.astype(np.float32)),
+            segments=segments,
+            ranges=ranges,
+        )
+
     def vote(
         self, oriented: Sequence[LocalFeatures], *, scope: int, count: int, params: VoteParams
     ) -> Ranking:
         """The ``count`` images with the most votes from any of ``oriented`` (the
         query and its mirror image), best first, with their scores."""
-        segments = [s for s in self.segments if len(s.lists)]
-        documents = sum(len(s.lists) for s in segments)
-        if not segments or count <= 0:
+        if count <= 0 or not any(len(s.lists) for s in self.segments):
             return []
-        distances = np.arange(33, dtype=np.float32)
-        hamming_weights = np.exp(-((distances / params.hamming_sigma) ** 2)).astype(np.float32)
-        stop = max(params.stop_minimum, params.stop_fraction * documents)
+        hamming_weights = params.hamming_weights
         best: dict[int, float] = {}
         for features in oriented:
-            assignment = self.vocabulary.assign(
-                features.descriptors[: params.voting_descriptors],
-                per_half=params.assignments_per_half,
-            )
-            nearest = params.words_per_descriptor
-            grouped = QueryWords.of(
-                assignment.words[:, :nearest].reshape(-1),
-                assignment.signatures[:, :nearest].reshape(-1),
-            )
-            ranges = [s.lists.lookup(grouped.words) for s in segments]
-            frequency = sum(
-                (end - begin for begin, end in ranges), np.zeros(len(grouped.words), np.int64)
-            )
-            # idf squared: a word shared by the query and an image counts once on
-            # each side (Jegou et al. 2009, with Hamming embedding).
-            idf = np.log(documents / np.maximum(frequency, 1)).astype(np.float32)
-            weights = np.where((frequency > 0) & (frequency <= stop), idf * idf, 0.0)
-            query = replace(grouped, weights=weights.astype(np.float32))
-            for segment, (begin, end) in zip(segments, ranges, strict=True):
+            query = self.weighted_query(features, params)
+            for segment, (begin, end) in zip(query.segments, query.ranges, strict=True):
                 votes = vote(
                     segment.lists,
                     begin,
                     end,
-                    query,
+                    query.words,
                     max_hamming=params.max_hamming,
                     hamming_weights=hamming_weights,
                     scope=scope,
