@@ -13,8 +13,6 @@ bursty textures, signed square root, and PCA-whitening with re-normalisation
 from __future__ import annotations
 
 import hashlib
-import io
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ import numpy.typing as npt
 
 from indexer.errors import IndexCorruptError
 from indexer.features import LocalFeatures
+from indexer.npz import read_arrays, write_arrays
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -120,9 +119,7 @@ class Codebook:
         if self.projection is not None and self.mean is not None:
             arrays["mean"] = self.mean
             arrays["projection"] = self.projection
-        buffer = io.BytesIO()
-        np.savez(buffer, **arrays)  # type: ignore[arg-type]
-        path.write_bytes(buffer.getvalue())
+        write_arrays(path, arrays)
 
     @classmethod
     def load(cls, path: Path) -> Codebook:
@@ -131,19 +128,16 @@ class Codebook:
         Raises:
             IndexCorruptError: the file is missing, truncated or malformed.
         """
+        data = read_arrays(path, "codebook")
         try:
-            # Read whole first: np.load on a damaged file would leave it open.
-            with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as data:
-                centroids = np.asarray(data["centroids"], dtype=np.float32)
-                trained_on = int(data["trained_on"][0])
-                mean = np.asarray(data["mean"], dtype=np.float32) if "mean" in data else None
-                projection = (
-                    np.asarray(data["projection"], dtype=np.float32)
-                    if "projection" in data
-                    else None
-                )
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            centroids = np.asarray(data["centroids"], dtype=np.float32)
+            trained_on = int(data["trained_on"][0])
+        except (KeyError, IndexError, ValueError) as error:
             raise IndexCorruptError(f"codebook {path.name} is unreadable: {error}") from error
+        mean = np.asarray(data["mean"], dtype=np.float32) if "mean" in data else None
+        projection = (
+            np.asarray(data["projection"], dtype=np.float32) if "projection" in data else None
+        )
         if centroids.ndim != 2 or (projection is not None and projection.ndim != 2):
             raise IndexCorruptError(f"codebook {path.name} has malformed arrays")
         return cls(centroids=centroids, mean=mean, projection=projection, trained_on=trained_on)

@@ -22,8 +22,6 @@ made it.
 from __future__ import annotations
 
 import hashlib
-import io
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +30,7 @@ import numpy.typing as npt
 
 from indexer.encoding import train_centroids
 from indexer.errors import IndexCorruptError
+from indexer.npz import read_arrays, write_arrays
 
 FloatArray = npt.NDArray[np.float32]
 WordArray = npt.NDArray[np.uint32]
@@ -137,15 +136,15 @@ class Vocabulary:
 
     def save(self, path: Path) -> None:
         """Write to ``path`` (npz). The caller makes the write atomic."""
-        buffer = io.BytesIO()
-        np.savez(
-            buffer,
-            centroids=self.centroids,
-            projections=self.projections,
-            medians=self.medians,
-            trained_on=np.array([self.trained_on], dtype=np.int64),
+        write_arrays(
+            path,
+            {
+                "centroids": self.centroids,
+                "projections": self.projections,
+                "medians": self.medians,
+                "trained_on": np.array([self.trained_on], dtype=np.int64),
+            },
         )
-        path.write_bytes(buffer.getvalue())
 
     @classmethod
     def load(cls, path: Path) -> Vocabulary:
@@ -154,15 +153,15 @@ class Vocabulary:
         Raises:
             IndexCorruptError: the file is missing, truncated or malformed.
         """
+        data = read_arrays(path, "vocabulary")
         try:
-            with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as data:
-                vocabulary = cls(
-                    centroids=np.asarray(data["centroids"], dtype=np.float32),
-                    projections=np.asarray(data["projections"], dtype=np.float32),
-                    medians=np.asarray(data["medians"], dtype=np.float32),
-                    trained_on=int(data["trained_on"][0]),
-                )
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            vocabulary = cls(
+                centroids=np.asarray(data["centroids"], dtype=np.float32),
+                projections=np.asarray(data["projections"], dtype=np.float32),
+                medians=np.asarray(data["medians"], dtype=np.float32),
+                trained_on=int(data["trained_on"][0]),
+            )
+        except (KeyError, IndexError, ValueError) as error:
             raise IndexCorruptError(f"vocabulary {path.name} is unreadable: {error}") from error
         k = vocabulary.half_words
         if (
