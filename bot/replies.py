@@ -24,12 +24,11 @@ from bot.errors import (
 from indexer.catalog import GLOBAL_SCOPE, ImageRecord
 from indexer.errors import IndexerError
 from indexer.search import IndexStats, Match
+from indexer.telegram_ids import message_link
 
 if TYPE_CHECKING:
     from bot.watch import FirstSeen
 
-# A supergroup's chat id is -100 followed by the id its t.me/c/ links use.
-_SUPERGROUP_ID_OFFSET: Final = 1_000_000_000_000
 _LONGEST_SHOWN_NAME: Final = 120
 # The id is always on the first line, which never holds user-provided text.
 _IMAGE_ID = re.compile(r"#(\d{1,18})\b")
@@ -112,17 +111,6 @@ def _origin(record: ImageRecord) -> str:
 
 def _message_link(chat_id: int, message_id: int | None) -> str | None:
     return None if message_id is None else message_link(chat_id, None, message_id)
-
-
-def message_link(chat_id: int, chat_username: str | None, message_id: int) -> str | None:
-    """A t.me link to a message, for the chat's members: t.me/<name>/<id> in a public group,
-    t.me/c/<internal id>/<id> in a private supergroup (its chat id without the -100 prefix).
-    Basic groups and private chats have none."""
-    if chat_username:
-        return f"https://t.me/{chat_username}/{message_id}"
-    if chat_id >= -_SUPERGROUP_ID_OFFSET:
-        return None
-    return f"https://t.me/c/{-chat_id - _SUPERGROUP_ID_OFFSET}/{message_id}"
 
 
 # -- the collection -----------------------------------------------------------------------------

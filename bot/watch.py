@@ -34,6 +34,7 @@ from bot.settings import ADD_POLICIES, AddPolicy
 from indexer.catalog import GLOBAL_SCOPE, ImageRecord
 from indexer.errors import ImageError, NotFoundError
 from indexer.search import SearchService
+from indexer.telegram_ids import message_link
 
 log = logging.getLogger(__name__)
 
@@ -490,7 +491,7 @@ class RepostWatch:
         seen_messages = {photo.message_id, *(s.message_id for s in others)}
         if earlier:
             first = earlier[0]
-            link = replies.message_link(photo.chat_id, photo.chat_username, first.message_id)
+            link = message_link(photo.chat_id, photo.chat_username, first.message_id)
             return FirstSeen(first.sender_name, first.posted_at, link), len(others) + 1
         if (
             image.scope == photo.chat_id
@@ -498,7 +499,7 @@ class RepostWatch:
             and image.origin_message_id not in seen_messages
         ):
             # Added with /add (or before the watch kept sightings): the image is the original.
-            link = replies.message_link(photo.chat_id, photo.chat_username, image.origin_message_id)
+            link = message_link(photo.chat_id, photo.chat_username, image.origin_message_id)
             return FirstSeen(image.added_by, image.added_at, link), len(others) + 2
         if image.scope == GLOBAL_SCOPE and settings.global_counts:
             return FirstSeen(None, None, None), len(others) + 1

@@ -348,12 +348,6 @@ def test_settings_buttons_cycle_through_every_value() -> None:
         with_change(settings, "colour", "everyone")
 
 
-def test_message_links_for_private_and_public_groups() -> None:
-    assert replies.message_link(-1001234567890, None, 42) == "https://t.me/c/1234567890/42"
-    assert replies.message_link(-1001234567890, "club", 42) == "https://t.me/club/42"
-    assert replies.message_link(-4000000001, None, 42) is None  # basic groups have no links
-
-
 def test_watch_settings_are_validated(tmp_path: Path) -> None:
     emu_like = {"token": "123:" + "a" * 30}
     with pytest.raises(SettingsError, match=r"\[watch\] queue_size must be a whole number"):
