@@ -15,11 +15,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 from indexer.analysis import FileAnalysis, analyze_folder_file
 from indexer.catalog import GLOBAL_SCOPE, NewImage
 from indexer.errors import SourceError
+from indexer.progress import progress_bar
 from indexer.search import SearchService
 from indexer.settings import EngineSettings
 from indexer.workers import CpuPool
@@ -132,7 +131,7 @@ async def _extract_all(
     batch: list[FileAnalysis] = []
     queue = iter(todo)
     in_flight = max(2, pool.workers * 4)
-    bar = tqdm(total=len(todo), unit="img", disable=not progress, smoothing=0.05)
+    bar = progress_bar(len(todo), enabled=progress)
     try:
         while True:
             while len(pending) < in_flight:
