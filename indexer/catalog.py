@@ -169,6 +169,7 @@ class NewImage:
     origin_chat_id: int | None = None
     origin_message_id: int | None = None
     telegram_file_id: str | None = None
+    added_at: float | None = None  # when it was posted, for a photo imported later; else now
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,7 +286,7 @@ class Catalog:
                         image.file_mtime_ns,
                         image.width,
                         image.height,
-                        now,
+                        now if image.added_at is None else image.added_at,
                         image.added_by,
                         image.origin_chat_id,
                         image.origin_message_id,
@@ -690,9 +691,12 @@ class Catalog:
             )
         return cursor.rowcount > 0
 
-    async def record_sighting(self, sighting: dict[str, Any], *, inbox_payload: str) -> bool:
+    async def record_sighting(
+        self, sighting: dict[str, Any], *, inbox_payload: str | None
+    ) -> bool:
         """Store a checked photo (replacing an earlier sighting of the same message) and take
-        it out of the inbox, in one transaction. ``sighting`` has the sightings columns.
+        it out of the inbox, in one transaction (``inbox_payload`` None: it was not in the
+        inbox, as an imported message). ``sighting`` has the sightings columns.
         Returns False, storing no sighting, when its image was removed meanwhile."""
         async with _translated_errors(), self._transaction():
             exists = await self._db.execute_fetchall(
@@ -705,10 +709,12 @@ class Catalog:
                     f"VALUES ({', '.join('?' * len(columns))})",
                     tuple(sighting[column] for column in columns),
                 )
-            await self._db.execute(
-                "DELETE FROM watch_inbox WHERE chat_id = ? AND message_id = ? AND payload = ?",
-                (sighting["chat_id"], sighting["message_id"], inbox_payload),
-            )
+            if inbox_payload is not None:
+                await self._db.execute(
+                    "DELETE FROM watch_inbox WHERE chat_id = ? AND message_id = ? "
+                    "AND payload = ?",
+                    (sighting["chat_id"], sighting["message_id"], inbox_payload),
+                )
         return bool(exists)
 
     async def sighting(self, chat_id: int, message_id: int) -> dict[str, Any] | None:
@@ -717,6 +723,13 @@ class Catalog:
             (chat_id, message_id),
         )
         return rows[0] if rows else None
+
+    async def sighted_messages(self, chat_id: int) -> set[int]:
+        """The ids of the chat's messages that have a sighting (checked or imported)."""
+        rows = await self._rows(
+            "SELECT message_id FROM sightings WHERE chat_id = ?", (chat_id,)
+        )
+        return {int(row["message_id"]) for row in rows}
 
     async def sightings_of(self, chat_id: int, image_id: int) -> list[dict[str, Any]]:
         """The chat's sightings of an image that were not dismissed, oldest first."""

@@ -213,6 +213,8 @@ class SearchService:
         origin_chat_id: int | None = None,
         origin_message_id: int | None = None,
         telegram_file_id: str | None = None,
+        added_at: float | None = None,
+        analysis: Analysis | None = None,
     ) -> AddResult:
         """Keep ``data`` under the index folder and make it searchable at once.
 
@@ -220,11 +222,16 @@ class SearchService:
         verified match) visible from ``scope``, nothing is added and that image
         is returned with ``created=False``.
 
+        ``added_at`` is when the photo was posted, when that was not now (an
+        imported chat history). ``analysis`` is :meth:`analyze` of ``data``, for
+        a caller that analyses the next photos while this one is added.
+
         Raises:
             ImageError: the bytes are not a usable image.
             StorageFullError: the disk is full (nothing was added).
         """
-        analysis = await self.pool.run(analyze_bytes, data, self.settings, for_query=True)
+        if analysis is None:
+            analysis = await self.analyze(data)
         async with self._maintainer.write_lock:
             existing = await self._find_existing(analysis, scope)
             if existing is not None:
@@ -259,6 +266,7 @@ class SearchService:
                             origin_chat_id=origin_chat_id,
                             origin_message_id=origin_message_id,
                             telegram_file_id=telegram_file_id,
+                            added_at=added_at,
                         )
                     ]
                 )
@@ -275,6 +283,14 @@ class SearchService:
         else:
             self._maintainer.maybe_rebuild_in_background()
         return AddResult(record, created=True)
+
+    async def analyze(self, data: bytes) -> Analysis:
+        """What :meth:`add` needs to know of ``data`` (in the CPU pool).
+
+        Raises:
+            ImageError: the bytes are not a usable image.
+        """
+        return await self.pool.run(analyze_bytes, data, self.settings, for_query=True)
 
     async def _find_existing(self, analysis: Analysis, scope: int) -> ImageRecord | None:
         scopes = sorted({GLOBAL_SCOPE, scope})
