@@ -1,4 +1,5 @@
-"""Command line: ``python -m indexer {build,query,stats,remove}`` (also ``imgsearch-index``).
+"""Command line: ``python -m indexer {build,import-telegram-export,query,stats,remove}``
+(also ``imgsearch-index``).
 
 Only argument parsing, logging set-up, output and exit codes live here.
 """
@@ -13,14 +14,18 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from indexer.backfill import ImportReport, import_export
 from indexer.build import BuildReport, build_index
+from indexer.catalog import GLOBAL_SCOPE
 from indexer.errors import IndexerError
 from indexer.images import SheetEntry, render_contact_sheet
 from indexer.search import Match, SearchService
+from indexer.telegram_ids import message_link
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the command could not do its job
 EXIT_PARTIAL = 3  # it ran, but some queries or files failed
+EXAMPLES_SHOWN = 5  # of the messages an import could not take, the first few are named
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -56,11 +61,37 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.set_defaults(handler=_build)
 
+    backfill = commands.add_parser(
+        "import-telegram-export",
+        help="add a chat's photos from a Telegram Desktop export (JSON), with their messages",
+        description="Add every photo and image file of a chat exported by Telegram Desktop "
+        "(Export chat history, format JSON) to the chat's collection, with its message, "
+        "sender and date, so that the repost watch links later reposts to it. Running it "
+        "again imports only what is new.",
+    )
+    backfill.add_argument("export", type=Path, help="the export's folder (with result.json)")
+    backfill.add_argument("--index", type=Path, required=True, help="index folder")
+    backfill.add_argument(
+        "--chat", type=int, help="the chat to import from a whole-account export (its id)"
+    )
+    backfill.add_argument(
+        "--workers", type=int, default=None, help="processes (default: all cores)"
+    )
+    backfill.add_argument("--no-progress", action="store_true", help="no progress bar")
+    backfill.set_defaults(handler=_import_telegram_export)
+
     query = commands.add_parser("query", help="find the photos most similar to some images")
     # Kept as typed: the JSON output echoes each query exactly as given.
     query.add_argument("images", nargs="+", help="query image files")
     query.add_argument("--index", type=Path, required=True, help="index folder")
     query.add_argument("--top", type=int, default=5, help="results per query (default 5)")
+    query.add_argument(
+        "--chat",
+        type=int,
+        default=GLOBAL_SCOPE,
+        help="search as from this chat (its Bot API id, as an import prints it): its own "
+        "photos as well as the offline collection",
+    )
     query.add_argument("--json", action="store_true", help="one JSON object per line")
     query.add_argument("--sheet", type=Path, help="write a contact sheet PNG (first query)")
     query.set_defaults(handler=_query)
@@ -100,6 +131,45 @@ def _print_build_report(report: BuildReport) -> None:
         print(f"  skipped {path!r}: {reason}")
 
 
+async def _import_telegram_export(arguments: argparse.Namespace) -> int:
+    report = await import_export(
+        arguments.export,
+        arguments.index,
+        chat=arguments.chat,
+        workers=arguments.workers,
+        progress=not arguments.no_progress,
+    )
+    _print_import_report(report)
+    return EXIT_PARTIAL if report.failed or report.missing else EXIT_OK
+
+
+def _print_import_report(report: ImportReport) -> None:
+    print(f"chat {report.chat_name!r} ({report.export_type}, chat id {report.chat_id}): "
+          f"{report.messages} messages, {report.images} photos and image files")
+    print(
+        f"{report.imported} imported, {report.seen_before} already in the collection (their "
+        f"messages recorded), {report.already_imported} imported before, "
+        f"{len(report.missing)} missing, {len(report.failed)} failed"
+        + (f", {report.still_failing} still failing (unchanged)" if report.still_failing else "")
+        + (f", {report.too_old} older than the chat's retention" if report.too_old else "")
+    )
+    print(f"index generation {report.generation}, {report.seconds:.1f} s")
+    if report.missing:
+        print(f"{len(report.missing)} photos are not in the export: export again with photos "
+              "and files ticked in Telegram Desktop's export settings to import them")
+        _print_examples(report.missing)
+    if report.failed:
+        print(f"{len(report.failed)} files could not be imported:")
+        _print_examples(report.failed)
+
+
+def _print_examples(problems: list[tuple[int, str]]) -> None:
+    for message_id, reason in problems[:EXAMPLES_SHOWN]:
+        print(f"  message {message_id}: {reason}")
+    if len(problems) > EXAMPLES_SHOWN:
+        print(f"  ... and {len(problems) - EXAMPLES_SHOWN} more")
+
+
 async def _query(arguments: argparse.Namespace) -> int:
     if arguments.top < 1:
         raise IndexerError("--top must be at least 1")
@@ -108,7 +178,9 @@ async def _query(arguments: argparse.Namespace) -> int:
     try:
         for position, image in enumerate(arguments.images):
             try:
-                matches = await service.query(Path(image), top=arguments.top)
+                matches = await service.query(
+                    Path(image), scope=arguments.chat, top=arguments.top
+                )
             except IndexerError as error:
                 failures += 1
                 _print_query_error(image, error, as_json=arguments.json)
@@ -136,6 +208,7 @@ def _print_matches(query: str, matches: list[Match], *, as_json: bool) -> None:
                 "score": round(m.score, 4),
                 "verified": m.verified,
                 "inliers": m.inliers,
+                **_origin(m),
             }
             for m in matches
         ]
@@ -147,6 +220,24 @@ def _print_matches(query: str, matches: list[Match], *, as_json: bool) -> None:
     for rank, m in enumerate(matches, start=1):
         mark = "same picture" + (", mirrored" if m.mirrored else "") if m.verified else ""
         print(f"  {rank:>2}. {m.score * 100:5.1f}%  {m.inliers:>4} inliers  {mark:<22} {m.path}")
+        link = _origin(m).get("link")
+        if link is not None:
+            print(f"      {link}")
+
+
+def _origin(match: Match) -> dict[str, int | str]:
+    """The chat message a result was posted in, and a link to it, when they are known."""
+    image = match.image
+    if image.origin_chat_id is None or image.origin_message_id is None:
+        return {}
+    origin: dict[str, int | str] = {
+        "chat_id": image.origin_chat_id,
+        "message_id": image.origin_message_id,
+    }
+    link = message_link(image.origin_chat_id, None, image.origin_message_id)
+    if link is not None:
+        origin["link"] = link
+    return origin
 
 
 def _write_sheet(target: Path, query: Path, matches: list[Match]) -> None:

@@ -20,6 +20,7 @@ the exception's ``str()`` may add detail for logs (paths, sizes).
     │   └── StorageFullError       the disk is full (ENOSPC)
     ├── NotFoundError              no such image (or not visible from this scope)
     └── SourceError                a photo folder or file cannot be read
+        └── ExportError            not a Telegram Desktop export, or a malformed one
 """
 
 from __future__ import annotations
@@ -93,3 +94,7 @@ class NotFoundError(IndexerError):
 
 class SourceError(IndexerError):
     user_message = "The photo folder or file cannot be read."
+
+
+class ExportError(SourceError):
+    user_message = "The folder is not a Telegram Desktop chat export (JSON) that can be read."

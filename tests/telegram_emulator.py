@@ -1109,10 +1109,13 @@ class TelegramEmulator:
         chat_type: Literal["group", "supergroup"] = "group",
         username: str | None = None,
         is_forum: bool = False,
+        earlier_messages: int = 0,
     ) -> EmulatedChat:
         """A group with the bot and ``members`` in it, all with status "member".
 
         Ids follow Telegram's conventions: negative for groups, -100... for supergroups.
+        ``earlier_messages`` were posted before the bot joined (an exported history): the
+        first message it sees has the id after theirs.
 
         Raises:
             ValueError: for an unknown member, or forum/username on a basic group.
@@ -1131,6 +1134,8 @@ class TelegramEmulator:
             statuses[member.id] = "member"
         self._chats[chat_id] = chat
         self._members[chat_id] = statuses
+        if earlier_messages:
+            self._last_message_id[chat_id] = earlier_messages
         return chat
 
     def set_member_status(

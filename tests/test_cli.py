@@ -17,6 +17,8 @@ from bad_inputs import OK, BadInput, BadInputCorpus, write_bad_inputs
 from engine_fixtures import FifoWatchdog, edited_jpeg
 from PIL import Image
 
+from bench.telegram_import import NOT_INCLUDED, chat, message, write_result
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TINY_FOLDER_PHOTOS = ("astronaut", "coffee", "chelsea", "camera")
 EXIT_OK, EXIT_FAILURE, EXIT_PARTIAL = 0, 1, 3
@@ -299,3 +301,92 @@ def test_top_must_be_positive(workspace: Workspace) -> None:
     assert result.returncode == EXIT_FAILURE
     assert_no_traceback(result)
     assert result.stderr.startswith("error:")
+
+
+# --- import-telegram-export --------------------------------------------------------------------
+
+
+def test_an_imported_chat_is_reported_and_its_results_link_to_their_messages(
+    workspace: Workspace, index_copy: Path, tmp_path: Path, photos_dir: Path
+) -> None:
+    export = tmp_path / "ChatExport"
+    (export / "photos").mkdir(parents=True)
+    shutil.copyfile(photos_dir / "rocket.jpg", export / "photos" / "photo_1.jpg")
+    messages = [
+        message(1, 1_700_000_000, sender="Ann", sender_id="user5", kind="service",
+                action="invite_members", members=["Bo"]),
+        message(2, 1_700_000_060, sender="Ann", sender_id="user5", photo="photos/photo_1.jpg",
+                width=512, height=512),
+        *[
+            message(number, 1_700_000_060 + number, sender="Bo", sender_id="user6",
+                    photo=NOT_INCLUDED)
+            for number in range(3, 10)
+        ],
+    ]
+    write_result(export, chat("Club", "public_supergroup", 1_234_567_890, messages))
+    query = tmp_path / "rocket_crop.jpg"
+    query.write_bytes(edited_jpeg("rocket", "crop"))
+
+    imported = run_cli("import-telegram-export", export, "--index", index_copy, "--no-progress",
+                       "--workers", "1")
+    again = run_cli("import-telegram-export", export, "--index", index_copy, "--no-progress")
+    chat_id = "-1001234567890"
+    found = run_cli("query", query, "--index", index_copy, "--chat", chat_id, "--top", "2",
+                    "--json")
+    table = run_cli("query", query, "--index", index_copy, "--chat", chat_id, "--top", "1")
+    outside = run_cli("query", query, "--index", index_copy, "--top", "1", "--json")
+    offline = run_cli("query", workspace.queries / "coffee_flip.jpg", "--index", index_copy,
+                      "--chat", chat_id, "--top", "1", "--json")
+
+    assert_no_traceback(imported)
+    assert imported.returncode == EXIT_PARTIAL, imported.stderr  # photos were not exported
+    lines = imported.stdout.splitlines()
+    assert lines[0] == ("chat 'Club' (public_supergroup, chat id -1001234567890): "
+                        "9 messages, 8 photos and image files")
+    assert lines[1].startswith("1 imported, 0 already in the collection (their messages "
+                               "recorded), 0 imported before, 7 missing, 0 failed")
+    assert "7 photos are not in the export" in imported.stdout
+    assert "  message 3: File not included. Change data exporting settings to download." in lines
+    assert "  ... and 2 more" in lines
+    assert again.stdout.splitlines()[1].startswith("0 imported, 0 already in the collection "
+                                                   "(their messages recorded), 1 imported before")
+    [answer] = json_lines(found)
+    first = answer["results"][0]  # type: ignore[index]
+    assert first["verified"] is True
+    assert (first["chat_id"], first["message_id"]) == (-1001234567890, 2)
+    assert first["link"] == "https://t.me/c/1234567890/2"
+    assert "https://t.me/c/1234567890/2" in table.stdout
+    # The chat's photos are its own: not found from outside it.
+    [elsewhere] = json_lines(outside)[0]["results"]  # type: ignore[misc]
+    assert "chat_id" not in elsewhere
+    [from_folder] = json_lines(offline)[0]["results"]  # type: ignore[misc]
+    assert from_folder["verified"] is True
+    assert from_folder["path"] == str(workspace.photos / "coffee.jpg")
+    assert "link" not in from_folder
+    assert "chat_id" not in from_folder
+
+
+@pytest.mark.parametrize(
+    ("content", "complaint"),
+    [
+        (None, "has no result.json"),
+        ("{\"messages\": [", "is not valid JSON"),
+        ('{"chats": {"about": "", "list": [{"id": 1, "type": "personal_chat", "messages": []}, '
+         '{"id": 2, "type": "personal_chat", "messages": []}]}}', "choose one with --chat"),
+    ],
+)
+def test_an_import_of_what_is_not_an_export_is_a_one_line_error(
+    tmp_path: Path, content: str | None, complaint: str
+) -> None:
+    folder = tmp_path / "Downloads"
+    folder.mkdir()
+    if content is not None:
+        (folder / "result.json").write_text(content)
+
+    result = run_cli("import-telegram-export", folder, "--index", tmp_path / "index")
+
+    assert_no_traceback(result)
+    assert result.returncode == EXIT_FAILURE
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: ")
+    assert complaint in line
