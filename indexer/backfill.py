@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any, Final
 
 from indexer.analysis import Analysis, read_regular_file
+from indexer.build import offline_service
 from indexer.errors import IndexerError
 from indexer.progress import progress_bar
 from indexer.search import SearchService
 from indexer.settings import EngineSettings
 from indexer.telegram_export import ExportedChat, ExportedImage, read_export
-from indexer.workers import CpuPool
 
 log = logging.getLogger(__name__)
 
@@ -93,20 +93,13 @@ async def import_export(
         messages=exported.messages,
         images=len(exported.images),
     )
-    pool = CpuPool.processes(workers)
-    try:
-        service = await SearchService.open(index_dir, settings=settings, pool=pool, create=True)
-        try:
-            plan = await _select(service, exported, report)
-            await _import_all(service, exported, plan, report, progress=progress)
-            if report.imported or service.generation_name is None:
-                report.generation = await service.rebuild()
-            else:
-                report.generation = service.generation_name
-        finally:
-            await service.close()
-    finally:
-        pool.shutdown(cancel_pending=True)
+    async with offline_service(index_dir, workers=workers, settings=settings) as service:
+        plan = await _select(service, exported, report)
+        await _import_all(service, exported, plan, report, progress=progress)
+        if report.imported or service.generation_name is None:
+            report.generation = await service.rebuild()
+        else:
+            report.generation = service.generation_name
     report.seconds = time.perf_counter() - started
     return report
 

@@ -8,10 +8,11 @@ loses at most one batch, and a rerun only extracts what is not yet there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,50 +83,59 @@ async def build_index(
     report.failed.extend(errors)
     report.scanned = len(found)
 
-    pool = CpuPool.processes(workers)
-    try:
-        service = await SearchService.open(index_dir, settings=settings, pool=pool, create=True)
-        try:
-            known = await service.catalog.sources_under(str(root))
-            vanished = [state for path, state in known.items() if path not in found]
-            removed_ids = [s.image_id for s in vanished if s.image_id is not None]
-            if removed_ids:
-                await service.catalog.delete_images(removed_ids)
-            await service.catalog.forget_failures(p for p in known if p not in found)
-            report.removed = len(removed_ids)
-            todo = []
-            for path, item in found.items():
-                state = known.get(path)
-                if state and (state.file_size, state.file_mtime_ns) == (item.size, item.mtime_ns):
-                    if state.image_id is None:
-                        report.still_failing += 1
-                    else:
-                        report.unchanged += 1
-                    continue
-                todo.append((item, state is not None and state.image_id is not None))
-            await _extract_all(service, pool, todo, report, progress=progress)
-            if todo or removed_ids or retrain or service.generation_name is None:
-                report.generation = await service.rebuild(retrain=retrain)
-            else:
-                report.generation = (await service.stats()).generation
-            report.images = await service.catalog.count()
-        finally:
-            await service.close()
-    finally:
-        pool.shutdown(cancel_pending=True)
+    async with offline_service(index_dir, workers=workers, settings=settings) as service:
+        known = await service.catalog.sources_under(str(root))
+        vanished = [state for path, state in known.items() if path not in found]
+        removed_ids = [s.image_id for s in vanished if s.image_id is not None]
+        if removed_ids:
+            await service.catalog.delete_images(removed_ids)
+        await service.catalog.forget_failures(p for p in known if p not in found)
+        report.removed = len(removed_ids)
+        todo = []
+        for path, item in found.items():
+            state = known.get(path)
+            if state and (state.file_size, state.file_mtime_ns) == (item.size, item.mtime_ns):
+                if state.image_id is None:
+                    report.still_failing += 1
+                else:
+                    report.unchanged += 1
+                continue
+            todo.append((item, state is not None and state.image_id is not None))
+        await _extract_all(service, todo, report, progress=progress)
+        if todo or removed_ids or retrain or service.generation_name is None:
+            report.generation = await service.rebuild(retrain=retrain)
+        else:
+            report.generation = (await service.stats()).generation
+        report.images = await service.catalog.count()
     report.seconds = time.perf_counter() - started
     return report
 
 
+@contextlib.asynccontextmanager
+async def offline_service(
+    index_dir: Path, *, workers: int | None, settings: EngineSettings | None
+) -> AsyncIterator[SearchService]:
+    """The index in ``index_dir`` (created if needed) with a pool of ``workers`` processes,
+    for an offline command; both are closed after it, work still queued cancelled."""
+    pool = CpuPool.processes(workers)
+    try:
+        service = await SearchService.open(index_dir, settings=settings, pool=pool, create=True)
+        try:
+            yield service
+        finally:
+            await service.close()
+    finally:
+        pool.shutdown(cancel_pending=True)
+
+
 async def _extract_all(
     service: SearchService,
-    pool: CpuPool,
     todo: list[tuple[_Found, bool]],
     report: BuildReport,
     *,
     progress: bool,
 ) -> None:
-    settings = service.settings
+    settings, pool = service.settings, service.pool
     replacing = {item.path for item, was_indexed in todo if was_indexed}
     pending: set[asyncio.Future[FileAnalysis]] = set()
     batch: list[FileAnalysis] = []

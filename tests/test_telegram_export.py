@@ -12,7 +12,6 @@ from typing import Any
 import pytest
 from bot_fixtures import (
     REPLY_DEADLINE_S,
-    TEST_ENGINE,
     bot_settings,
     edited_photo,
     make_bot,
@@ -20,13 +19,13 @@ from bot_fixtures import (
     running,
 )
 from conftest import photo_array
+from engine_fixtures import TEST_SETTINGS, opened_service
 from PIL import Image
 from telegram_emulator import SentMessage, TelegramEmulator
 
 from bench.telegram_import import NOT_INCLUDED, account, chat, message, write_result
 from indexer.backfill import ImportReport, import_export
 from indexer.errors import ExportError
-from indexer.search import SearchService
 from indexer.telegram_export import DELETED_ACCOUNT, read_export
 from indexer.telegram_ids import bot_api_chat_id, message_link
 
@@ -249,7 +248,7 @@ def test_an_old_export_without_unix_times_reads_the_local_date(tmp_path: Path) -
 
 async def run_import(export: Path, index: Path, **options: Any) -> ImportReport:
     return await import_export(
-        export, index, workers=1, progress=False, settings=TEST_ENGINE, **options
+        export, index, workers=1, progress=False, settings=TEST_SETTINGS, **options
     )
 
 
@@ -270,15 +269,12 @@ async def test_an_import_adds_each_picture_to_the_chat_with_its_message_and_runs
     )
     third = await run_import(group_export, index)
 
-    service = await SearchService.open(index, settings=TEST_ENGINE)
-    try:
+    async with opened_service(index) as service:
         catalog = service.catalog
         sightings = {m: await catalog.sighting(SUPERGROUP_ID, m) for m in (2, 4, 5, 8, 9, 14)}
         original = await catalog.get(sightings[2]["image_id"]) if sightings[2] else None
         matches = await service.query(edited_photo("coffee"), scope=SUPERGROUP_ID, top=1)
         chat_images = await catalog.count(SUPERGROUP_ID)
-    finally:
-        await service.close()
 
     assert (first.chat_id, first.messages, first.images) == (SUPERGROUP_ID, 13, 8)
     # 2, 4 and 9 are new (9's sender is gone); 5 is 2 again (an edited forward).
@@ -318,22 +314,16 @@ async def test_a_message_whose_add_was_interrupted_is_completed_by_the_next_run(
 ) -> None:
     index = tmp_path / "index"
     # Killed between the add and its sighting: the picture is in, its message is not.
-    service = await SearchService.open(index, settings=TEST_ENGINE, create=True)
-    try:
+    async with opened_service(index, create=True) as service:
         added = await service.add(
             photo_bytes("astronaut"), scope=SUPERGROUP_ID, origin_chat_id=SUPERGROUP_ID,
             origin_message_id=2, added_by="Alice",
         )
-    finally:
-        await service.close()
 
     report = await run_import(group_export, index)
 
-    service = await SearchService.open(index, settings=TEST_ENGINE)
-    try:
+    async with opened_service(index) as service:
         sighting = await service.catalog.sighting(SUPERGROUP_ID, 2)
-    finally:
-        await service.close()
     assert (report.imported, report.seen_before) == (2, 2)
     assert sighting is not None
     assert sighting["image_id"] == added.image.id
@@ -343,14 +333,11 @@ async def test_an_import_keeps_out_what_the_chat_retention_forgot(
     group_export: Path, tmp_path: Path
 ) -> None:
     index = tmp_path / "index"
-    service = await SearchService.open(index, settings=TEST_ENGINE, create=True)
-    try:
+    async with opened_service(index, create=True) as service:
         await service.catalog.save_chat_settings(
             SUPERGROUP_ID, watch=True, reply_style="reply", global_counts=False,
             retention_days=30, add_policy=None,
         )
-    finally:
-        await service.close()
 
     report = await run_import(group_export, index)
 
