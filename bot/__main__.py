@@ -19,7 +19,7 @@ from telegram.error import InvalidToken, NetworkError
 
 from bot.app import build_application
 from bot.settings import SettingsError, load_settings
-from indexer.errors import CatalogError, IndexStateError
+from indexer import CatalogError, IndexStateError
 
 EXIT_OK: Final = 0
 EXIT_CANNOT_START: Final = 2

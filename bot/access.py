@@ -17,7 +17,7 @@ from telegram.constants import ChatMemberStatus, ChatType
 
 from bot.errors import NotAllowedError, RateLimitedError
 from bot.settings import AccessSettings, AddPolicy
-from indexer.catalog import GLOBAL_SCOPE
+from indexer import GLOBAL_SCOPE, ImageRecord, NotFoundError
 
 QUERY_WINDOW_S: Final = 60.0
 _CHAT_ADMIN_STATUSES: Final = frozenset({ChatMemberStatus.ADMINISTRATOR, ChatMemberStatus.OWNER})
@@ -74,10 +74,6 @@ class AccessPolicy:
             else None
         )
 
-    @property
-    def admins(self) -> frozenset[int]:
-        return self._settings.admins
-
     def is_admin(self, user: User) -> bool:
         return user.id in self._settings.admins
 
@@ -110,12 +106,24 @@ class AccessPolicy:
             return
         raise NotAllowedError("add", user.id, chat.id)
 
-    async def check_may_remove(self, chat: Chat, user: User, image_scope: int) -> None:
-        """Raises NotAllowedError unless ``user`` may remove an image of ``image_scope``
-        (``chat``'s own photos, or the offline collection) while talking in ``chat``."""
+    async def check_may_remove(self, chat: Chat, user: User, image: ImageRecord | None) -> None:
+        """The rules of /remove, all of them: in ``chat``, an image may be removed if it is the
+        chat's own (by its admins) or from the offline collection (by bot admins only). An
+        image of another chat is not even there: it cannot be named from here.
+
+        With ``image`` None, checks that ``user`` may remove anything here at all, so that a
+        /remove is refused before any download or search.
+
+        Raises:
+            NotFoundError: ``image`` belongs to another chat.
+            NotAllowedError: ``user`` may not remove it.
+        """
+        scope = chat.id if image is None else image.scope
+        if scope not in {GLOBAL_SCOPE, chat.id}:
+            raise NotFoundError(f"image #{image.id if image else '?'} belongs to another chat")
         if self.is_admin(user):
             return
-        if image_scope != GLOBAL_SCOPE and await self._is_chat_admin(chat, user):
+        if scope != GLOBAL_SCOPE and await self._is_chat_admin(chat, user):
             return
         raise NotAllowedError("remove", user.id, chat.id)
 

@@ -11,86 +11,39 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
-from typing import Any, Final, TypeAlias, TypeVar
+from typing import Final
 
 from telegram import BotCommand, LinkPreviewOptions
 from telegram.constants import ParseMode
 from telegram.error import TelegramError
 from telegram.ext import (
     AIORateLimiter,
-    Application,
     ApplicationBuilder,
-    CallbackContext,
     CallbackQueryHandler,
     CommandHandler,
     ContextTypes,
     Defaults,
-    ExtBot,
     JobQueue,
     MessageHandler,
     filters,
 )
 
 from bot import handlers, replies, watching
-from bot.access import AccessPolicy, SlidingWindowLimiter
-from bot.messages import CaptionCommand, MentionsThisBot
+from bot.access import AccessPolicy
+from bot.context import BotApplication, BotContext, BotData, required
+from bot.incoming import CaptionCommand, MentionsThisBot
 from bot.settings import BotSettings
 from bot.watch import RepostWatch
-from indexer.errors import IndexNotFoundError
-from indexer.search import SearchService
-from indexer.settings import EngineSettings
-from indexer.workers import CpuPool
+from indexer import CpuPool, EngineSettings, IndexNotFoundError, SearchService
+
+__all__ = ["BotApplication", "build_application"]
 
 log = logging.getLogger(__name__)
 
 # AIORateLimiter waits out a 429's retry_after and tries again this many times.
 FLOOD_RETRIES: Final = 3
-ADMIN_ALERTS_PER_HOUR: Final = 6
 RETENTION_INTERVAL_S: Final = 86_400.0  # retention runs daily
 RETENTION_FIRST_S: Final = 600.0  # and first a while after start-up, not during it
-
-T = TypeVar("T")
-
-
-class BotData:
-    """PTB's ``bot_data``: what all handlers share. Read it through :class:`BotContext`."""
-
-    def __init__(self) -> None:
-        self.settings: BotSettings | None = None  # set by build_application
-        self.access: AccessPolicy | None = None  # set by build_application
-        self.service: SearchService | None = None  # open between post_init and post_shutdown
-        self.watch: RepostWatch | None = None  # runs between post_init and post_shutdown
-        self.admin_alerts = SlidingWindowLimiter(ADMIN_ALERTS_PER_HOUR, 3600.0)
-
-
-class BotContext(CallbackContext[ExtBot[int], dict[Any, Any], dict[Any, Any], BotData]):
-    """The context handlers receive, with typed access to the bot's services."""
-
-    @property
-    def settings(self) -> BotSettings:
-        return _required(self.bot_data.settings, "settings")
-
-    @property
-    def access(self) -> AccessPolicy:
-        return _required(self.bot_data.access, "access policy")
-
-    @property
-    def service(self) -> SearchService:
-        return _required(self.bot_data.service, "search service")
-
-    @property
-    def watch(self) -> RepostWatch:
-        return _required(self.bot_data.watch, "repost watch")
-
-    @property
-    def admin_alerts(self) -> SlidingWindowLimiter:
-        """How often the admins may be told about failures."""
-        return self.bot_data.admin_alerts
-
-
-BotApplication: TypeAlias = Application[
-    ExtBot[int], BotContext, dict[Any, Any], dict[Any, Any], BotData, JobQueue[BotContext]
-]
 
 
 def build_application(
@@ -180,7 +133,7 @@ def _add_handlers(application: BotApplication, settings: BotSettings) -> None:
 async def _open_engine(
     application: BotApplication, *, engine_settings: EngineSettings | None
 ) -> None:
-    settings = _required(application.bot_data.settings, "settings")
+    settings = required(application.bot_data.settings, "settings")
     pool = CpuPool.processes(settings.index.workers)
     try:
         application.bot_data.service = await _open_service(
@@ -189,6 +142,7 @@ async def _open_engine(
     except BaseException:
         pool.shutdown(cancel_pending=True)
         raise
+    application.bot_data.pool = pool  # the bot's, not the service's: shut down after it
     await application.bot.set_my_commands(
         [BotCommand(command, description) for command, description in replies.COMMANDS]
     )
@@ -217,7 +171,7 @@ async def _apply_retention(context: BotContext) -> None:
 
 async def _tell_admins(application: BotApplication, text: str) -> None:
     """A note to the bot admins (at most a few an hour, shared with error alerts)."""
-    settings = _required(application.bot_data.settings, "settings")
+    settings = required(application.bot_data.settings, "settings")
     if not settings.access.admins or application.bot_data.admin_alerts.acquire("watch") > 0:
         return
     for admin in sorted(settings.access.admins):
@@ -232,13 +186,13 @@ async def _close_engine(application: BotApplication) -> None:
     if watch is not None:
         application.bot_data.watch = None
         await watch.stop()
-    service = application.bot_data.service
-    if service is None:  # post_init failed before opening it
-        return
-    application.bot_data.service = None
-    await service.close()
-    service.pool.shutdown()
-    log.info("search service closed")
+    service, application.bot_data.service = application.bot_data.service, None
+    if service is not None:  # None: post_init failed before opening it
+        await service.close()
+        log.info("search service closed")
+    pool, application.bot_data.pool = application.bot_data.pool, None
+    if pool is not None:
+        pool.shutdown(cancel_pending=True)
 
 
 async def _open_service(
@@ -265,9 +219,3 @@ async def _open_service(
     report = await service.stats()
     log.info("serving %d photos from %s with %d workers", report.images, index_dir, pool.workers)
     return service
-
-
-def _required(value: T | None, what: str) -> T:
-    if value is None:
-        raise RuntimeError(f"the bot's {what} is not set up: build it with build_application()")
-    return value

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dtm
 import logging
-from typing import TYPE_CHECKING
 
 from telegram import Message, Update, User
 from telegram.constants import ChatType
@@ -17,14 +16,11 @@ from telegram.error import Forbidden, TelegramError
 from telegram.ext import ApplicationHandlerStop
 
 from bot import replies
+from bot.context import BotContext
 from bot.errors import RefusedError
-from bot.messages import display_name, download, image_for, image_id_named
-from bot.results import send_results, showing_action
-from indexer.catalog import GLOBAL_SCOPE
-from indexer.errors import ImageError, NotFoundError
-
-if TYPE_CHECKING:
-    from bot.app import BotContext
+from bot.incoming import display_name, download, image_for, image_id_named
+from bot.outgoing import send_results, showing_action
+from indexer import GLOBAL_SCOPE, ImageError, NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +43,8 @@ async def stats(update: Update, context: BotContext) -> None:
     await message.reply_text(
         replies.stats(
             report,
-            in_collection=await service.catalog.count(scope=GLOBAL_SCOPE),
-            in_chat=await service.catalog.count(scope=message.chat_id),
+            in_collection=await service.count(scope=GLOBAL_SCOPE),
+            in_chat=await service.count(scope=message.chat_id),
             now=dtm.datetime.now(dtm.UTC),
         )
     )
@@ -97,17 +93,13 @@ async def remove(update: Update, context: BotContext) -> None:
     """/remove ID, or /remove replying to a result or to a photo (admins only)."""
     message = _message(update)
     user = _sender(message)
-    # Refuse early those who may remove nothing here, before any download or search.
-    await context.access.check_may_remove(message.chat, user, image_scope=message.chat_id)
+    await context.access.check_may_remove(message.chat, user, image=None)
     image_id = image_id_named(message, context.args)
     if image_id is None:
         image_id = await _image_in_photo(message, context)
-    record = await context.service.catalog.get(image_id)
-    if record.scope not in {GLOBAL_SCOPE, message.chat_id}:
-        raise NotFoundError(f"image #{image_id} belongs to another chat")
-    if record.scope != message.chat_id:
-        await context.access.check_may_remove(message.chat, user, image_scope=record.scope)
-    removed = await context.service.remove(image_id, scope=record.scope)
+    record = await context.service.get(image_id)
+    await context.access.check_may_remove(message.chat, user, image=record)
+    removed = await context.service.remove(record.id, scope=record.scope)
     await message.reply_text(replies.removed(removed))
 
 

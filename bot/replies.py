@@ -21,10 +21,7 @@ from bot.errors import (
     RateLimitedError,
     RefusedError,
 )
-from indexer.catalog import GLOBAL_SCOPE, ImageRecord
-from indexer.errors import IndexerError
-from indexer.search import IndexStats, Match
-from indexer.telegram_ids import message_link
+from indexer import GLOBAL_SCOPE, ImageRecord, IndexerError, IndexStats, Match, message_link
 
 if TYPE_CHECKING:
     from bot.watch import FirstSeen

@@ -29,12 +29,16 @@ from telegram.error import TelegramError
 
 from bot import replies
 from bot.errors import RefusedError
-from bot.messages import Attachment, download
+from bot.incoming import Attachment, download
 from bot.settings import ADD_POLICIES, AddPolicy
-from indexer.catalog import GLOBAL_SCOPE, ImageRecord
-from indexer.errors import ImageError, NotFoundError
-from indexer.search import SearchService
-from indexer.telegram_ids import message_link
+from indexer import (
+    GLOBAL_SCOPE,
+    ImageError,
+    ImageRecord,
+    NotFoundError,
+    SearchService,
+    message_link,
+)
 
 log = logging.getLogger(__name__)
 

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from telegram import CallbackQuery, Chat, Message, Update
 from telegram.constants import ChatMemberStatus, ChatType
 from telegram.error import BadRequest, TelegramError
 
 from bot import replies
+from bot.context import BotContext
 from bot.errors import NotAllowedError
-from bot.messages import attached_image, display_name
+from bot.incoming import attached_image, display_name
 from bot.watch import (
     DELETE_REPOST,
     NOT_A_REPOST,
@@ -27,9 +28,6 @@ from bot.watch import (
     settings_keyboard,
     with_change,
 )
-
-if TYPE_CHECKING:
-    from bot.app import BotContext
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 from indexer.backfill import ImportReport, import_export
 from indexer.build import BuildReport, build_index
 from indexer.catalog import GLOBAL_SCOPE
+from indexer.contact_sheet import SheetEntry, render_contact_sheet
 from indexer.errors import IndexerError
-from indexer.images import SheetEntry, render_contact_sheet
 from indexer.search import Match, SearchService
 from indexer.telegram_ids import message_link
 

@@ -8,16 +8,14 @@ the bot).
 from __future__ import annotations
 
 import hashlib
-import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from indexer.encoding import Region
-from indexer.errors import ImageTooLargeError, IndexerError, SourceError
+from indexer.errors import IndexerError
 from indexer.features import LocalFeatures, extract_features
 from indexer.framing import find_framed_photo
-from indexer.images import WorkingImage, load_working_image
+from indexer.images import WorkingImage, load_working_image, read_image_file
+from indexer.regions import Region
 from indexer.settings import EngineSettings
 
 
@@ -81,7 +79,7 @@ def analyze_framed(source: bytes | Path, frame: Region, settings: EngineSettings
         ImageError: it is not a usable image, or the framed part is too small.
     """
     if isinstance(source, Path):
-        source, _ = read_regular_file(source, settings.max_file_bytes)
+        source, _ = read_image_file(source, settings.max_file_bytes)
     image = _working_image(source, settings, crop=frame)
     return extract_features(
         image.gray, max_keypoints=settings.query_keypoints, params=settings.query_kaze
@@ -109,7 +107,7 @@ def analyze_path(path: Path, settings: EngineSettings, *, for_query: bool = Fals
         SourceError: the file cannot be read.
         ImageError: it is not a usable image.
     """
-    data, _ = read_regular_file(path, settings.max_file_bytes)
+    data, _ = read_image_file(path, settings.max_file_bytes)
     return analyze_bytes(data, settings, for_query=for_query)
 
 
@@ -125,37 +123,8 @@ def analyze_folder_file(path: str, settings: EngineSettings) -> FileAnalysis:
     except OSError as error:
         return FileAnalysis(path, 0, 0, None, f"cannot read: {error.strerror or error}")
     try:
-        data, status = read_regular_file(Path(path), settings.max_file_bytes)
+        data, status = read_image_file(Path(path), settings.max_file_bytes)
         analysis = analyze_bytes(data, settings)
     except IndexerError as error:
         return FileAnalysis(path, status.st_size, status.st_mtime_ns, None, str(error))
     return FileAnalysis(path, status.st_size, status.st_mtime_ns, analysis, None)
-
-
-def read_regular_file(path: Path, max_bytes: int) -> tuple[bytes, os.stat_result]:
-    """The bytes of a regular file and its status, as one consistent read.
-
-    Opened non-blocking and checked before reading: a named pipe or a device
-    in a photo folder must not hang the build waiting for a writer.
-
-    Raises:
-        SourceError: not a regular file, or unreadable.
-        ImageTooLargeError: more than ``max_bytes`` bytes.
-    """
-    try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as error:
-        raise SourceError(f"cannot read {path}: {error.strerror or error}") from error
-    status = os.fstat(descriptor)
-    if not stat.S_ISREG(status.st_mode):
-        os.close(descriptor)
-        raise SourceError(f"{path} is not a regular file")
-    with os.fdopen(descriptor, "rb") as handle:
-        if status.st_size > max_bytes:
-            raise ImageTooLargeError(
-                f"{path.name} has {status.st_size} bytes, the limit is {max_bytes}"
-            )
-        try:
-            return handle.read(max_bytes + 1), status
-        except OSError as error:
-            raise SourceError(f"cannot read {path}: {error.strerror or error}") from error

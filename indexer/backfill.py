@@ -21,9 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from indexer.analysis import Analysis, read_regular_file
+from indexer.analysis import Analysis
 from indexer.build import offline_service
 from indexer.errors import IndexerError
+from indexer.images import read_image_file
 from indexer.progress import progress_bar
 from indexer.search import SearchService
 from indexer.settings import EngineSettings
@@ -181,7 +182,7 @@ async def _import_all(
 async def _prepare(service: SearchService, image: ExportedImage) -> _Prepared:
     assert image.path is not None  # noqa: S101 - _select keeps only images with a file
     try:
-        data, status = read_regular_file(image.path, service.settings.max_file_bytes)
+        data, status = read_image_file(image.path, service.settings.max_file_bytes)
     except IndexerError as error:
         return _Prepared(image, error=str(error))
     try:

@@ -24,6 +24,7 @@ import numpy.typing as npt
 from indexer.errors import IndexCorruptError
 from indexer.features import LocalFeatures
 from indexer.npz import read_arrays, write_arrays
+from indexer.regions import Region
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -141,29 +142,6 @@ class Codebook:
         if centroids.ndim != 2 or (projection is not None and projection.ndim != 2):
             raise IndexCorruptError(f"codebook {path.name} has malformed arrays")
         return cls(centroids=centroids, mean=mean, projection=projection, trained_on=trained_on)
-
-
-@dataclass(frozen=True, slots=True)
-class Region:
-    """A sub-window of an image, in fractions of its width and height."""
-
-    left: float
-    top: float
-    right: float
-    bottom: float
-
-
-def region_grid(scales: Sequence[float] = (0.5, 0.7)) -> list[Region]:
-    """Overlapping square-ish windows at each scale, 3x3 positions per scale.
-
-    A photo shown inside a larger frame (a screenshot, a post with a caption)
-    fills one of these windows far better than it fills the whole query.
-    """
-    regions: list[Region] = []
-    for scale in scales:
-        steps = (0.0, (1.0 - scale) / 2.0, 1.0 - scale)
-        regions.extend(Region(x, y, x + scale, y + scale) for y in steps for x in steps)
-    return regions
 
 
 def vlad_vector(descriptors: FloatArray, centroids: FloatArray) -> FloatArray:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import numpy.typing as npt
 
-from indexer.encoding import Region
+from indexer.regions import Region
 
 # Grey levels within this distance of the background count as background: JPEG
 # ringing around flat areas stays inside it, photo texture mostly does not.

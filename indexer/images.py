@@ -1,8 +1,8 @@
-"""Decoding whatever people send, and the Pillow-side picture work.
+"""Decoding whatever people send: bytes in, pixels out.
 
-This is the only module of the product that imports Pillow.  Everything that
-turns bytes into pixels (or pixels back into bytes for Telegram) goes through
-here, so the policy for hostile and odd input lives in one place:
+This is the only module of the engine that decodes with Pillow.  Everything that
+turns bytes into pixels goes through here, so the policy for hostile and odd
+input lives in one place:
 
 * the format is sniffed from magic bytes and Pillow may only use that one
   plugin (no surprise EPS/Ghostscript, no guessing from file names);
@@ -10,6 +10,10 @@ here, so the policy for hostile and odd input lives in one place:
   from the header, so a decompression bomb is refused without allocating;
 * every exception Pillow raises on junk is turned into an
   :class:`~indexer.errors.ImageError` subclass, so callers handle one tree.
+
+Two kinds of pixels come out: the grayscale working image the features are
+extracted from, and upright RGB pictures for what is shown to people (the
+bot's uploads, the contact sheet), with :func:`encode_jpeg` as the way back.
 
 The public functions have no side effects beyond reading the given file, and
 are safe to call from worker processes and from threads.
@@ -23,18 +27,16 @@ import os
 import stat
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Final, Literal
 
 import numpy as np
 import numpy.typing as npt
-from PIL import ExifTags, Image, ImageDraw, ImageFile, ImageFont
+from PIL import ExifTags, Image, ImageFile
 
-from indexer.encoding import Region
 from indexer.errors import (
     CorruptImageError,
     EmptyImageError,
@@ -44,6 +46,7 @@ from indexer.errors import (
     SourceError,
     UnsupportedFormatError,
 )
+from indexer.regions import Region
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -51,12 +54,14 @@ __all__ = [
     "MIN_DESCRIBABLE_SIDE",
     "NEUTRAL_BACKGROUND",
     "SUPPORTED_FORMATS",
-    "SheetEntry",
+    "Picture",
     "WorkingImage",
-    "fit_for_telegram",
+    "decode_rgb",
+    "encode_jpeg",
     "image_format",
     "load_working_image",
-    "render_contact_sheet",
+    "open_picture",
+    "read_image_file",
 ]
 
 DEFAULT_MAX_BYTES: Final = 50 * 2**20
@@ -80,14 +85,6 @@ SUPPORTED_FORMATS: Final = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 # checks that matter are made here.  catch_warnings swaps process-wide state,
 # hence the lock; pixel decoding never runs under it.
 _PILLOW_WARNINGS_LOCK: Final = threading.Lock()
-
-_TELEGRAM_MAX_BYTES: Final = 10 * 2**20
-_TELEGRAM_MAX_DIMENSION_SUM: Final = 10_000
-_TELEGRAM_MAX_ASPECT_RATIO: Final = 20.0
-# Each retry of fit_for_telegram shrinks the picture this much, so about a
-# dozen retries cover any size a 60-megapixel source can produce.
-_TELEGRAM_SHRINK: Final = 0.75
-_TELEGRAM_QUALITIES: Final = (90, 75)
 
 # Pillow's "thumbnail" default: JPEG DCT scaling may reduce to at least twice
 # the target, which keeps the final resample close to a full decode.
@@ -141,23 +138,7 @@ _MARKUP_PREFIXES: Final = (
     (b"<?xml", "an XML document"),
 )
 
-_SHEET_COLUMNS: Final = 4
-_SHEET_PADDING: Final = 12
-_SHEET_LABEL_LINES: Final = 2
-_SHEET_FRAME_WIDTH: Final = 5
-_SHEET_BACKGROUND: Final = (250, 250, 250)
-_SHEET_TEXT: Final = (20, 20, 20)
-_SHEET_HIGHLIGHT: Final = (30, 150, 60)
-_SHEET_QUERY_FRAME: Final = (40, 90, 200)
-_SHEET_PLACEHOLDER: Final = (200, 200, 200)
-_SHEET_QUERY_LABEL: Final = "query"
-_SHEET_UNAVAILABLE_LABEL: Final = "(image unavailable)"
-# DejaVu covers Cyrillic, Greek and most accented Latin file names; Pillow's
-# built-in fallback font only covers ASCII.
-_SHEET_FONT_FILE: Final = "DejaVuSans.ttf"
-
 _ColourMode = Literal["L", "RGB"]
-_CellKind = Literal["query", "highlighted", "plain"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,13 +157,14 @@ class WorkingImage:
 
 
 @dataclass(frozen=True, slots=True)
-class SheetEntry:
-    """One result cell of a contact sheet: the picture, its caption (lines
-    separated by ``\\n``) and whether to mark it (e.g. geometrically verified)."""
+class Picture:
+    """A picture's bytes, with what its header says; the pixels are decoded on demand
+    by :func:`decode_rgb`. ``width`` and ``height`` are as stored (before EXIF orientation)."""
 
-    image: Path
-    label: str
-    highlighted: bool
+    data: bytes
+    format: str
+    width: int
+    height: int
 
 
 def image_format(data: bytes) -> str:
@@ -263,128 +245,17 @@ def load_working_image(
     )
 
 
-def fit_for_telegram(
-    source: bytes | Path,
-    *,
-    max_bytes: int = _TELEGRAM_MAX_BYTES,
-    max_dimension_sum: int = _TELEGRAM_MAX_DIMENSION_SUM,
-    max_aspect_ratio: float = _TELEGRAM_MAX_ASPECT_RATIO,
-) -> bytes:
-    """Return bytes Telegram accepts as a photo.
+def read_image_file(path: Path, max_bytes: int) -> tuple[bytes, os.stat_result]:
+    """The bytes of a regular file and its status, as one consistent read.
 
-    A JPEG or PNG already within the limits comes back untouched.  Anything
-    else is decoded (first frame, upright, transparency on mid-grey), scaled so
-    that width + height <= ``max_dimension_sum``, padded with mid-grey so that
-    the long side is at most ``max_aspect_ratio`` times the short one, and
-    encoded as JPEG, shrinking further until it is at most ``max_bytes``.
+    Opened non-blocking (a FIFO would otherwise wait for a writer forever;
+    regular files ignore the flag) and checked with fstat on the open
+    descriptor, so the file cannot be swapped between check and read.
 
-    Raises the errors of load_working_image for an unusable source (with the
-    default byte and pixel limits), and ImageTooLargeError if no size fits
-    ``max_bytes``.
+    Raises:
+        SourceError: missing, unreadable, or not a regular file.
+        ImageTooLargeError: more than ``max_bytes`` bytes.
     """
-    if max_bytes < 1 or max_dimension_sum < 2 * MIN_DESCRIBABLE_SIDE or max_aspect_ratio < 1:
-        raise ValueError("Telegram limits must be positive and allow a small square")
-    data = _read_source(source, DEFAULT_MAX_BYTES)
-    picture_format = image_format(data)
-    with (
-        _decoding_errors(picture_format),
-        _opened(data, picture_format, DEFAULT_MAX_PIXELS) as picture,
-    ):
-        width, height = picture.size
-        already_fits = (
-            picture_format in {"JPEG", "PNG"}
-            and len(data) <= max_bytes
-            and width + height <= max_dimension_sum
-            and max(width, height) <= max_aspect_ratio * min(width, height)
-        )
-        if already_fits:
-            return data
-        scale = _telegram_scale(width, height, max_dimension_sum, max_aspect_ratio)
-        content_size = (max(1, math.floor(width * scale)), max(1, math.floor(height * scale)))
-        content, _ = _render(picture, content_size, "RGB")
-        return _encode_within(content, max_bytes, max_aspect_ratio)
-
-
-def render_contact_sheet(
-    query: Path | bytes, results: Sequence[SheetEntry], *, thumb_side: int = 256
-) -> bytes:
-    """Draw the query and its results as a grid of labelled thumbnails; return PNG bytes.
-
-    The query comes first, framed in blue; highlighted results get a green
-    frame and a tick.  A result that cannot be decoded any more (deleted,
-    damaged) is drawn as a labelled grey placeholder rather than failing the
-    whole sheet.
-
-    Raises the errors of load_working_image when the query itself cannot be
-    used, and ValueError when ``thumb_side`` is too small to draw.
-    """
-    if thumb_side < 4 * MIN_DESCRIBABLE_SIDE:
-        raise ValueError(f"thumb_side must be at least {4 * MIN_DESCRIBABLE_SIDE}")
-    font = _sheet_font(max(11, thumb_side // 18))
-    line_height = _line_height(font)
-    cells: list[tuple[Image.Image | None, str, _CellKind]] = [
-        (_thumbnail(query, thumb_side), _SHEET_QUERY_LABEL, "query")
-    ]
-    for entry in results:
-        try:
-            thumbnail: Image.Image | None = _thumbnail(entry.image, thumb_side)
-        except IndexerError:
-            thumbnail = None
-        cells.append((thumbnail, entry.label, "highlighted" if entry.highlighted else "plain"))
-
-    columns = min(_SHEET_COLUMNS, len(cells))
-    rows = math.ceil(len(cells) / columns)
-    cell_width = thumb_side + _SHEET_PADDING
-    cell_height = thumb_side + _SHEET_PADDING + _SHEET_LABEL_LINES * line_height
-    sheet = Image.new(
-        "RGB",
-        (columns * cell_width + _SHEET_PADDING, rows * cell_height + _SHEET_PADDING),
-        _SHEET_BACKGROUND,
-    )
-    draw = ImageDraw.Draw(sheet)
-    for index, (thumbnail, label, kind) in enumerate(cells):
-        left = _SHEET_PADDING + (index % columns) * cell_width
-        top = _SHEET_PADDING + (index // columns) * cell_height
-        _draw_cell(draw, sheet, origin=(left, top), side=thumb_side, thumbnail=thumbnail, kind=kind)
-        lines = label.splitlines()
-        if thumbnail is None:
-            lines = [*lines[: _SHEET_LABEL_LINES - 1], _SHEET_UNAVAILABLE_LABEL]
-        for number, line in enumerate(lines[:_SHEET_LABEL_LINES]):
-            text = _fit_text(_printable(line), font, thumb_side)
-            draw.text(
-                (left, top + thumb_side + 4 + number * line_height),
-                text,
-                font=font,
-                fill=_SHEET_TEXT,
-            )
-    output = io.BytesIO()
-    sheet.save(output, "PNG")
-    return output.getvalue()
-
-
-# --- reading and sniffing -------------------------------------------------
-
-
-def _read_source(source: bytes | Path, max_bytes: int) -> bytes:
-    if max_bytes < 1:
-        raise ValueError("max_bytes must be positive")
-    if isinstance(source, Path):
-        data = _read_file(source, max_bytes)
-    elif isinstance(source, bytes):
-        data = source
-    else:
-        raise TypeError(f"source must be bytes or a Path, not {type(source).__name__}")
-    if not data:
-        raise EmptyImageError("The file is empty (0 bytes).")
-    if len(data) > max_bytes:
-        raise ImageTooLargeError(f"The file has {len(data)} bytes; the limit is {max_bytes}.")
-    return data
-
-
-def _read_file(path: Path, max_bytes: int) -> bytes:
-    # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer
-    # forever; regular files ignore the flag.  The checks use fstat on the open
-    # descriptor, so the file cannot be swapped between check and read.
     try:
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as error:
@@ -395,14 +266,74 @@ def _read_file(path: Path, max_bytes: int) -> bytes:
             raise SourceError(f"{path} is not a regular file.")
         if status.st_size > max_bytes:
             raise ImageTooLargeError(
-                f"{path} has {status.st_size} bytes; the limit is {max_bytes}."
+                f"{path.name} has {status.st_size} bytes; the limit is {max_bytes}."
             )
         with os.fdopen(descriptor, "rb", closefd=False) as stream:
-            return stream.read(max_bytes + 1)
+            return stream.read(max_bytes + 1), status
     except OSError as error:
         raise SourceError(f"Cannot read {path}: {error.strerror or error}.") from error
     finally:
         os.close(descriptor)
+
+
+def open_picture(source: bytes | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Picture:
+    """Read ``source`` and its header, without decoding the pixels.
+
+    Raises the errors of :func:`load_working_image` that the bytes and the
+    header can reveal (with the default byte limit).
+    """
+    data = _read_source(source, DEFAULT_MAX_BYTES)
+    picture_format = image_format(data)
+    with _decoding_errors(picture_format), _opened(data, picture_format, max_pixels) as picture:
+        width, height = picture.size
+    return Picture(data=data, format=picture_format, width=width, height=height)
+
+
+def decode_rgb(picture: Picture, *, max_side: int | None = None) -> npt.NDArray[np.uint8]:
+    """The upright RGB pixels (height x width x 3) of ``picture``, transparency on
+    mid-grey, its longest side shrunk to ``max_side`` if it is longer (never enlarged).
+
+    Raises:
+        CorruptImageError: the data is damaged.
+        ImageTooLargeError: decoding runs out of memory.
+    """
+    scale = 1.0 if max_side is None else min(1.0, max_side / max(picture.width, picture.height))
+    size = (
+        max(1, math.floor(picture.width * scale)),
+        max(1, math.floor(picture.height * scale)),
+    )
+    with (
+        _decoding_errors(picture.format),
+        _opened(picture.data, picture.format, DEFAULT_MAX_PIXELS) as opened,
+    ):
+        rgb, _ = _render(opened, size, "RGB")
+        return np.array(rgb, dtype=np.uint8, order="C")
+
+
+def encode_jpeg(rgb: npt.NDArray[np.uint8], *, quality: int) -> bytes:
+    """``rgb`` (height x width x 3) as JPEG bytes."""
+    output = io.BytesIO()
+    Image.fromarray(rgb).save(output, "JPEG", quality=quality, optimize=True)
+    return output.getvalue()
+
+
+# --- reading and sniffing -------------------------------------------------
+
+
+def _read_source(source: bytes | Path, max_bytes: int) -> bytes:
+    if max_bytes < 1:
+        raise ValueError("max_bytes must be positive")
+    if isinstance(source, Path):
+        data, _ = read_image_file(source, max_bytes)
+    elif isinstance(source, bytes):
+        data = source
+    else:
+        raise TypeError(f"source must be bytes or a Path, not {type(source).__name__}")
+    if not data:
+        raise EmptyImageError("The file is empty (0 bytes).")
+    if len(data) > max_bytes:
+        raise ImageTooLargeError(f"The file has {len(data)} bytes; the limit is {max_bytes}.")
+    return data
 
 
 def _describe_unsupported(data: bytes) -> str:
@@ -607,148 +538,3 @@ def _high_depth_to_gray(picture: Image.Image) -> Image.Image:
     return Image.fromarray(eight_bit)
 
 
-# --- Telegram -----------------------------------------------------------------
-
-
-def _telegram_scale(
-    width: int, height: int, max_dimension_sum: int, max_aspect_ratio: float
-) -> float:
-    """The downscale factor after which the picture, padded to the aspect
-    limit, has width + height <= max_dimension_sum (1.0 if it already has)."""
-    longest, shortest = max(width, height), min(width, height)
-    padded_shortest = max(float(shortest), longest / max_aspect_ratio)
-    # Two pixels of slack absorb the rounding of the content and the padding.
-    return min(1.0, (max_dimension_sum - 2) / (longest + padded_shortest))
-
-
-def _pad_to_aspect(picture: Image.Image, max_aspect_ratio: float) -> Image.Image:
-    width, height = picture.size
-    canvas_size = (
-        max(width, math.ceil(height / max_aspect_ratio)),
-        max(height, math.ceil(width / max_aspect_ratio)),
-    )
-    if canvas_size == picture.size:
-        return picture
-    canvas = Image.new("RGB", canvas_size, (NEUTRAL_BACKGROUND,) * 3)
-    canvas.paste(picture, ((canvas_size[0] - width) // 2, (canvas_size[1] - height) // 2))
-    return canvas
-
-
-def _encode_within(content: Image.Image, max_bytes: int, max_aspect_ratio: float) -> bytes:
-    while max(content.size) >= MIN_DESCRIBABLE_SIDE:
-        padded = _pad_to_aspect(content, max_aspect_ratio)
-        for quality in _TELEGRAM_QUALITIES:
-            encoded = _jpeg_bytes(padded, quality)
-            if len(encoded) <= max_bytes:
-                return encoded
-        smaller = (
-            max(1, math.floor(content.width * _TELEGRAM_SHRINK)),
-            max(1, math.floor(content.height * _TELEGRAM_SHRINK)),
-        )
-        content = content.resize(smaller, Image.Resampling.LANCZOS)
-    raise ImageTooLargeError(f"No size of this image fits in {max_bytes} bytes as a JPEG.")
-
-
-def _jpeg_bytes(picture: Image.Image, quality: int) -> bytes:
-    output = io.BytesIO()
-    picture.save(output, "JPEG", quality=quality, optimize=True)
-    return output.getvalue()
-
-
-# --- contact sheet ----------------------------------------------------------
-
-
-def _thumbnail(source: Path | bytes, side: int) -> Image.Image:
-    """Upright RGB picture fitting in side x side (never enlarged)."""
-    data = _read_source(source, DEFAULT_MAX_BYTES)
-    picture_format = image_format(data)
-    with (
-        _decoding_errors(picture_format),
-        _opened(data, picture_format, DEFAULT_MAX_PIXELS) as picture,
-    ):
-        width, height = picture.size
-        scale = min(1.0, side / max(width, height))
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        thumbnail, _ = _render(picture, size, "RGB")
-        return thumbnail
-
-
-def _draw_cell(
-    draw: ImageDraw.ImageDraw,
-    sheet: Image.Image,
-    *,
-    origin: tuple[int, int],
-    side: int,
-    thumbnail: Image.Image | None,
-    kind: _CellKind,
-) -> None:
-    left, top = origin
-    if thumbnail is None:
-        draw.rectangle((left, top, left + side - 1, top + side - 1), fill=_SHEET_PLACEHOLDER)
-    else:
-        sheet.paste(
-            thumbnail,
-            (left + (side - thumbnail.width) // 2, top + (side - thumbnail.height) // 2),
-        )
-    if kind == "plain":
-        return
-    inset = _SHEET_FRAME_WIDTH // 2
-    draw.rectangle(
-        (left - inset, top - inset, left + side - 1 + inset, top + side - 1 + inset),
-        outline=_SHEET_QUERY_FRAME if kind == "query" else _SHEET_HIGHLIGHT,
-        width=_SHEET_FRAME_WIDTH,
-    )
-    if kind == "highlighted":
-        _draw_tick(draw, (left + side - 1, top), max(16, side // 8))
-
-
-def _draw_tick(draw: ImageDraw.ImageDraw, corner: tuple[int, int], size: int) -> None:
-    # Drawn, not typed: the fallback font has no tick glyph.
-    right, top = corner
-    left = right - size
-    draw.ellipse((left, top, right, top + size), fill=_SHEET_HIGHLIGHT)
-    draw.line(
-        [
-            (left + size * 0.25, top + size * 0.52),
-            (left + size * 0.43, top + size * 0.70),
-            (left + size * 0.76, top + size * 0.32),
-        ],
-        fill=(255, 255, 255),
-        width=max(2, size // 7),
-    )
-
-
-_Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
-
-
-@cache
-def _sheet_font(size: int) -> _Font:
-    try:
-        return ImageFont.truetype(_SHEET_FONT_FILE, size)
-    except OSError:
-        return ImageFont.load_default(size)
-
-
-def _line_height(font: _Font) -> int:
-    _, top, _, bottom = font.getbbox("Hgjy")
-    return int(bottom - top) + 4
-
-
-def _printable(text: str) -> str:
-    # File names may contain control characters; they would draw as boxes or
-    # break the layout.
-    return "".join(character if character.isprintable() else "?" for character in text)
-
-
-def _fit_text(text: str, font: _Font, width: int) -> str:
-    if font.getlength(text) <= width:
-        return text
-    ellipsis = "..."
-    low, high = 0, len(text)
-    while low < high:
-        middle = (low + high + 1) // 2
-        if font.getlength(text[:middle] + ellipsis) <= width:
-            low = middle
-        else:
-            high = middle - 1
-    return text[:low] + ellipsis

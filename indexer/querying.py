@@ -23,10 +23,10 @@ import numpy.typing as npt
 
 from indexer.analysis import Analysis, analyze_bytes, analyze_framed, analyze_path
 from indexer.catalog import GLOBAL_SCOPE, Catalog, ImageRecord
-from indexer.encoding import region_grid
 from indexer.errors import ImageError
 from indexer.features import LocalFeatures
 from indexer.maintenance import ServingView
+from indexer.regions import region_grid
 from indexer.segments import SegmentSet
 from indexer.settings import EngineSettings
 from indexer.verify import Verification, verify_candidates

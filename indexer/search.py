@@ -339,6 +339,18 @@ class SearchService:
     def resolve_path(self, record: ImageRecord) -> Path:
         return self._originals.locate(record)
 
+    async def get(self, image_id: int) -> ImageRecord:
+        """The image with this id.
+
+        Raises:
+            NotFoundError: there is no such image.
+        """
+        return await self.catalog.get(image_id)
+
+    async def count(self, *, scope: int | None = None) -> int:
+        """Images in the collection, or in one scope."""
+        return await self.catalog.count(scope=scope)
+
     # -- rebuilding ---------------------------------------------------------------------------
 
     @property
@@ -351,10 +363,6 @@ class SearchService:
     def segments(self) -> SegmentSet | None:
         """The inverted file as queries see it now (``None`` before the first build)."""
         return self._maintainer.inverted.current
-
-    @property
-    def rebuild_running(self) -> bool:
-        return self._maintainer.rebuild_running
 
     async def rebuild(self, *, retrain: bool = False) -> str | None:
         """Fold every image of the catalog into a new generation and swap it in.

@@ -183,6 +183,17 @@ def encoded(picture: Image.Image, image_format: str, **options: object) -> bytes
     return output.getvalue()
 
 
+def photo_jpeg(size: tuple[int, int]) -> bytes:
+    """A detailed CC0 photo of ``size`` (width, height) as a JPEG."""
+    return encoded(sample_photo("coffee", size), "JPEG", quality=92)
+
+
+def correlation(first: npt.ArrayLike, second: npt.ArrayLike) -> float:
+    """Pearson correlation of two equally shaped pixel arrays."""
+    a, b = np.asarray(first, float).ravel(), np.asarray(second, float).ravel()
+    return float(np.corrcoef(a, b)[0, 1])
+
+
 def stored_for_orientation(upright: npt.NDArray[np.uint8], orientation: int) -> npt.NDArray:
     """The pixel array a camera stores so that EXIF ``orientation`` shows ``upright``.
 

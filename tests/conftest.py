@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bad_inputs import BadInputCorpus, write_bad_inputs
 from PIL import Image
 from skimage import data as skimage_data
 from telegram_emulator import TelegramEmulator
@@ -46,6 +47,12 @@ def photos_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name in CC0_PHOTOS[:12]:
         (folder / f"{name}.jpg").write_bytes(jpeg_bytes(photo_array(name)))
     return folder
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> BadInputCorpus:
+    """Every hostile and odd input case of bad_inputs.py, written once (do not modify)."""
+    return write_bad_inputs(tmp_path_factory.mktemp("bad-inputs"))
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from telegram_emulator import TelegramEmulator, detect_entities, parse_formatted
 from bot import replies
 from bot.access import SlidingWindowLimiter
 from bot.errors import FileTooBigError, MissingImageError, NotAllowedError, RateLimitedError
-from bot.messages import CaptionCommand, MentionsThisBot
+from bot.incoming import CaptionCommand, MentionsThisBot
 from indexer.catalog import GLOBAL_SCOPE, ImageRecord
 from indexer.errors import CorruptImageError
 from indexer.search import IndexStats, Match

@@ -14,14 +14,13 @@ import pytest
 from indexer.encoding import (
     IMAGES_PER_PCA_DIMENSION,
     Codebook,
-    Region,
-    region_grid,
     train_centroids,
     train_codebook,
     vlad_vector,
 )
 from indexer.errors import IndexCorruptError
 from indexer.features import DESCRIPTOR_SIZE, LocalFeatures
+from indexer.regions import Region, region_grid
 
 FloatArray = npt.NDArray[np.float32]
 

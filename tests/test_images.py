@@ -26,20 +26,19 @@ from bad_inputs import (
     BadInput,
     BadInputCorpus,
     case_names,
+    correlation,
     encoded,
+    photo_jpeg,
     png_header_only,
     sample_photo,
     stored_for_orientation,
-    write_bad_inputs,
 )
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
-from indexer.encoding import Region
 from indexer.errors import (
-    CorruptImageError,
     EmptyImageError,
     ImageTooLargeError,
     ImageTooSmallError,
@@ -50,20 +49,13 @@ from indexer.errors import (
 from indexer.images import (
     MIN_DESCRIBABLE_SIDE,
     NEUTRAL_BACKGROUND,
-    SheetEntry,
     WorkingImage,
-    fit_for_telegram,
     image_format,
     load_working_image,
-    render_contact_sheet,
 )
+from indexer.regions import Region
 
 Gray = npt.NDArray[np.uint8]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> BadInputCorpus:
-    return write_bad_inputs(tmp_path_factory.mktemp("bad_inputs"))
 
 
 def record_or_skip(corpus: BadInputCorpus, name: str) -> BadInput:
@@ -96,11 +88,6 @@ def luma(picture: Image.Image) -> npt.NDArray[np.float64]:
 
 def mean_abs_diff(first: npt.ArrayLike, second: npt.ArrayLike) -> float:
     return float(np.mean(np.abs(np.asarray(first, float) - np.asarray(second, float))))
-
-
-def correlation(first: npt.ArrayLike, second: npt.ArrayLike) -> float:
-    a, b = np.asarray(first, float).ravel(), np.asarray(second, float).ravel()
-    return float(np.corrcoef(a, b)[0, 1])
 
 
 # --- the corpus ---------------------------------------------------------------------
@@ -262,10 +249,6 @@ def test_lossless_gray_is_returned_unchanged() -> None:
 
 
 # --- sizes --------------------------------------------------------------------------
-
-
-def photo_jpeg(size: tuple[int, int]) -> bytes:
-    return encoded(sample_photo("coffee", size), "JPEG", quality=92)
 
 
 @pytest.mark.parametrize(
@@ -544,193 +527,6 @@ def test_oversized_file_is_refused_from_its_size(corpus: BadInputCorpus) -> None
     record = corpus["oversized_sparse_file"]
     with pytest.raises(ImageTooLargeError, match="bytes"):
         decode(record.path)
-
-
-# --- Telegram ---------------------------------------------------------------------------
-
-
-def telegram_limits_hold(
-    photo: bytes, *, max_bytes: int = 10 * 2**20, max_dimension_sum: int = 10_000
-) -> tuple[int, int]:
-    assert len(photo) <= max_bytes
-    with Image.open(io.BytesIO(photo)) as picture:
-        assert picture.format in {"JPEG", "PNG"}
-        width, height = picture.size
-        picture.load()
-    assert width + height <= max_dimension_sum
-    assert max(width, height) <= 20 * min(width, height)
-    return width, height
-
-
-def test_very_wide_picture_is_scaled_and_padded_for_telegram() -> None:
-    panorama = encoded(sample_photo("coffee", (12_000, 300)), "PNG")
-    photo = fit_for_telegram(panorama)
-    width, height = telegram_limits_hold(photo)
-    assert width > 9000
-    with Image.open(io.BytesIO(photo)) as decoded:
-        middle_band = np.asarray(decoded.convert("L"))[height // 2 - 2 : height // 2 + 2]
-    assert np.std(middle_band) > 20  # the panorama itself, not padding
-
-
-def test_picture_over_ten_megabytes_is_recompressed() -> None:
-    noise = np.random.default_rng(1).integers(0, 256, (1600, 2400, 3), dtype=np.uint8)
-    heavy = encoded(Image.fromarray(noise), "PNG", compress_level=0)
-    assert len(heavy) > 10 * 2**20
-    photo = fit_for_telegram(heavy)
-    assert telegram_limits_hold(photo) == (2400, 1600)
-
-
-def test_byte_limit_is_met_by_shrinking() -> None:
-    photo = fit_for_telegram(photo_jpeg((1600, 1200)), max_bytes=30_000)
-    width, height = telegram_limits_hold(photo, max_bytes=30_000)
-    assert abs(width / height - 4 / 3) < 0.02
-
-
-def test_impossible_byte_limit_is_too_large() -> None:
-    with pytest.raises(ImageTooLargeError):
-        fit_for_telegram(photo_jpeg((320, 240)), max_bytes=100)
-
-
-@pytest.mark.parametrize("image_format_name", ["JPEG", "PNG"])
-def test_fitting_jpeg_or_png_is_returned_untouched(image_format_name: str) -> None:
-    original = encoded(sample_photo(), image_format_name)
-    assert fit_for_telegram(original) == original
-
-
-def test_other_formats_become_jpeg(corpus: BadInputCorpus) -> None:
-    photo = fit_for_telegram(corpus["webp_lossy"].path)
-    assert image_format(photo) == "JPEG"
-    telegram_limits_hold(photo)
-
-
-def test_re_encoded_photo_is_upright(corpus: BadInputCorpus) -> None:
-    sideways = corpus[ORIENTED_CASES[6]].path
-    upright_width, upright_height = decode(sideways).width, decode(sideways).height
-    width, height = telegram_limits_hold(
-        fit_for_telegram(sideways, max_dimension_sum=300), max_dimension_sum=300
-    )
-    assert (width > height) == (upright_width > upright_height)
-
-
-@settings(max_examples=25, deadline=None)
-@given(width=st.integers(1, 12_000), height=st.integers(1, 12_000))
-def test_telegram_limits_hold_for_any_shape(width: int, height: int) -> None:
-    assume(width * height <= 3_000_000)
-    solid = encoded(Image.new("RGB", (width, height), (90, 140, 200)), "PNG")
-    photo = fit_for_telegram(solid)
-    telegram_limits_hold(photo)
-    fits_already = width + height <= 10_000 and max(width, height) <= 20 * min(width, height)
-    assert (photo == solid) == fits_already
-
-
-# --- contact sheet ------------------------------------------------------------------------
-
-
-def solid_png(tmp_path: Path, name: str, colour: tuple[int, int, int]) -> Path:
-    path = tmp_path / f"{name}.png"
-    path.write_bytes(encoded(Image.new("RGB", (300, 200), colour), "PNG"))
-    return path
-
-
-def pixels_of(sheet: npt.NDArray[np.uint8], colour: tuple[int, int, int]) -> npt.NDArray:
-    return np.argwhere(np.all(sheet == np.array(colour, dtype=np.uint8), axis=2))
-
-
-def test_contact_sheet_shows_query_then_results_in_order(tmp_path: Path) -> None:
-    red, blue, yellow = (220, 20, 20), (20, 20, 220), (230, 220, 10)
-    query = solid_png(tmp_path, "query", red).read_bytes()
-    entries = [
-        SheetEntry(solid_png(tmp_path, "blue", blue), "1. blue.png 91%", highlighted=True),
-        SheetEntry(solid_png(tmp_path, "yellow", yellow), "2. yellow.png 40%", highlighted=False),
-    ]
-    sheet_png = render_contact_sheet(query, entries, thumb_side=128)
-
-    assert image_format(sheet_png) == "PNG"
-    with Image.open(io.BytesIO(sheet_png)) as decoded:
-        sheet = np.asarray(decoded.convert("RGB"))
-    centres = []
-    for colour in (red, blue, yellow):
-        where = pixels_of(sheet, colour)
-        # A 300x200 picture fits a 128 box as 128x85; frames may cover its rim.
-        assert len(where) > 0.8 * 128 * 85, colour
-        centres.append(where.mean(axis=0))
-    (red_y, red_x), (blue_y, blue_x), (yellow_y, yellow_x) = centres
-    assert red_x < blue_x < yellow_x
-    assert abs(red_y - blue_y) < 5
-    assert abs(blue_y - yellow_y) < 5
-
-
-def test_highlight_changes_only_its_own_cell(tmp_path: Path) -> None:
-    query = solid_png(tmp_path, "query", (200, 200, 200))
-    first, second = solid_png(tmp_path, "a", (10, 10, 10)), solid_png(tmp_path, "b", (90, 9, 9))
-
-    def sheet(highlight_first: bool) -> npt.NDArray[np.uint8]:
-        entries = [
-            SheetEntry(first, "1. a.png", highlighted=highlight_first),
-            SheetEntry(second, "2. b.png", highlighted=False),
-        ]
-        with Image.open(io.BytesIO(render_contact_sheet(query, entries))) as decoded:
-            return np.asarray(decoded.convert("RGB"))
-
-    plain, highlighted = sheet(False), sheet(True)
-    assert plain.shape == highlighted.shape
-    changed_columns = np.flatnonzero(np.any(plain != highlighted, axis=(0, 2)))
-    assert changed_columns.size > 0
-    width = plain.shape[1]
-    # Cells run query | a | b from left to right: only the middle third changes.
-    assert changed_columns.min() > width / 4
-    assert changed_columns.max() < width * 3 / 4
-
-
-def test_contact_sheet_survives_missing_results_and_odd_labels(tmp_path: Path) -> None:
-    query = tmp_path / "query.jpg"
-    query.write_bytes(photo_jpeg((400, 300)))
-    entries = [
-        SheetEntry(tmp_path / "deleted.jpg", "1. deleted.jpg 99%", highlighted=True),
-        # Cyrillic "photo", a tab, a NUL, an emoji and far too much text.
-        SheetEntry(
-            query,
-            "2. \u0444\u043e\u0442\u043e\t\x00 🐈 " + "very long name " * 20,
-            highlighted=False,
-        ),
-        SheetEntry(query, "3. line\nbreak\nand a third line", highlighted=False),
-    ]
-    with Image.open(io.BytesIO(render_contact_sheet(query, entries, thumb_side=96))) as decoded:
-        decoded.load()
-        assert decoded.width >= 4 * 96
-        assert decoded.height >= 96
-
-
-def test_contact_sheet_of_an_unusable_query_raises() -> None:
-    with pytest.raises(EmptyImageError):
-        render_contact_sheet(b"", [])
-
-
-def test_contact_sheet_thumbnails_are_upright(corpus: BadInputCorpus) -> None:
-    sideways = corpus[ORIENTED_CASES[8]].path
-    with Image.open(io.BytesIO(render_contact_sheet(sideways, [], thumb_side=128))) as decoded:
-        sheet = np.asarray(decoded.convert("L"), dtype=float)
-    upright = np.asarray(sample_photo("astronaut", (128, 90)).convert("L"), dtype=float)
-    # Find the lone query cell by correlation over the possible offsets rather
-    # than assuming the layout; a sideways thumbnail would not fit the window.
-    windows = (sheet[top : top + 90, left : left + 128] for top in range(64) for left in range(32))
-    best = max(
-        correlation(window, upright)
-        for window in windows
-        if window.shape == upright.shape and window.std() > 0
-    )
-    assert best > 0.9
-
-
-def test_corrupt_result_is_drawn_as_a_placeholder_not_raised(corpus: BadInputCorpus) -> None:
-    query = corpus[ORIENTATION_REFERENCE].path
-    broken = SheetEntry(corpus["jpeg_truncated"].path, "1. truncated.jpg", highlighted=False)
-    healthy = SheetEntry(query, "2. reference.jpg", highlighted=False)
-    sheet_png = render_contact_sheet(query, [broken, healthy], thumb_side=64)
-    with Image.open(io.BytesIO(sheet_png)) as decoded:
-        assert decoded.format == "PNG"
-    with pytest.raises(CorruptImageError):
-        decode(broken.image)
 
 
 # --- decoding a part of the picture --------------------------------------------------------

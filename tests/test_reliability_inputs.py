@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pytest
-from bad_inputs import OK, BadInput, BadInputCorpus, encoded, sample_photo, write_bad_inputs
+from bad_inputs import OK, BadInput, BadInputCorpus, encoded, sample_photo
 from bot_fixtures import REPLY_DEADLINE_S, bot_settings, edited_photo, running
 from engine_fixtures import FifoWatchdog
 from hypothesis import Phase, example, given, settings
@@ -53,7 +53,7 @@ from reliability_helpers import (
 from telegram_emulator import TelegramEmulator
 
 from bot.app import build_application
-from bot.messages import TELEGRAM_DOWNLOAD_LIMIT
+from bot.incoming import TELEGRAM_DOWNLOAD_LIMIT
 from indexer.analysis import Analysis, analyze_bytes
 from indexer.build import IMAGE_SUFFIXES
 from indexer.errors import ImageError, IndexerError, NoFeaturesError
@@ -102,11 +102,6 @@ def expected_error(record: BadInput) -> type[IndexerError] | None:
         assert isinstance(record.expected, type)
         return record.expected
     return NoFeaturesError if record.expected_features == "none" else None
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory: pytest.TempPathFactory) -> BadInputCorpus:
-    return write_bad_inputs(tmp_path_factory.mktemp("bad-inputs"))
 
 
 def fifo_of(corpus: BadInputCorpus, fallback: Path) -> Path:

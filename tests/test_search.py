@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bad_inputs import OK, BadInput, BadInputCorpus, stored_for_orientation, write_bad_inputs
+from bad_inputs import OK, BadInput, BadInputCorpus, stored_for_orientation
 from conftest import jpeg_bytes, photo_array
 from engine_fixtures import (
     EDITS,
@@ -172,11 +172,6 @@ def test_a_screenshot_query_carries_the_frame_of_its_photo(photo: str) -> None:
 # --- bad input ----------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def bad_inputs(tmp_path_factory: pytest.TempPathFactory) -> BadInputCorpus:
-    return write_bad_inputs(tmp_path_factory.mktemp("bad-inputs"))
-
-
 def refused(corpus: BadInputCorpus) -> list[BadInput]:
     """Inputs a query must refuse: those the decoder refuses, and flat pictures."""
     return [r for r in corpus if r.expected != OK or r.expected_features == "none"]
@@ -187,11 +182,11 @@ def expected_error(record: BadInput) -> type[IndexerError]:
 
 
 async def test_every_bad_input_is_refused_with_its_own_error(
-    search_index: Path, bad_inputs: BadInputCorpus
+    search_index: Path, corpus: BadInputCorpus
 ) -> None:
     outcomes = {}
     async with opened_service(search_index) as service:
-        for record in refused(bad_inputs):
+        for record in refused(corpus):
             if record.name == "fifo":
                 continue  # its own test: it could hang
             try:
@@ -203,7 +198,7 @@ async def test_every_bad_input_is_refused_with_its_own_error(
 
     expected = {
         r.name: (expected_error(r), expected_error(r).user_message)
-        for r in refused(bad_inputs)
+        for r in refused(corpus)
         if r.name != "fifo"
     }
     assert outcomes == expected
@@ -211,12 +206,12 @@ async def test_every_bad_input_is_refused_with_its_own_error(
 
 
 async def test_bad_bytes_are_refused_like_bad_files(
-    search_index: Path, bad_inputs: BadInputCorpus
+    search_index: Path, corpus: BadInputCorpus
 ) -> None:
     """The bot hands over bytes, not paths."""
     files = [
         r
-        for r in refused(bad_inputs)
+        for r in refused(corpus)
         if r.path.is_file() and issubclass(expected_error(r), ImageError)
     ]
     async with opened_service(search_index) as service:
@@ -227,11 +222,11 @@ async def test_bad_bytes_are_refused_like_bad_files(
 
 
 async def test_a_fifo_is_refused_without_waiting_for_a_writer(
-    search_index: Path, bad_inputs: BadInputCorpus
+    search_index: Path, corpus: BadInputCorpus
 ) -> None:
-    if "fifo" in bad_inputs.skipped:
-        pytest.skip(bad_inputs.skipped["fifo"])
-    fifo = bad_inputs["fifo"].path
+    if "fifo" in corpus.skipped:
+        pytest.skip(corpus.skipped["fifo"])
+    fifo = corpus["fifo"].path
 
     async with opened_service(search_index) as service:
         with FifoWatchdog(fifo) as watchdog, pytest.raises(IndexerError) as raised:

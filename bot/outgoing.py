@@ -19,9 +19,8 @@ from telegram.constants import ChatAction
 from telegram.error import BadRequest, TelegramError
 
 from bot import replies
-from indexer.errors import CatalogError, IndexerError
-from indexer.images import fit_for_telegram
-from indexer.search import Match, SearchService
+from bot.uploads import fit_for_telegram
+from indexer import CatalogError, IndexerError, Match, SearchService
 
 log = logging.getLogger(__name__)
 

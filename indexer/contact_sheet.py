@@ -1,0 +1,194 @@
+"""The contact sheet: a query and its results as one PNG of labelled thumbnails.
+
+The CLI writes one with ``python -m indexer query --sheet``, to look at what a
+search found. The pixels come from :mod:`indexer.images` (the one decoder of
+untrusted files); this module only lays them out and draws frames and labels,
+which is all it uses Pillow for.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Final, Literal
+
+from PIL import Image, ImageDraw, ImageFont
+
+from indexer.errors import IndexerError
+from indexer.images import MIN_DESCRIBABLE_SIDE, decode_rgb, open_picture
+
+__all__ = ["SheetEntry", "render_contact_sheet"]
+
+_SHEET_COLUMNS: Final = 4
+_SHEET_PADDING: Final = 12
+_SHEET_LABEL_LINES: Final = 2
+_SHEET_FRAME_WIDTH: Final = 5
+_SHEET_BACKGROUND: Final = (250, 250, 250)
+_SHEET_TEXT: Final = (20, 20, 20)
+_SHEET_HIGHLIGHT: Final = (30, 150, 60)
+_SHEET_QUERY_FRAME: Final = (40, 90, 200)
+_SHEET_PLACEHOLDER: Final = (200, 200, 200)
+_SHEET_QUERY_LABEL: Final = "query"
+_SHEET_UNAVAILABLE_LABEL: Final = "(image unavailable)"
+# DejaVu covers Cyrillic, Greek and most accented Latin file names; Pillow's
+# built-in fallback font only covers ASCII.
+_SHEET_FONT_FILE: Final = "DejaVuSans.ttf"
+
+_CellKind = Literal["query", "highlighted", "plain"]
+
+
+@dataclass(frozen=True, slots=True)
+class SheetEntry:
+    """One result cell of a contact sheet: the picture, its caption (lines
+    separated by ``\\n``) and whether to mark it (e.g. geometrically verified)."""
+
+    image: Path
+    label: str
+    highlighted: bool
+
+
+def render_contact_sheet(
+    query: Path | bytes, results: Sequence[SheetEntry], *, thumb_side: int = 256
+) -> bytes:
+    """Draw the query and its results as a grid of labelled thumbnails; return PNG bytes.
+
+    The query comes first, framed in blue; highlighted results get a green
+    frame and a tick.  A result that cannot be decoded any more (deleted,
+    damaged) is drawn as a labelled grey placeholder rather than failing the
+    whole sheet.
+
+    Raises the errors of :func:`indexer.images.open_picture` when the query itself cannot be
+    used, and ValueError when ``thumb_side`` is too small to draw.
+    """
+    if thumb_side < 4 * MIN_DESCRIBABLE_SIDE:
+        raise ValueError(f"thumb_side must be at least {4 * MIN_DESCRIBABLE_SIDE}")
+    font = _sheet_font(max(11, thumb_side // 18))
+    line_height = _line_height(font)
+    cells: list[tuple[Image.Image | None, str, _CellKind]] = [
+        (_thumbnail(query, thumb_side), _SHEET_QUERY_LABEL, "query")
+    ]
+    for entry in results:
+        try:
+            thumbnail: Image.Image | None = _thumbnail(entry.image, thumb_side)
+        except IndexerError:
+            thumbnail = None
+        cells.append((thumbnail, entry.label, "highlighted" if entry.highlighted else "plain"))
+
+    columns = min(_SHEET_COLUMNS, len(cells))
+    rows = math.ceil(len(cells) / columns)
+    cell_width = thumb_side + _SHEET_PADDING
+    cell_height = thumb_side + _SHEET_PADDING + _SHEET_LABEL_LINES * line_height
+    sheet = Image.new(
+        "RGB",
+        (columns * cell_width + _SHEET_PADDING, rows * cell_height + _SHEET_PADDING),
+        _SHEET_BACKGROUND,
+    )
+    draw = ImageDraw.Draw(sheet)
+    for index, (thumbnail, label, kind) in enumerate(cells):
+        left = _SHEET_PADDING + (index % columns) * cell_width
+        top = _SHEET_PADDING + (index // columns) * cell_height
+        _draw_cell(draw, sheet, origin=(left, top), side=thumb_side, thumbnail=thumbnail, kind=kind)
+        lines = label.splitlines()
+        if thumbnail is None:
+            lines = [*lines[: _SHEET_LABEL_LINES - 1], _SHEET_UNAVAILABLE_LABEL]
+        for number, line in enumerate(lines[:_SHEET_LABEL_LINES]):
+            text = _fit_text(_printable(line), font, thumb_side)
+            draw.text(
+                (left, top + thumb_side + 4 + number * line_height),
+                text,
+                font=font,
+                fill=_SHEET_TEXT,
+            )
+    output = io.BytesIO()
+    sheet.save(output, "PNG")
+    return output.getvalue()
+
+
+def _thumbnail(source: Path | bytes, side: int) -> Image.Image:
+    """Upright RGB picture fitting in side x side (never enlarged)."""
+    return Image.fromarray(decode_rgb(open_picture(source), max_side=side))
+
+
+def _draw_cell(
+    draw: ImageDraw.ImageDraw,
+    sheet: Image.Image,
+    *,
+    origin: tuple[int, int],
+    side: int,
+    thumbnail: Image.Image | None,
+    kind: _CellKind,
+) -> None:
+    left, top = origin
+    if thumbnail is None:
+        draw.rectangle((left, top, left + side - 1, top + side - 1), fill=_SHEET_PLACEHOLDER)
+    else:
+        sheet.paste(
+            thumbnail,
+            (left + (side - thumbnail.width) // 2, top + (side - thumbnail.height) // 2),
+        )
+    if kind == "plain":
+        return
+    inset = _SHEET_FRAME_WIDTH // 2
+    draw.rectangle(
+        (left - inset, top - inset, left + side - 1 + inset, top + side - 1 + inset),
+        outline=_SHEET_QUERY_FRAME if kind == "query" else _SHEET_HIGHLIGHT,
+        width=_SHEET_FRAME_WIDTH,
+    )
+    if kind == "highlighted":
+        _draw_tick(draw, (left + side - 1, top), max(16, side // 8))
+
+
+def _draw_tick(draw: ImageDraw.ImageDraw, corner: tuple[int, int], size: int) -> None:
+    # Drawn, not typed: the fallback font has no tick glyph.
+    right, top = corner
+    left = right - size
+    draw.ellipse((left, top, right, top + size), fill=_SHEET_HIGHLIGHT)
+    draw.line(
+        [
+            (left + size * 0.25, top + size * 0.52),
+            (left + size * 0.43, top + size * 0.70),
+            (left + size * 0.76, top + size * 0.32),
+        ],
+        fill=(255, 255, 255),
+        width=max(2, size // 7),
+    )
+
+
+_Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
+
+
+@cache
+def _sheet_font(size: int) -> _Font:
+    try:
+        return ImageFont.truetype(_SHEET_FONT_FILE, size)
+    except OSError:
+        return ImageFont.load_default(size)
+
+
+def _line_height(font: _Font) -> int:
+    _, top, _, bottom = font.getbbox("Hgjy")
+    return int(bottom - top) + 4
+
+
+def _printable(text: str) -> str:
+    # File names may contain control characters; they would draw as boxes or
+    # break the layout.
+    return "".join(character if character.isprintable() else "?" for character in text)
+
+
+def _fit_text(text: str, font: _Font, width: int) -> str:
+    if font.getlength(text) <= width:
+        return text
+    ellipsis = "..."
+    low, high = 0, len(text)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if font.getlength(text[:middle] + ellipsis) <= width:
+            low = middle
+        else:
+            high = middle - 1
+    return text[:low] + ellipsis

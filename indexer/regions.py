@@ -1,0 +1,33 @@
+"""Parts of a picture, in fractions of its upright width and height.
+
+Decoding crops to one (a photo framed inside a screenshot), framing finds one,
+and the global vectors are also computed per region; none of them owns the idea.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    """A sub-window of an image, in fractions of its width and height."""
+
+    left: float
+    top: float
+    right: float
+    bottom: float
+
+
+def region_grid(scales: Sequence[float] = (0.5, 0.7)) -> list[Region]:
+    """Overlapping square-ish windows at each scale, 3x3 positions per scale.
+
+    A photo shown inside a larger frame (a screenshot, a post with a caption)
+    fills one of these windows far better than it fills the whole query.
+    """
+    regions: list[Region] = []
+    for scale in scales:
+        steps = (0.0, (1.0 - scale) / 2.0, 1.0 - scale)
+        regions.extend(Region(x, y, x + scale, y + scale) for y in steps for x in steps)
+    return regions
