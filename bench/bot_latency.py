@@ -60,7 +60,7 @@ from indexer.build import build_index
 from indexer.catalog import GLOBAL_SCOPE
 from indexer.search import SearchService
 from indexer.workers import CpuPool
-from tests.telegram_emulator import EmulatedChat, EmulatedUser, TelegramEmulator, polling
+from testsupport.telegram_emulator import EmulatedChat, EmulatedUser, TelegramEmulator, polling
 
 T = TypeVar("T")
 

@@ -51,7 +51,7 @@ from bot.settings import parse_settings
 from bot.watch import Sighting
 from indexer.search import SearchService
 from indexer.workers import CpuPool
-from tests.telegram_emulator import EmulatedChat, TelegramEmulator, polling
+from testsupport.telegram_emulator import EmulatedChat, TelegramEmulator, polling
 
 SEED = 20_261_129
 HISTORY_FIRST_MESSAGE = 1_000_001  # history message ids; the emulator numbers live posts from 1

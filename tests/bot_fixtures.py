@@ -14,12 +14,12 @@ from typing import Any, Final
 
 from conftest import jpeg_bytes, photo_array
 from PIL import Image
-from telegram_emulator import SentMessage, TelegramEmulator, polling
 
 from bot.app import BotApplication, build_application
 from bot.settings import BotSettings, parse_settings
 from indexer.build import build_index
 from indexer.settings import EngineSettings
+from testsupport.telegram_emulator import SentMessage, TelegramEmulator, polling
 
 # A tiny collection cannot train a 256-dimension codebook; 32 is plenty for a dozen photos.
 TEST_ENGINE: Final = EngineSettings(dimensions=32)

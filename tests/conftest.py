@@ -12,7 +12,8 @@ import pytest
 from bad_inputs import BadInputCorpus, write_bad_inputs
 from PIL import Image
 from skimage import data as skimage_data
-from telegram_emulator import TelegramEmulator
+
+from testsupport.telegram_emulator import TelegramEmulator
 
 # PTB 22 warns that RetryAfter.retry_after becomes a timedelta; opting in now keeps
 # warnings-as-errors from turning every flood-control test into a warning failure.

@@ -38,12 +38,12 @@ from pathlib import Path
 from typing import Any, Final, TypeVar
 
 import psutil
-from telegram_emulator import SentMessage, TelegramEmulator
 
 from indexer.errors import IndexerError
 from indexer.search import CATALOG_FILE, GENERATIONS_DIR, ORIGINALS_DIR, SearchService
 from indexer.settings import EngineSettings
 from indexer.workers import CpuPool
+from testsupport.telegram_emulator import SentMessage, TelegramEmulator
 
 T = TypeVar("T")
 

@@ -17,10 +17,10 @@ from bot_fixtures import (
     photo_bytes,
     running,
 )
-from telegram_emulator import SentMessage, TelegramEmulator
 
 from bot import replies
 from indexer.errors import NotFoundError
+from testsupport.telegram_emulator import SentMessage, TelegramEmulator
 
 COLLECTION = ("astronaut", "coffee", "chelsea", "rocket")
 ADDED_AS = re.compile(r"^✅ Added as #(\d+)\.")

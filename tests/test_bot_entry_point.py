@@ -6,7 +6,8 @@ from pathlib import Path
 
 from bot_fixtures import REPLY_DEADLINE_S, photo_bytes
 from reliability_helpers import BotProcess
-from telegram_emulator import TelegramEmulator
+
+from testsupport.telegram_emulator import TelegramEmulator
 
 
 async def test_the_bot_process_serves_until_sigterm_then_stops_cleanly(

@@ -18,9 +18,9 @@ from bot_fixtures import (
     running,
 )
 from PIL import Image
-from telegram_emulator import TelegramEmulator
 
 from indexer.errors import CorruptImageError, UnsupportedFormatError
+from testsupport.telegram_emulator import TelegramEmulator
 
 COLLECTION = ("astronaut", "coffee", "chelsea", "rocket", "camera", "brick")
 HUGE_PHOTO = "retina_huge.jpg"  # 5400 x 5400: over Telegram's photo limit of w + h <= 10000

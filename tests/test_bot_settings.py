@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 from bot_fixtures import REPLY_DEADLINE_S, bot_settings, edited_photo, make_bot, running
-from telegram_emulator import TelegramEmulator
 
 from bot.__main__ import EXIT_CANNOT_START, RedactingFormatter, configure_logging, main
 from bot.settings import Secret, SettingsError, load_settings, parse_settings
+from testsupport.telegram_emulator import TelegramEmulator
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 EXAMPLE = REPOSITORY / "config.example.toml"

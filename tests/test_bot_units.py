@@ -11,7 +11,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from telegram import Bot, Message
-from telegram_emulator import TelegramEmulator, detect_entities, parse_formatted_text
 
 from bot import replies
 from bot.access import SlidingWindowLimiter
@@ -20,6 +19,7 @@ from bot.incoming import CaptionCommand, MentionsThisBot
 from indexer.catalog import GLOBAL_SCOPE, ImageRecord
 from indexer.errors import CorruptImageError
 from indexer.search import IndexStats, Match
+from testsupport.telegram_emulator import TelegramEmulator, detect_entities, parse_formatted_text
 
 ADDED_AT = dtm.datetime(2025, 3, 14, 15, 9, tzinfo=dtm.UTC).timestamp()
 SUPERGROUP = -1001234567890

@@ -20,7 +20,6 @@ from bot_fixtures import (
 )
 from conftest import photo_array
 from PIL import Image
-from telegram_emulator import SentMessage, TelegramEmulator
 
 from bot import replies
 from bot.app import BotApplication
@@ -33,6 +32,7 @@ from bot.watch import (
     next_value,
     with_change,
 )
+from testsupport.telegram_emulator import SentMessage, TelegramEmulator
 
 COLLECTION = ("astronaut", "coffee")
 SEEN = "🔁 Seen before"

@@ -51,18 +51,18 @@ from reliability_helpers import (
     subprocess_environment,
     write_bot_config,
 )
-from telegram_emulator import (
+
+from bot.app import build_application
+from indexer.ann import ANNOY_FILE, CODEBOOK_FILE, CURRENT_FILE
+from indexer.errors import StorageFullError
+from indexer.search import CATALOG_FILE, GENERATIONS_DIR, ORIGINALS_DIR, SearchService
+from testsupport.telegram_emulator import (
     BotCall,
     EmulatedChat,
     EmulatedUser,
     SentMessage,
     TelegramEmulator,
 )
-
-from bot.app import build_application
-from indexer.ann import ANNOY_FILE, CODEBOOK_FILE, CURRENT_FILE
-from indexer.errors import StorageFullError
-from indexer.search import CATALOG_FILE, GENERATIONS_DIR, ORIGINALS_DIR, SearchService
 
 CHAT = -7001
 OTHER_CHAT = -7002

@@ -50,7 +50,6 @@ from reliability_helpers import (
     sha256,
     subprocess_environment,
 )
-from telegram_emulator import TelegramEmulator
 
 from bot.app import build_application
 from bot.incoming import TELEGRAM_DOWNLOAD_LIMIT
@@ -59,6 +58,7 @@ from indexer.build import IMAGE_SUFFIXES
 from indexer.errors import ImageError, IndexerError, NoFeaturesError
 from indexer.features import DESCRIPTOR_SIZE, MIN_KEYPOINTS, LocalFeatures, extract_features
 from indexer.settings import EngineSettings
+from testsupport.telegram_emulator import TelegramEmulator
 
 EXIT_PARTIAL = 3
 CLI_DEADLINE_S = 240

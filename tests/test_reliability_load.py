@@ -45,9 +45,9 @@ from reliability_helpers import (
     report_figures,
     resident_memory,
 )
-from telegram_emulator import EmulatedChat, EmulatedUser
 
 from bot.app import build_application
+from testsupport.telegram_emulator import EmulatedChat, EmulatedUser
 
 COLLECTION = ("astronaut", "coffee", "chelsea", "rocket", "camera", "brick")
 FLOODED_METHODS = ("sendMessage", "sendPhoto", "sendMediaGroup", "sendChatAction", "getFile")

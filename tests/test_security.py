@@ -36,7 +36,6 @@ from reliability_helpers import (
     service_of,
     write_bot_config,
 )
-from telegram_emulator import EmulatedChat, SentMessage, TelegramEmulator
 
 from bot import replies
 from bot.app import BotApplication, build_application
@@ -44,6 +43,7 @@ from bot.settings import BotSettings
 from indexer.catalog import GLOBAL_SCOPE
 from indexer.errors import ImageTooLargeError, NotFoundError
 from indexer.settings import EngineSettings
+from testsupport.telegram_emulator import EmulatedChat, SentMessage, TelegramEmulator
 
 CHAT_A = -5001
 CHAT_B = -5002

@@ -31,7 +31,8 @@ from telegram.constants import ChatAction
 from telegram.error import BadRequest, Conflict, Forbidden, RetryAfter
 from telegram.ext import Application, ApplicationBuilder, CommandHandler, ContextTypes
 from telegram.helpers import escape_markdown
-from telegram_emulator import (
+
+from testsupport.telegram_emulator import (
     GET_FILE_LIMIT_BYTES,
     BotApiError,
     TelegramEmulator,

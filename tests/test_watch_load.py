@@ -20,9 +20,9 @@ import pytest
 from bot_fixtures import bot_settings, build_test_index, edited_photo, make_bot, running
 from engine_fixtures import shapes_jpeg
 from reliability_helpers import report_figures
-from telegram_emulator import TelegramEmulator
 
 from bot.watch import RepostWatch
+from testsupport.telegram_emulator import TelegramEmulator
 
 # Ten minutes at one photo a second, as the issue states; WATCH_LOAD_SECONDS shortens a
 # local trial run.
