@@ -192,8 +192,12 @@ class Catalog:
         self._write_turn = asyncio.Lock()
 
     @classmethod
-    async def open(cls, path: Path) -> Catalog:
+    async def open(cls, path: Path, *, max_bytes: int | None = None) -> Catalog:
         """Open (creating if needed) and migrate the catalog at ``path``.
+
+        With ``max_bytes``, the catalog does not grow past that size (nor shrinks
+        to it if it is larger): a write that needs more fails with
+        :class:`StorageFullError`, exactly as on a full disk. It is a quota.
 
         Raises:
             IndexIncompatibleError: the catalog was written by a newer version.
@@ -206,6 +210,8 @@ class Catalog:
         catalog = cls(connection, path)
         try:
             await catalog._configure()
+            if max_bytes is not None:
+                await catalog._limit_size(max_bytes)
         except BaseException:
             await connection.close()
             raise
@@ -244,6 +250,13 @@ class Catalog:
                     await self._db.execute(statement)
                 await self._db.execute(f"PRAGMA user_version = {number + 1}")
                 await self._db.execute("COMMIT")
+
+    async def _limit_size(self, max_bytes: int) -> None:
+        # max_page_count holds for this connection only, which is the engine's one
+        # writer; SQLite never lowers it below the pages already in use.
+        page_size = await self._scalar("PRAGMA page_size")
+        async with _translated_errors():
+            await self._db.execute(f"PRAGMA max_page_count = {max(1, max_bytes // page_size)}")
 
     # -- settings ---------------------------------------------------------------
 

@@ -1,8 +1,10 @@
 """The exception tree of the engine.
 
 Every error the engine raises on purpose derives from :class:`IndexerError` and
-carries a short sentence that can be shown to a user as it is (``user_message``);
-the exception's ``str()`` may add detail for logs (paths, sizes).
+carries a short sentence that can be shown to a user as it is (``user_message``):
+its class's, or one written for this case where the engine has advice to give
+(a HEIC photo: "send it as JPEG"). The exception's ``str()`` may add detail for
+logs (paths, sizes), which users never see.
 
     IndexerError
     ├── ImageError                 the given image cannot be used
@@ -31,9 +33,11 @@ class IndexerError(Exception):
 
     user_message = "Something went wrong while handling this image."
 
-    def __init__(self, detail: str | None = None) -> None:
+    def __init__(self, detail: str | None = None, *, user_message: str | None = None) -> None:
+        """``detail`` is for logs; ``user_message`` replaces the class's sentence for users."""
+        if user_message is not None:
+            self.user_message = user_message
         super().__init__(detail or self.user_message)
-        self.detail = detail or self.user_message
 
 
 class ImageError(IndexerError):

@@ -188,7 +188,7 @@ def image_format(data: bytes) -> str:
         return "BMP"
     if data.startswith((b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")):
         return "TIFF"
-    raise UnsupportedFormatError(_describe_unsupported(data))
+    raise UnsupportedFormatError(user_message=_describe_unsupported(data))
 
 
 def load_working_image(
@@ -503,7 +503,7 @@ def _flattened(picture: Image.Image, mode: _ColourMode) -> Image.Image:
         return gray if mode == "L" else gray.convert("RGB")
     if picture.mode not in _EIGHT_BIT_MODES:
         raise UnsupportedFormatError(
-            f"Images in the {picture.mode} colour mode are not supported; "
+            user_message=f"Images in the {picture.mode} colour mode are not supported; "
             "please send an RGB or grayscale picture."
         )
     if picture.has_transparency_data:

@@ -11,7 +11,6 @@ and is brought up to date by the same rebuilds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,10 +112,14 @@ class IndexMaintainer:
         await self.install(generation)
 
     async def close(self) -> None:
-        """Wait for a running rebuild, then serve nothing."""
+        """Wait for a running background rebuild, then serve nothing.
+
+        A background rebuild that fails (now or earlier) was logged when it
+        failed (:meth:`_background_rebuild_done`); the index it leaves is the
+        previous one, whole, so closing goes on.
+        """
         if self._rebuild_task is not None:
-            with contextlib.suppress(Exception):
-                await self._rebuild_task
+            await asyncio.wait({self._rebuild_task})
         await self.inverted.close()
         self._serving = ServingView.empty()
 
@@ -144,6 +147,24 @@ class IndexMaintainer:
         threshold = self.settings.rebuild_threshold(len(serving.generation or ()))
         if serving.pending >= threshold and not self.rebuild_running:
             self._rebuild_task = asyncio.create_task(self.rebuild(), name="index-rebuild")
+            self._rebuild_task.add_done_callback(self._background_rebuild_done)
+
+    @staticmethod
+    def _background_rebuild_done(task: asyncio.Task[str | None]) -> None:
+        """Log a background rebuild's failure: nobody awaits its result.
+
+        Queries go on with the previous generation and the fresh buffer, and the
+        next change tries again, so a failure is an error in the log, not a crash.
+        """
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            log.error(
+                "the background rebuild failed; still serving the previous generation "
+                "(the next change retries)",
+                exc_info=error,
+            )
 
     async def rebuild(self, *, retrain: bool = False) -> str | None:
         """Fold every image of the catalog into a new generation and swap it in,

@@ -124,10 +124,13 @@ class SearchService:
         settings: EngineSettings | None = None,
         pool: CpuPool | None = None,
         create: bool = False,
+        max_catalog_bytes: int | None = None,
     ) -> SearchService:
         """Open the index in ``index_dir``.
 
         A derived file that fails its checksum is rebuilt from the catalog here.
+        ``max_catalog_bytes`` is a quota on the catalog (see :meth:`Catalog.open`):
+        past it, adds fail with StorageFullError as on a full disk.
 
         Raises:
             IndexNotFoundError: there is no index and ``create`` is false.
@@ -138,7 +141,7 @@ class SearchService:
         if not create and not (index_dir / CATALOG_FILE).exists():
             raise IndexNotFoundError(f"no index in {index_dir} (build one first)")
         index_dir.mkdir(parents=True, exist_ok=True)
-        catalog = await Catalog.open(index_dir / CATALOG_FILE)
+        catalog = await Catalog.open(index_dir / CATALOG_FILE, max_bytes=max_catalog_bytes)
         try:
             requested = settings or EngineSettings()
             stored = await catalog.settings()

@@ -121,13 +121,19 @@ async def build_with(photos: Path, index_dir: Path, settings: EngineSettings = F
 
 @contextlib.asynccontextmanager
 async def service_of(
-    index_dir: Path, *, settings: EngineSettings = FAST_ENGINE, threads: int = 0
+    index_dir: Path,
+    *,
+    settings: EngineSettings = FAST_ENGINE,
+    threads: int = 0,
+    max_catalog_bytes: int | None = None,
 ) -> AsyncIterator[SearchService]:
     """The search service of ``index_dir``: inline, or on ``threads`` threads (KAZE and
     OpenCV release the GIL, so threads do run in parallel)."""
     executor = concurrent.futures.ThreadPoolExecutor(threads) if threads else None
     pool = CpuPool(executor, threads or 1)
-    service = await SearchService.open(index_dir, settings=settings, pool=pool)
+    service = await SearchService.open(
+        index_dir, settings=settings, pool=pool, max_catalog_bytes=max_catalog_bytes
+    )
     try:
         yield service
     finally:

@@ -155,6 +155,11 @@ async def test_broken_and_oversized_files_get_friendly_replies(
             chat, alice, b"Dear diary,\n" * 50, file_name="notes.jpg", mime_type="image/jpeg"
         )
         [not_an_image] = await emu.wait_for_messages(chat, 1, timeout=REPLY_DEADLINE_S)
+        heic_header = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(256)
+        emu.user_sends_document(
+            chat, alice, heic_header, file_name="IMG_0001.HEIC", mime_type="image/heic"
+        )
+        [heic] = await emu.wait_for_messages(chat, 1, timeout=REPLY_DEADLINE_S)
         emu.user_sends_oversized_document(
             chat, alice, file_size=25 * 2**20, file_name="scan.tif", mime_type="image/tiff"
         )
@@ -162,12 +167,17 @@ async def test_broken_and_oversized_files_get_friendly_replies(
 
     assert corrupt.text == f"⚠️ {CorruptImageError.user_message}"
     assert not_an_image.text == f"⚠️ {UnsupportedFormatError.user_message}"
+    # The engine's advice for this format reaches the user, not only the generic sentence.
+    assert heic.text == (
+        "⚠️ This is a HEIC/HEIF photo (the iPhone default), which I cannot read; "
+        "please send it as JPEG (or as a photo rather than a file)."
+    )
     assert too_big.text is not None
     assert "too big" in too_big.text
     assert "20 MB" in too_big.text
     # The size is checked before asking Telegram for the file.
-    assert len(emu.calls_of("getFile")) == 2
-    assert len(emu.messages_sent(chat)) == 3
+    assert len(emu.calls_of("getFile")) == 3
+    assert len(emu.messages_sent(chat)) == 4
 
 
 async def test_a_429_on_the_album_is_waited_out_and_the_album_arrives_once(

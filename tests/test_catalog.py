@@ -421,16 +421,12 @@ async def test_failures_are_remembered_updated_and_forgotten(catalog: Catalog) -
 # --- a full disk ----------------------------------------------------------------------------------
 
 
-async def cap_growth(catalog: Catalog, extra_pages: int) -> None:
-    """Let the catalog grow by at most ``extra_pages`` pages, then fail like a full disk.
-
-    SQLite's max_page_count is a limit of one connection, not of the file, so it
-    has to be set on the catalog's own connection; past it SQLite reports
-    SQLITE_FULL, exactly what a full disk gives.
-    """
-    connection = catalog._db  # the only handle on that connection
-    [(pages,)] = list(await connection.execute_fetchall("PRAGMA page_count"))
-    await connection.execute(f"PRAGMA max_page_count = {int(pages) + extra_pages}")
+def room_for(path: Path, extra_pages: int) -> int:
+    """A size limit (``Catalog.open(max_bytes=...)``) that lets the catalog at ``path`` grow by
+    ``extra_pages`` pages; past it SQLite reports SQLITE_FULL, exactly what a full disk gives."""
+    [(pages,)] = read_only_query(path, "PRAGMA page_count")
+    [(page_size,)] = read_only_query(path, "PRAGMA page_size")
+    return (int(str(pages)) + extra_pages) * int(str(page_size))
 
 
 def consistency(path: Path) -> tuple[object, ...]:
@@ -445,28 +441,25 @@ def consistency(path: Path) -> tuple[object, ...]:
 
 async def test_a_full_disk_is_reported_as_storage_full(catalog: Catalog) -> None:
     await catalog.insert_images([new_image(50, vector=unit_vector(50), codebook_id="cb")])
-    await cap_growth(catalog, extra_pages=2)
+    async with await Catalog.open(catalog.path, max_bytes=room_for(catalog.path, 2)) as full:
+        with pytest.raises(StorageFullError):
+            await full.insert_images(
+                [new_image(seed, keypoints=400, vector=unit_vector(seed), codebook_id="cb")
+                 for seed in range(51, 56)]
+            )
 
-    with pytest.raises(StorageFullError) as raised:
-        await catalog.insert_images(
-            [new_image(seed, keypoints=400, vector=unit_vector(seed), codebook_id="cb")
-             for seed in range(51, 56)]
-        )
-
-    assert raised.value.user_message == StorageFullError.user_message
+    assert await catalog.count() == 1
 
 
 async def test_a_full_disk_leaves_the_catalog_consistent_and_usable(catalog: Catalog) -> None:
     [first] = await catalog.insert_images([new_image(60)])
     before = consistency(catalog.path)
-    await cap_growth(catalog, extra_pages=2)
-
-    with pytest.raises(CatalogError):  # StorageFullError is one; see the test above
-        await catalog.insert_images([new_image(seed, keypoints=400) for seed in range(61, 66)])
+    async with await Catalog.open(catalog.path, max_bytes=room_for(catalog.path, 2)) as full:
+        with pytest.raises(CatalogError):  # StorageFullError is one; see the test above
+            await full.insert_images([new_image(seed, keypoints=400) for seed in range(61, 66)])
 
     assert consistency(catalog.path) == before
     assert [r.id for r in (await catalog.get_many([first])).values()] == [first]
-    await cap_growth(catalog, extra_pages=10_000)  # space freed
-    [later] = await catalog.insert_images([new_image(66)])
+    [later] = await catalog.insert_images([new_image(66)])  # the same file, without the limit
     assert await catalog.count() == 2
     assert later > first

@@ -55,7 +55,7 @@ from reliability_helpers import (
 from bot.app import build_application
 from indexer.ann import ANNOY_FILE, CODEBOOK_FILE, CURRENT_FILE
 from indexer.errors import StorageFullError
-from indexer.search import CATALOG_FILE, GENERATIONS_DIR, ORIGINALS_DIR, SearchService
+from indexer.search import CATALOG_FILE, GENERATIONS_DIR, ORIGINALS_DIR
 from testsupport.telegram_emulator import (
     BotCall,
     EmulatedChat,
@@ -582,30 +582,20 @@ async def test_a_damaged_index_file_is_detected_at_start_and_rebuilt_from_the_ca
 # --- a full disk ---------------------------------------------------------------------------------
 
 
-async def cap_catalog(service: SearchService, extra_pages: int = 0) -> None:
-    """Make the catalog report SQLITE_FULL once it grows by more than ``extra_pages`` pages
-    (``max_page_count`` holds for the connection that sets it: the engine's own)."""
-    connection = service.catalog._db
-    [(pages,)] = list(await connection.execute_fetchall("PRAGMA page_count"))
-    await connection.execute(f"PRAGMA max_page_count = {int(pages) + extra_pages}")
-
-
 async def test_a_full_catalog_refuses_an_add_with_storage_full_and_leaves_nothing_behind(
     bot_template: Path, tmp_path: Path
 ) -> None:
     index = Path(shutil.copytree(bot_template, tmp_path / "index"))
     data = drawing(901)
-    async with service_of(index) as service:
-        before = await service.stats()
-        await cap_catalog(service)
-        with pytest.raises(StorageFullError) as raised:
-            await service.add(data, scope=CHAT)
-        after = await service.stats()
-        files_after_failure = original_files(index)
-        await cap_catalog(service, extra_pages=100_000)  # space freed
+    async with service_of(index, max_catalog_bytes=1) as full:  # no room to grow
+        before = await full.stats()
+        with pytest.raises(StorageFullError):
+            await full.add(data, scope=CHAT)
+        after = await full.stats()
+    files_after_failure = original_files(index)
+    async with service_of(index) as service:  # space freed
         retried = await service.add(data, scope=CHAT)
 
-    assert raised.value.user_message == StorageFullError.user_message
     assert (after.images, after.fresh) == (before.images, before.fresh)
     assert files_after_failure == set()
     assert retried.created
@@ -648,10 +638,10 @@ async def test_a_failed_add_never_deletes_an_original_another_chat_still_uses(
     data = drawing(903)
     async with service_of(index) as service:
         first = await service.add(data, scope=CHAT)
-        await cap_catalog(service)
-        with pytest.raises(StorageFullError):
-            await service.add(data, scope=OTHER_CHAT)
         kept = service.resolve_path(first.image)
+    async with service_of(index, max_catalog_bytes=1) as full:  # the disk fills up
+        with pytest.raises(StorageFullError):
+            await full.add(data, scope=OTHER_CHAT)
 
     assert kept.exists(), f"chat {CHAT}'s photo #{first.image.id} lost its file"
     health = catalog_health(index)
@@ -664,19 +654,21 @@ async def test_the_bot_says_the_disk_is_full_saves_nothing_and_a_later_retry_wor
     index = Path(shutil.copytree(bot_template, tmp_path / "index"))
     alice = emu.create_user("Alice")
     chat = emu.private_chat(alice)
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system")
     data = drawing(904)
+    target = index / ORIGINALS_DIR / sha256(data)[:2] / f"{sha256(data)}.jpg"
     application = build_application(bot_settings(emu, index), engine_settings=FAST_ENGINE)
-    async with running(application):
-        service = application.bot_data.service
-        assert service is not None
-        await cap_catalog(service)
+    async with running(application):  # (starting removes leftover temporary files)
+        # The original's temporary name leads to /dev/full: a real ENOSPC from the kernel.
+        target.parent.mkdir(parents=True)
+        target.with_name(f".{target.name}.tmp").symlink_to("/dev/full")
         [refusal] = await answer_to(
             emu, chat, emu.user_sends_photo(chat, alice, data, caption="/add")
         )
         leftovers = original_files(index)
         rows = images_with_hash(index, sha256(data))
-        await cap_catalog(service, extra_pages=100_000)
-        [retry] = await answer_to(
+        [retry] = await answer_to(  # the failed add removed the link: there is space again
             emu, chat, emu.user_sends_photo(chat, alice, data, caption="/add")
         )
         [found, *_] = await answer_to(emu, chat, emu.user_sends_photo(chat, alice, data))

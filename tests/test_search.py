@@ -8,8 +8,11 @@ those photos is built once per session and copied here.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
+import logging
+import shutil
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -683,20 +686,45 @@ async def test_a_reader_never_sees_a_missing_or_partial_generation(private_index
 
 
 async def test_an_add_on_a_full_disk_saves_nothing(private_index: Path) -> None:
-    async with opened_service(private_index) as service:
-        before = await service.stats()
-        connection = service.catalog._db  # max_page_count is per connection: see test_catalog
-        [(pages,)] = list(await connection.execute_fetchall("PRAGMA page_count"))
-        await connection.execute(f"PRAGMA max_page_count = {int(pages)}")
-
+    coins = jpeg_bytes(photo_array("coins"))
+    # A catalog allowed no room to grow fails on the add's first write, as on a full disk.
+    full = await SearchService.open(private_index, settings=TEST_SETTINGS, max_catalog_bytes=1)
+    try:
+        before = await full.stats()
         with pytest.raises(StorageFullError):
-            await service.add(jpeg_bytes(photo_array("coins")))
-
-        after = await service.stats()
-        leftovers = list((private_index / ORIGINALS_DIR).rglob("*"))
-        await connection.execute(f"PRAGMA max_page_count = {int(pages) + 100_000}")
-        retried = await service.add(jpeg_bytes(photo_array("coins")))
+            await full.add(coins)
+        after = await full.stats()
+    finally:
+        await full.close()
+    leftovers = [p for p in (private_index / ORIGINALS_DIR).rglob("*") if p.is_file()]
+    async with opened_service(private_index) as service:  # space freed
+        retried = await service.add(coins)
 
     assert (after.images, after.fresh) == (before.images, before.fresh)
-    assert [p for p in leftovers if p.is_file()] == []
+    assert leftovers == []
     assert retried.created
+
+
+# --- a background rebuild that fails ------------------------------------------------------------
+
+
+async def test_a_failed_background_rebuild_is_logged_and_the_index_keeps_serving(
+    private_index: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    rebuild_at_once = dataclasses.replace(TEST_SETTINGS, rebuild_after_fresh=1)
+    service = await SearchService.open(private_index, settings=rebuild_at_once)
+    try:
+        # The generations folder turns into a file: the rebuild cannot write its new one.
+        shutil.rmtree(private_index / GENERATIONS_DIR)
+        (private_index / GENERATIONS_DIR).write_bytes(b"")
+        with caplog.at_level(logging.ERROR, logger="indexer"):
+            added = await service.add(jpeg_bytes(photo_array("coins")))
+            await asyncio.sleep(0)  # the rebuild starts in the background
+            matches = await service.query(edited_jpeg("coins", "crop"), top=1)
+    finally:
+        await service.close()  # waits for the rebuild, and does not raise its failure again
+
+    [failure] = [r for r in caplog.records if "background rebuild failed" in r.getMessage()]
+    assert failure.levelno == logging.ERROR
+    assert failure.exc_info is not None
+    assert (matches[0].image.id, matches[0].verified) == (added.image.id, True)
