@@ -124,6 +124,8 @@ def _print_build_report(report: BuildReport) -> None:
         f"{report.scanned} files scanned: {report.added} added, {report.updated} updated, "
         f"{report.removed} removed, {report.unchanged} unchanged, {len(report.failed)} failed"
         + (f", {report.still_failing} still failing (unchanged)" if report.still_failing else "")
+        + (f", {report.held_removed} removed earlier (not added back)"
+           if report.held_removed else "")
     )
     print(f"{report.images} images in the index (generation {report.generation}), "
           f"{report.seconds:.1f} s")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import time
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from indexer.analysis import FileAnalysis, analyze_folder_file
-from indexer.catalog import GLOBAL_SCOPE, NewImage
+from indexer.catalog import GLOBAL_SCOPE, Catalog, NewImage, RemovedSource
 from indexer.errors import SourceError
 from indexer.progress import progress_bar
 from indexer.search import SearchService
@@ -43,6 +44,7 @@ class BuildReport:
     updated: int = 0
     removed: int = 0
     unchanged: int = 0
+    held_removed: int = 0  # removed on purpose earlier, and unchanged since: not added back
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason), this run
     still_failing: int = 0  # unchanged files that failed before (not retried)
     images: int = 0
@@ -91,8 +93,12 @@ async def build_index(
             await service.catalog.delete_images(removed_ids)
         await service.catalog.forget_failures(p for p in known if p not in found)
         report.removed = len(removed_ids)
+        held = await service.catalog.removed_under(str(root))
         todo = []
         for path, item in found.items():
+            if path in held and await _still_removed(service.catalog, item, held[path]):
+                report.held_removed += 1
+                continue
             state = known.get(path)
             if state and (state.file_size, state.file_mtime_ns) == (item.size, item.mtime_ns):
                 if state.image_id is None:
@@ -126,6 +132,35 @@ async def offline_service(
             await service.close()
     finally:
         pool.shutdown(cancel_pending=True)
+
+
+async def _still_removed(catalog: Catalog, item: _Found, removed: RemovedSource) -> bool:
+    """Whether a file whose image was removed on purpose is still the same file.
+
+    The same size and time say so at once; otherwise its content decides (a copy
+    or a touch does not bring a removed photo back, an edit does).
+    """
+    if (removed.file_size, removed.file_mtime_ns) == (item.size, item.mtime_ns):
+        return True
+    try:
+        content_hash = await asyncio.to_thread(_file_sha256, item.path)
+    except OSError:
+        return True  # unreadable now: nothing to add anyway, and the removal holds
+    if content_hash != removed.content_hash:
+        await catalog.update_removed(item.path, None)
+        return False
+    await catalog.update_removed(
+        item.path, RemovedSource(content_hash, item.size, item.mtime_ns)
+    )
+    return True
+
+
+def _file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as file:
+        for block in iter(lambda: file.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 async def _extract_all(

@@ -123,6 +123,17 @@ MIGRATIONS: tuple[str, ...] = (
         UNIQUE (chat_id, message_id)
     );
     """,
+    # A folder photo an admin removed stays removed: the next build skips the file
+    # at that path until its content (hash) changes.
+    """
+    CREATE TABLE IF NOT EXISTS removed_sources (
+        path TEXT PRIMARY KEY,
+        content_hash TEXT NOT NULL,
+        file_size INTEGER NOT NULL,
+        file_mtime_ns INTEGER NOT NULL,
+        removed_at REAL NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _SQLITE_FULL = 13
@@ -177,6 +188,15 @@ class SourceState:
     """What the catalog remembers of a file in a photo folder (to skip unchanged files)."""
 
     image_id: int | None  # None: the file failed last time
+    file_size: int
+    file_mtime_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class RemovedSource:
+    """A folder file whose image was removed on purpose: what it was when removed."""
+
+    content_hash: str
     file_size: int
     file_mtime_ns: int
 
@@ -323,8 +343,13 @@ class Catalog:
                 await self._db.execute("DELETE FROM failures WHERE path = ?", (image.path,))
         return ids
 
-    async def delete_images(self, ids: Iterable[int]) -> list[int]:
-        """Remove images (features and vectors go with them); returns the ids that existed."""
+    async def delete_images(self, ids: Iterable[int], *, on_purpose: bool = False) -> list[int]:
+        """Remove images (features and vectors go with them); returns the ids that existed.
+
+        ``on_purpose``: someone removed them, rather than their files vanishing. Those of
+        the offline collection are then remembered (:meth:`removed_under`), so that the
+        next build of the photo folder does not add them back.
+        """
         id_list = [int(i) for i in ids]
         async with _translated_errors(), self._transaction():
             existing: list[int] = []
@@ -333,6 +358,14 @@ class Catalog:
                     f"SELECT id FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk
                 )
                 existing.extend(int(row[0]) for row in rows)
+            if on_purpose:
+                await self._db.executemany(
+                    "INSERT OR REPLACE INTO removed_sources "
+                    "(path, content_hash, file_size, file_mtime_ns, removed_at) "
+                    "SELECT path, content_hash, file_size, file_mtime_ns, ? FROM images "
+                    "WHERE id = ? AND scope = ?",
+                    [(time.time(), i, GLOBAL_SCOPE) for i in existing],
+                )
             await self._db.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in existing])
         return existing
 
@@ -439,6 +472,32 @@ class Catalog:
             for path, image_id, size, mtime in rows:
                 states[str(path)] = SourceState(int(image_id), int(size), int(mtime))
         return states
+
+    async def removed_under(self, root: str) -> dict[str, RemovedSource]:
+        """The files under ``root`` whose images were removed on purpose."""
+        low, high = _prefix_range(root.rstrip("/") + "/")
+        async with _translated_errors():
+            rows = await self._db.execute_fetchall(
+                "SELECT path, content_hash, file_size, file_mtime_ns FROM removed_sources "
+                "WHERE path >= ? AND path < ?",
+                (low, high),
+            )
+        return {
+            str(path): RemovedSource(str(content_hash), int(size), int(mtime))
+            for path, content_hash, size, mtime in rows
+        }
+
+    async def update_removed(self, path: str, removed: RemovedSource | None) -> None:
+        """Remember the removed file at ``path`` as it is now, or forget it (``None``)."""
+        async with _translated_errors(), self._transaction():
+            if removed is None:
+                await self._db.execute("DELETE FROM removed_sources WHERE path = ?", (path,))
+            else:
+                await self._db.execute(
+                    "UPDATE removed_sources SET content_hash = ?, file_size = ?, "
+                    "file_mtime_ns = ? WHERE path = ?",
+                    (removed.content_hash, removed.file_size, removed.file_mtime_ns, path),
+                )
 
     async def record_failures(self, failures: Sequence[tuple[str, int, int, str]]) -> None:
         """Remember files that could not be indexed: (path, size, mtime_ns, reason)."""

@@ -310,6 +310,9 @@ class SearchService:
     async def remove(self, image_id: int, *, scope: int | None = None) -> ImageRecord:
         """Remove an image. With ``scope``, only an image of that scope may be removed.
 
+        A photo of the offline collection stays removed: builds of its folder skip
+        the file until its content changes.
+
         Raises:
             NotFoundError: no such image (or it belongs to another scope).
         """
@@ -317,7 +320,7 @@ class SearchService:
             record = await self.catalog.get(image_id)
             if scope is not None and record.scope != scope:
                 raise NotFoundError(f"no image #{image_id} in this chat")
-            await self.catalog.delete_images([image_id])
+            await self.catalog.delete_images([image_id], on_purpose=True)
             self._maintainer.serving.record_removed(image_id)
             await self._maintainer.inverted.remove([image_id])
             await self._originals.release(record.path)

@@ -310,3 +310,46 @@ def test_the_same_photos_always_train_the_same_codebook(
     run_build(photos_dir, again)
 
     assert codebook_id(again) == codebook_id(shared_index(tmp_path_factory, photos_dir))
+
+
+# --- removals hold -----------------------------------------------------------------------------
+
+
+async def _remove_as_an_admin_would(index: Path, photo: Path) -> int:
+    """Find ``photo`` by searching with it, and remove what was found (the bot's /remove)."""
+    async with opened_service(index) as service:
+        [match] = await service.query(photo, top=1)
+        await service.remove(match.image.id, scope=match.image.scope)
+    return match.image.id
+
+
+async def _found_by_path(index: Path, photo: Path) -> list[str]:
+    async with opened_service(index) as service:
+        return [str(match.path) for match in await service.query(photo, top=3) if match.verified]
+
+
+def test_a_removed_photo_stays_removed_until_its_file_changes(
+    tmp_path: Path, photos_dir: Path
+) -> None:
+    folder, index = tmp_path / "photos", tmp_path / "index"
+    folder.mkdir()
+    for name in ("astronaut", "coffee", "rocket"):
+        shutil.copyfile(photos_dir / f"{name}.jpg", folder / f"{name}.jpg")
+    coffee = folder / "coffee.jpg"
+    run_build(folder, index)
+    asyncio.run(_remove_as_an_admin_would(index, coffee))
+
+    untouched = run_build(folder, index)
+    status = coffee.stat()
+    os.utime(coffee, ns=(status.st_atime_ns, status.st_mtime_ns + 10**9))  # same bytes
+    touched = run_build(folder, index)
+    gone = asyncio.run(_found_by_path(index, coffee))
+    coffee.write_bytes(edited_jpeg("coffee", "crop"))  # a new picture at the same path
+    changed = run_build(folder, index)
+    back = asyncio.run(_found_by_path(index, coffee))
+
+    assert (untouched.added, untouched.held_removed, untouched.images) == (0, 1, 2)
+    assert (touched.added, touched.held_removed, touched.images) == (0, 1, 2)
+    assert gone == []
+    assert (changed.added, changed.held_removed, changed.images) == (1, 0, 3)
+    assert back == [str(coffee)]
