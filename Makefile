@@ -30,9 +30,18 @@ test-slow: $(STAMP)
 index: $(STAMP)
 	$(BIN)/python -m indexer build $(PHOTOS) --index $(INDEX)
 
-# Sets everything up, indexes $(PHOTOS) and starts the bot (TELEGRAM_BOT_TOKEN in the environment).
-run: index
-	test -f $(CONFIG) || cp config.example.toml $(CONFIG)
+# Sets everything up and starts the bot (TELEGRAM_BOT_TOKEN in the environment). A photo folder
+# $(PHOTOS) is indexed first (files it cannot use are listed, exit status 3, and the bot still
+# starts); without one the bot starts on an empty collection.
+run: $(STAMP)
+	@if [ -d "$(PHOTOS)" ]; then \
+		$(BIN)/python -m indexer build "$(PHOTOS)" --index "$(INDEX)"; \
+		status=$$?; [ $$status -eq 0 ] || [ $$status -eq 3 ] || exit $$status; \
+	else \
+		echo "No photo folder '$(PHOTOS)': the bot starts with an empty collection."; \
+		echo "Add photos with /add in a chat, or index a folder: make run PHOTOS=path/to/photos"; \
+	fi
+	@test -f $(CONFIG) || cp config.example.toml $(CONFIG)
 	$(BIN)/python -m bot --config $(CONFIG)
 
 clean:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Final, TextIO
 
 from telegram import Update
-from telegram.error import InvalidToken, NetworkError
+from telegram.error import InvalidToken
 
 from bot.app import build_application
 from bot.settings import SettingsError, load_settings
@@ -42,6 +42,14 @@ class RedactingFormatter(logging.Formatter):
         return text
 
 
+class StartUpAbortFilter(logging.Filter):
+    """Drops PTB's traceback of an aborted start-up retry loop (a refused token): PTB logs it
+    before raising, and :func:`main` then says what to fix in one sentence."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and "Network Retry Loop (Bootstrap" in record.getMessage())
+
+
 def configure_logging(
     level: str, *, secrets: Iterable[str], stream: TextIO | None = None
 ) -> logging.Handler:
@@ -54,6 +62,8 @@ def configure_logging(
     root.setLevel(level)
     for name in _CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # PTB's retry loops log through the "telegram.ext" logger itself.
+    logging.getLogger("telegram.ext").addFilter(StartUpAbortFilter())
     return handler
 
 
@@ -67,18 +77,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     application = build_application(settings)
     try:
         application.run_polling(
-            allowed_updates=[Update.MESSAGE, Update.EDITED_MESSAGE, Update.CALLBACK_QUERY]
+            allowed_updates=[Update.MESSAGE, Update.EDITED_MESSAGE, Update.CALLBACK_QUERY],
+            # A bot started before the network is up waits for it: PTB retries reaching
+            # Telegram with growing pauses (up to 30 s), and the Application says so once.
+            bootstrap_retries=-1,
         )
     except InvalidToken:
         return _cannot_start(
             "Telegram refused the bot token: check [telegram] token or TELEGRAM_BOT_TOKEN "
             "(@BotFather shows it with /token)."
-        )
-    except NetworkError as error:
-        where = settings.telegram.api_base_url or "api.telegram.org"
-        return _cannot_start(
-            f"The Bot API at {where} cannot be reached ({error}): check the network "
-            "or [telegram] api_base_url."
         )
     except (IndexStateError, CatalogError) as error:
         return _cannot_start(

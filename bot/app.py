@@ -11,18 +11,20 @@ from __future__ import annotations
 import functools
 import logging
 from pathlib import Path
-from typing import Final
+from typing import Any, Final, TypeAlias
 
 from telegram import BotCommand, LinkPreviewOptions
 from telegram.constants import ParseMode
-from telegram.error import TelegramError
+from telegram.error import NetworkError, TelegramError
 from telegram.ext import (
     AIORateLimiter,
+    Application,
     ApplicationBuilder,
     CallbackQueryHandler,
     CommandHandler,
     ContextTypes,
     Defaults,
+    ExtBot,
     JobQueue,
     MessageHandler,
     filters,
@@ -30,7 +32,7 @@ from telegram.ext import (
 
 from bot import handlers, replies, watching
 from bot.access import AccessPolicy
-from bot.context import BotApplication, BotContext, BotData, required
+from bot.context import BotContext, BotData, required
 from bot.incoming import CaptionCommand, MentionsThisBot
 from bot.settings import BotSettings
 from bot.watch import RepostWatch
@@ -45,6 +47,40 @@ FLOOD_RETRIES: Final = 3
 RETENTION_INTERVAL_S: Final = 86_400.0  # retention runs daily
 RETENTION_FIRST_S: Final = 600.0  # and first a while after start-up, not during it
 
+BotApplication: TypeAlias = Application[
+    ExtBot[int], BotContext, dict[Any, Any], dict[Any, Any], BotData, JobQueue[BotContext]
+]
+
+
+class PatientApplication(
+    Application[
+        ExtBot[int], BotContext, dict[Any, Any], dict[Any, Any], BotData, JobQueue[BotContext]
+    ]
+):
+    """The bot's Application: says once, in one line, that Telegram cannot be reached yet.
+
+    ``run_polling(bootstrap_retries=-1)`` makes PTB retry :meth:`initialize` (its first
+    call to Telegram) with growing pauses, up to 30 s apart, but it logs the failures only
+    at DEBUG: without this line a bot started before the network is up looks hung.
+    """
+
+    _told_unreachable = False
+
+    async def initialize(self) -> None:
+        try:
+            await super().initialize()
+        except NetworkError as error:  # TimedOut is one
+            if not self._told_unreachable:
+                log.warning(
+                    "Telegram cannot be reached (%s): trying again with growing pauses "
+                    "until it can (Ctrl-C stops)",
+                    error,
+                )
+                self._told_unreachable = True
+            raise
+        if self._told_unreachable:
+            log.info("Telegram reached: starting")
+
 
 def build_application(
     settings: BotSettings, *, engine_settings: EngineSettings | None = None
@@ -56,6 +92,7 @@ def build_application(
     """
     builder = (
         ApplicationBuilder()
+        .application_class(PatientApplication)
         .token(settings.telegram.token.reveal())
         .context_types(ContextTypes(context=BotContext, bot_data=BotData))
         .defaults(
@@ -208,8 +245,8 @@ async def _open_service(
         service = await SearchService.open(index_dir, settings=engine_settings, pool=pool)
     except IndexNotFoundError:
         log.warning(
-            "no index in %s yet: starting with an empty collection (build one with "
-            "`python -m indexer build PHOTOS --index %s`)",
+            "no index in %s yet: starting with an empty collection. Add photos with /add in "
+            "a chat, or index a folder: `python -m indexer build PHOTOS --index %s`",
             index_dir,
             index_dir,
         )

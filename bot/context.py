@@ -6,9 +6,9 @@ Its own module so that the wiring (``bot.app``) and the callbacks (``bot.handler
 
 from __future__ import annotations
 
-from typing import Any, Final, TypeAlias, TypeVar
+from typing import Any, Final, TypeVar
 
-from telegram.ext import Application, CallbackContext, ExtBot, JobQueue
+from telegram.ext import CallbackContext, ExtBot
 
 from bot.access import AccessPolicy, SlidingWindowLimiter
 from bot.settings import BotSettings
@@ -55,11 +55,6 @@ class BotContext(CallbackContext[ExtBot[int], dict[Any, Any], dict[Any, Any], Bo
     def admin_alerts(self) -> SlidingWindowLimiter:
         """How often the admins may be told about failures."""
         return self.bot_data.admin_alerts
-
-
-BotApplication: TypeAlias = Application[
-    ExtBot[int], BotContext, dict[Any, Any], dict[Any, Any], BotData, JobQueue[BotContext]
-]
 
 
 def required(value: T | None, what: str) -> T:

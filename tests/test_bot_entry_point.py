@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from pathlib import Path
 
 from bot_fixtures import REPLY_DEADLINE_S, photo_bytes
@@ -43,3 +45,46 @@ async def test_the_bot_process_serves_until_sigterm_then_stops_cleanly(
     assert (tmp_path / "index" / "catalog.sqlite").exists()
     polls = emu.calls_of("getUpdates")
     assert polls[0].params["allowed_updates"] == ["message", "edited_message", "callback_query"]
+
+
+def unused_port() -> int:
+    """A port of 127.0.0.1 nothing listens on (until a test starts something there)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def test_a_bot_started_before_the_network_says_so_once_and_starts_when_it_is_up(
+    tmp_path: Path,
+) -> None:
+    port = unused_port()
+    config = tmp_path / "config.toml"
+    config.write_text(
+        "[telegram]\n"
+        f'api_base_url = "http://127.0.0.1:{port}/bot"\n'
+        f'api_file_url = "http://127.0.0.1:{port}/file/bot"\n'
+        "[index]\n"
+        'dir = "index"\n'
+        "workers = 1\n"
+    )
+    emu = TelegramEmulator()
+    bot = await BotProcess.start(config, emu.token)
+    try:
+        await asyncio.sleep(4.0)  # connections refused: PTB retries after 1, 1.5, 2.25 s ...
+        alive_while_offline = bot.process.returncode is None
+        await emu.start(port=port)  # the network is up
+        alice = emu.create_user("Alice")
+        chat = emu.private_chat(alice)
+        emu.user_sends_text(chat, alice, "/start")
+        [reply] = await emu.wait_for_messages(chat, 1, timeout=REPLY_DEADLINE_S + 30.0)
+    finally:
+        status, stderr = await bot.stop()
+        await emu.stop()
+
+    assert alive_while_offline, stderr
+    assert status == 0, stderr
+    assert (reply.text or "").startswith("👋")
+    told = [line for line in stderr.splitlines() if "Telegram cannot be reached" in line]
+    assert len(told) == 1, stderr
+    assert "Traceback" not in stderr
+    assert "Telegram reached: starting" in stderr

@@ -984,8 +984,10 @@ class TelegramEmulator:
 
     # ---- lifecycle ---------------------------------------------------------------------------
 
-    async def start(self) -> None:
-        """Listen on an ephemeral port of 127.0.0.1.
+    async def start(self, *, port: int = 0) -> None:
+        """Listen on ``port`` of 127.0.0.1 (0: an ephemeral one).
+
+        A given port lets a test start a bot first, against nothing, then bring "Telegram" up.
 
         Raises:
             RuntimeError: if already started.
@@ -997,7 +999,7 @@ class TelegramEmulator:
         app.router.add_route("GET", "/file/bot{token}/{file_path:.+}", self._handle_download)
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, "127.0.0.1", port)
         await site.start()
         host, port = runner.addresses[0][:2]
         self._runner = runner
