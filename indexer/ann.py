@@ -130,10 +130,6 @@ class ExactVectors:
     def __len__(self) -> int:
         return self._length
 
-    @property
-    def ids(self) -> list[int]:
-        return [int(i) for i in self._ids[: self._length]]
-
     def add(self, image_id: int, scope: int, vector: FloatArray) -> None:
         if self._length == len(self._ids):
             capacity = max(16, 2 * len(self._ids))

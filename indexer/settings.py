@@ -52,7 +52,6 @@ class EngineSettings:
     dimensions: int = 256
     # -- how a query is answered (free to change between runs) --
     query_keypoints: int = 1000  # queries are not stored, so they may keep more
-    annoy_trees: int = 32
     # recall@10 0.99 at 1.8 ms up to ~10k images (docs/BENCHMARKS-speed-scale.md);
     # regional looks use a quarter of it, as they search 36 vectors at once.
     search_k: int = 16_000

@@ -20,15 +20,11 @@ from indexer.features import limit_threads
 P = ParamSpec("P")
 T = TypeVar("T")
 
-# Each worker is one core: nested BLAS or OpenCV threads would only fight over it.
-_SINGLE_THREAD_ENVIRONMENT = {
-    "OMP_NUM_THREADS": "1",
-    "OPENBLAS_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-}
-
 
 def _initialize_worker() -> None:
+    # Each worker is one core: nested OpenCV threads would only fight over it. BLAS is
+    # single-threaded already, by the environment indexer/__init__.py sets before numpy
+    # is imported, which the workers inherit.
     limit_threads()
 
 
@@ -51,8 +47,6 @@ class CpuPool:
         Workers are started with ``forkserver``: forking a process that already
         runs threads (aiosqlite, the asyncio loop) can deadlock in the child.
         """
-        for key, value in _SINGLE_THREAD_ENVIRONMENT.items():
-            os.environ.setdefault(key, value)
         context = multiprocessing.get_context("forkserver")
         count = workers or os.cpu_count() or 1
         executor = ProcessPoolExecutor(

@@ -437,7 +437,7 @@ def test_exact_vectors_rank_by_cosine_and_keep_scopes() -> None:
     assert found.scopes.tolist() == (expected_order % 2).tolist()
     assert found.similarities[0] == pytest.approx(1.0, abs=1e-5)
     assert len(fresh) == 6
-    assert fresh.ids == [100, 101, 102, 103, 104, 105]
+    assert sorted(fresh.search(query, 10).ids.tolist()) == [100, 101, 102, 103, 104, 105]
 
 
 def test_exact_vectors_keep_growing_past_their_first_capacity() -> None:
@@ -466,7 +466,6 @@ def test_a_discarded_vector_is_no_longer_found() -> None:
     found = fresh.search(vectors[0], 4)
     assert 1 not in found.ids.tolist()
     assert sorted(found.ids.tolist()) == [2, 3, 4]
-    assert fresh.ids == [2, 3, 4]
     assert len(fresh) == 3
     fresh.add(5, 0, vectors[0])  # adding after a discard still works
     assert fresh.search(vectors[0], 1).ids.tolist() == [5]

@@ -290,7 +290,7 @@ def load_outcome(path: Path) -> tuple[str, list[str]]:
         try:
             Codebook.load(path)
         except IndexCorruptError as error:
-            outcome = f"IndexCorruptError: {error.user_message}"
+            outcome = type(error).__name__
         except Exception as error:  # any other type is the finding to report
             outcome = f"{type(error).__name__}: {error}"
         else:
@@ -323,5 +323,5 @@ def test_a_damaged_codebook_file_is_reported_as_corrupt(
 
     outcome, leaked_files = load_outcome(path)
 
-    assert outcome == f"IndexCorruptError: {IndexCorruptError.user_message}"
+    assert outcome == "IndexCorruptError"
     assert leaked_files == []

@@ -83,10 +83,8 @@ def test_keypoints_lie_inside_the_image(astronaut_features: LocalFeatures) -> No
 def test_a_flat_image_has_no_features() -> None:
     flat = np.full((300, 400), 128, dtype=np.uint8)
 
-    with pytest.raises(NoFeaturesError) as raised:
+    with pytest.raises(NoFeaturesError):
         extract_features(flat, max_keypoints=500)
-
-    assert raised.value.user_message
 
 
 def test_an_image_with_too_few_keypoints_has_no_features() -> None:

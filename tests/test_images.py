@@ -124,12 +124,10 @@ def test_corpus_files_give_the_same_outcome_from_bytes(corpus: BadInputCorpus, n
     assert type(raised.value) is record.expected, record.description
 
 
-def test_flat_and_noise_cases_are_marked_for_the_feature_extractor(
+def test_flat_and_noisy_pictures_decode_as_flat_and_noisy(
     corpus: BadInputCorpus,
 ) -> None:
     solid, noise = corpus["solid_colour"], corpus["pure_noise"]
-    assert (solid.expected, solid.expected_features) == (OK, "none")
-    assert (noise.expected, noise.expected_features) == (OK, "unstable")
     assert np.ptp(decode(solid.path).gray) <= 2
     assert np.std(decode(noise.path).gray) > 20
 
@@ -138,12 +136,6 @@ def test_unreadable_file_is_a_source_error(corpus: BadInputCorpus) -> None:
     record = record_or_skip(corpus, "unreadable_file")
     with pytest.raises(SourceError):
         decode(record.path)
-
-
-def test_skipped_cases_say_why(corpus: BadInputCorpus) -> None:
-    written = {record.name for record in corpus}
-    assert written | set(corpus.skipped) == set(case_names())
-    assert all(reason.strip() for reason in corpus.skipped.values())
 
 
 # --- orientation ----------------------------------------------------------------------

