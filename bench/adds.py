@@ -51,6 +51,7 @@ import psutil
 from PIL import Image
 
 from bench.common import (
+    as_telegram_photo,
     derive_seed,
     list_photos,
     load_rgb,
@@ -61,13 +62,12 @@ from bench.common import (
     write_json,
 )
 from bench.edits import EDIT_KINDS, EDITS_BY_NAME, encode_jpeg
+from indexer import CpuPool, ImageError, SearchService, StageTimings, build_index
+
+# The merge cost and the add path's own extraction are measured on the engine's parts.
 from indexer.analysis import analyze_bytes
-from indexer.build import build_index
-from indexer.errors import ImageError
-from indexer.querying import StageTimings
-from indexer.search import SearchService
 from indexer.segments import SegmentStore, merged
-from indexer.workers import CpuPool
+from testsupport.engine import percentile
 
 SEED = 10
 QUERY_KINDS = tuple(kind for kind in EDIT_KINDS if not kind.fillers_wanted)
@@ -154,16 +154,8 @@ class UpkeepLog(logging.Handler):
         return found
 
 
-def percentile(values: Sequence[float], share: float) -> float:
-    return float(np.percentile(np.asarray(values), share)) if values else float("nan")
-
-
 def downscaled_jpeg(path: Path, side: int) -> bytes:
-    image = Image.fromarray(load_rgb(path))
-    image.thumbnail((side, side), Image.Resampling.LANCZOS)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
+    return as_telegram_photo(load_rgb(path), side=side, quality=90)
 
 
 def edited_copy(data: bytes, kind_name: str, seed: int) -> bytes:
@@ -404,8 +396,8 @@ def phase_summary(phase: Phase) -> dict[str, Any]:
     latencies = [q.seconds for q in phase.queries]
     return {
         "queries": len(phase.queries),
-        "query_p50_s": percentile(latencies, 50),
-        "query_p95_s": percentile(latencies, 95),
+        "query_p50_s": percentile(latencies, 0.5),
+        "query_p95_s": percentile(latencies, 0.95),
         "hit_rate": sum(q.hit for q in phase.queries) / max(len(phase.queries), 1),
         "seconds": phase.seconds,
         "cpu_service_s": phase.cpu_service,
@@ -507,15 +499,15 @@ async def run(config: Config) -> dict[str, Any]:
             "failures": adds.failures,
             "achieved_per_min": achieved,
             "target_per_min": config.add_rate,
-            "latency_p50_s": percentile(adds.latencies, 50),
-            "latency_p95_s": percentile(adds.latencies, 95),
-            "start_lag_p50_s": percentile(adds.lags, 50),
+            "latency_p50_s": percentile(adds.latencies, 0.5),
+            "latency_p95_s": percentile(adds.latencies, 0.95),
+            "start_lag_p50_s": percentile(adds.lags, 0.5),
             "start_lag_max_s": max(adds.lags, default=float("nan")),
         },
         "found_after_add": {
             "checked": len(adds.checks),
             "found_first_verified": checks_found,
-            "latency_p50_s": percentile([c["seconds"] for c in adds.checks], 50),
+            "latency_p50_s": percentile([c["seconds"] for c in adds.checks], 0.5),
             "misses": [check for check in adds.checks if not check["found_first_verified"]],
         },
         "index": {

@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import io
-import math
 import shutil
 import sys
 import tempfile
@@ -39,10 +37,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TypeVar
 
-from PIL import Image
-
 from bench.common import (
     DEFAULT_OUT_DIR,
+    as_telegram_photo,
     default_workers,
     derive_seed,
     list_photos,
@@ -56,16 +53,13 @@ from bench.common import (
 from bench.edits import apply_edit
 from bot.app import BotApplication, build_application
 from bot.settings import parse_settings
-from indexer.build import build_index
-from indexer.catalog import GLOBAL_SCOPE
-from indexer.search import SearchService
-from indexer.workers import CpuPool
+from indexer import GLOBAL_SCOPE, CpuPool, SearchService, build_index
+from testsupport.engine import percentile
 from testsupport.telegram_emulator import EmulatedChat, EmulatedUser, TelegramEmulator, polling
 
 T = TypeVar("T")
 
 SEED = 20_241_124
-TELEGRAM_PHOTO_SIDE = 1280  # Telegram's largest rendition of a photo sent as a photo
 EDITS = ("crop", "rotate", "caption", "border", "brightness_contrast", "perspective")
 TOP_N = 5
 CONCURRENT_USERS = 20
@@ -192,19 +186,11 @@ async def running_bot(application: BotApplication) -> AsyncIterator[None]:
 
 def telegram_photo(path: Path, edit: str, seed: int) -> bytes:
     """An edited copy of the photo, scaled as Telegram delivers photos, as JPEG bytes."""
-    picture = Image.fromarray(apply_edit(edit, load_rgb(path), seed))
-    picture.thumbnail((TELEGRAM_PHOTO_SIDE, TELEGRAM_PHOTO_SIDE))
-    buffer = io.BytesIO()
-    picture.save(buffer, "JPEG", quality=87)
-    return buffer.getvalue()
+    return as_telegram_photo(apply_edit(edit, load_rgb(path), seed))
 
 
 def plain_photo(path: Path) -> bytes:
-    picture = Image.fromarray(load_rgb(path))
-    picture.thumbnail((TELEGRAM_PHOTO_SIDE, TELEGRAM_PHOTO_SIDE))
-    buffer = io.BytesIO()
-    picture.save(buffer, "JPEG", quality=87)
-    return buffer.getvalue()
+    return as_telegram_photo(load_rgb(path))
 
 
 async def timed(action: Callable[[], Awaitable[T]]) -> tuple[T, float]:
@@ -248,11 +234,6 @@ async def flood_of_users(emulator: EmulatorThread, photos: Sequence[bytes]) -> f
         return last - started
 
     return await emulator.run(scenario())
-
-
-def percentile(values: Sequence[float], share: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(share * len(ordered)) - 1)]
 
 
 async def measure(arguments: argparse.Namespace, index_dir: Path) -> dict[str, Any]:

@@ -5,6 +5,7 @@ a description of the machine, and result tables.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import platform
@@ -94,6 +95,20 @@ def load_rgb(path: Path) -> np.ndarray:
     with Image.open(path) as image:
         upright = ImageOps.exif_transpose(image)
         return np.asarray(upright.convert("RGB"))
+
+
+TELEGRAM_PHOTO_SIDE = 1280  # Telegram's largest rendition of a photo sent as a photo
+
+
+def as_telegram_photo(
+    image: np.ndarray, *, side: int = TELEGRAM_PHOTO_SIDE, quality: int = 87
+) -> bytes:
+    """The JPEG Telegram would store of ``image``: its longest side at most ``side`` px."""
+    picture = Image.fromarray(image)
+    picture.thumbnail((side, side), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    picture.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
 
 
 def timed(function: Callable[[], T]) -> tuple[T, float]:

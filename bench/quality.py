@@ -261,9 +261,7 @@ async def open_engine(photos_dir: Path, index_dir: Path, workers: int,
     """Indexes ``photos_dir`` and yields a search function: the only code that knows the
     engine's API, so this is what to change when that API changes. Without ``votes`` the
     inverted file takes no part in the candidates (the engine's former candidate stage)."""
-    from indexer.build import build_index
-    from indexer.search import SearchService
-    from indexer.settings import EngineSettings
+    from indexer import EngineSettings, SearchService, build_index
 
     await build_index(photos_dir, index_dir, workers=workers, progress=True)
     settings = EngineSettings() if votes else EngineSettings(vote_candidates=0)
@@ -315,7 +313,7 @@ def bare_kaze_seconds(path: Path, work_size: int, min_side: int = 400) -> float:
 
 async def evaluate_engine(config: Config, split: Split, queries: Sequence[Query],
                           *, votes: bool = True) -> dict[str, Any]:
-    from indexer.errors import ImageError
+    from indexer import ImageError
 
     photos_dir, index_dir = link_collection(config, split)
     expected = [path.resolve() for path in split.collection]

@@ -39,8 +39,7 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -68,9 +67,9 @@ from indexer.catalog import GLOBAL_SCOPE, Catalog, NewImage
 from indexer.encoding import Codebook
 from indexer.errors import IndexerError
 from indexer.features import LocalFeatures, limit_threads
-from indexer.search import CATALOG_FILE, GENERATIONS_DIR, SearchService
+from indexer.search import CATALOG_FILE, GENERATIONS_DIR
 from indexer.settings import EngineSettings
-from indexer.workers import CpuPool
+from testsupport.engine import opened_service
 
 FloatArray = npt.NDArray[np.float32]
 HalfArray = npt.NDArray[np.float16]
@@ -120,15 +119,6 @@ class RealData:
     sizes: list[tuple[int, int, int]]  # (file size, width, height) of each photo
     edited_similarity: list[float]  # cos(edited copy, its original), best orientation
     seconds: float
-
-
-@asynccontextmanager
-async def opened_service(index_dir: Path) -> AsyncIterator[SearchService]:
-    service = await SearchService.open(index_dir, pool=CpuPool.inline())
-    try:
-        yield service
-    finally:
-        await service.close()
 
 
 async def real_data(config: Config) -> RealData:

@@ -32,8 +32,7 @@ import subprocess
 import threading
 import time
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -57,16 +56,22 @@ from bench.common import (
     write_json,
 )
 from bench.edits import EDITS_BY_NAME, encode_jpeg
-from indexer import build as build_module
+from indexer import (
+    BuildReport,
+    CpuPool,
+    EngineSettings,
+    IndexerError,
+    SearchService,
+    StageTimings,
+    build_index,
+)
+
+# The worker stage profile re-runs the stages of one extraction apart (decode, KAZE, ...),
+# which the engine does not time one by one: it needs the modules of those stages.
 from indexer.analysis import Analysis, FileAnalysis, analyze_folder_file
-from indexer.build import build_index
-from indexer.encoding import Codebook
-from indexer.errors import IndexerError
 from indexer.features import KazeParams, extract_features, limit_threads
 from indexer.images import load_working_image
-from indexer.search import SearchService, StageTimings
-from indexer.settings import EngineSettings
-from indexer.workers import CpuPool
+from testsupport.engine import opened_service, percentile
 
 GrayImage = npt.NDArray[np.uint8]
 
@@ -170,50 +175,36 @@ def cpu_delta(before: CpuSnapshot, after: CpuSnapshot) -> CpuDelta:
 # -- throughput --------------------------------------------------------------------------------
 
 
-@dataclass
-class BuildProbe:
-    """Phase timings of one ``build_index`` call, taken by wrapping three engine functions."""
+class WorkerCpuSampler:
+    """CPU seconds of this process's descendants (the build's workers), read from the OS.
 
-    extraction: CpuDelta | None = None
-    rebuild: CpuDelta | None = None
-    commit_seconds: float = 0.0
-    commits: int = 0
+    Workers are gone when ``build_index`` returns, so their CPU is sampled while they run:
+    the last reading of each worker counts (what it used in its last interval is missed).
+    """
 
+    def __init__(self, interval_s: float = 0.1) -> None:
+        self._interval_s = interval_s
+        self._last: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
 
-@contextmanager
-def probed(probe: BuildProbe) -> Iterator[None]:
-    """Wrap the build's extraction loop, catalog commits and rebuild for the duration."""
-    original_extract = build_module._extract_all
-    original_commit = build_module._commit
-    original_rebuild = SearchService.rebuild
+    def __enter__(self) -> WorkerCpuSampler:
+        self._before = dict(cpu_snapshot().children)
+        self._thread.start()
+        return self
 
-    async def extract_all(*args: Any, **kwargs: Any) -> None:
-        before = cpu_snapshot()
-        await original_extract(*args, **kwargs)
-        # The workers are still alive here: the pool shuts down after the rebuild.
-        probe.extraction = cpu_delta(before, cpu_snapshot())
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
-    async def commit(*args: Any, **kwargs: Any) -> None:
-        started = time.perf_counter()
-        await original_commit(*args, **kwargs)
-        probe.commit_seconds += time.perf_counter() - started
-        probe.commits += 1
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            self._last.update(cpu_snapshot().children)
 
-    async def rebuild(self: SearchService, *args: Any, **kwargs: Any) -> str | None:
-        before = cpu_snapshot()
-        name = await original_rebuild(self, *args, **kwargs)
-        probe.rebuild = cpu_delta(before, cpu_snapshot())
-        return name
-
-    build_module._extract_all = extract_all  # type: ignore[assignment]
-    build_module._commit = commit  # type: ignore[assignment]
-    SearchService.rebuild = rebuild  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        build_module._extract_all = original_extract
-        build_module._commit = original_commit
-        SearchService.rebuild = original_rebuild  # type: ignore[method-assign]
+    @property
+    def seconds(self) -> float:
+        """CPU of every descendant since the sampler started (new ones from zero)."""
+        return sum(cpu - self._before.get(pid, 0.0) for pid, cpu in self._last.items())
 
 
 @dataclass
@@ -221,20 +212,20 @@ class BuildRun:
     images: int
     failed: int
     wall: float
-    cpu: CpuDelta
-    probe: BuildProbe
+    cpu: CpuDelta  # this process over the whole build, and the workers as sampled
+    report: BuildReport  # the engine's own phase timings
 
 
 async def timed_build(folder: Path, index_dir: Path, workers: int) -> BuildRun:
     if index_dir.exists():
         shutil.rmtree(index_dir)
-    probe = BuildProbe()
-    with probed(probe):
-        before = cpu_snapshot()
+    before = cpu_snapshot()
+    with WorkerCpuSampler() as sampler:
         report = await build_index(folder, index_dir, workers=workers, progress=True)
-        after = cpu_snapshot()
-    return BuildRun(report.added, len(report.failed), after.wall - before.wall,
-                    cpu_delta(before, after), probe)
+    after = cpu_snapshot()
+    cpu = cpu_delta(before, after)
+    cpu = CpuDelta(cpu.wall, cpu.process, cpu.threads, sampler.seconds)
+    return BuildRun(report.added, len(report.failed), cpu.wall, cpu, report)
 
 
 @dataclass
@@ -473,25 +464,22 @@ def summarize_round(number: int, build: BuildRun, bare: BareRun, load: float, *,
                     shares: dict[str, float], startup_cpu: float) -> dict[str, Any]:
     """One build against one bare loop: wall-clock ratio, and where the build's CPU went.
 
-    Every CPU second of the build is measured (this process by thread, the workers by
-    process); the workers' seconds are divided into KAZE and the rest by the shares of
-    the inline stage profile, after taking out their start-up (measured on its own).
+    Every CPU second of the build is measured: the workers' as the OS reports them
+    (sampled), this process's by the engine's own phase timings (``BuildReport``). The
+    workers' seconds are divided into KAZE and the rest by the shares of the inline stage
+    profile, after taking out their start-up (measured on its own).
     """
-    extraction, rebuild = build.probe.extraction, build.probe.rebuild
-    assert extraction is not None
-    assert rebuild is not None
-    cpu = build.cpu
-    # The workers are gone when build_index returns, so their CPU is the extraction phase's;
-    # everything else (scan, catalog, rebuild) runs in this process.
-    build_cpu = cpu.process + extraction.children
-    working = max(extraction.children - startup_cpu, 0.0)
+    report, cpu = build.report, build.cpu
+    # Workers only extract; everything else (scan, catalog, rebuild) runs in this process.
+    build_cpu = cpu.process + cpu.children
+    working = max(cpu.children - startup_cpu, 0.0)
     parts = {f"worker {name}": working * share for name, share in shares.items()}
-    parts["worker start-up"] = extraction.children - working
-    for role, seconds in extraction.threads.items():
-        parts[f"main {role}"] = seconds
-    parts["main unattributed"] = extraction.process - sum(extraction.threads.values())
-    parts["rebuild (codebook + Annoy)"] = rebuild.total
-    parts["scan, open, close"] = cpu.process - extraction.process - rebuild.total
+    parts["worker start-up"] = cpu.children - working
+    extraction_cpu = report.phase_cpu_seconds.get("extraction", 0.0)
+    rebuild_cpu = report.phase_cpu_seconds.get("rebuild", 0.0)
+    parts["main during extraction"] = extraction_cpu
+    parts["rebuild (codebook + Annoy)"] = rebuild_cpu
+    parts["scan, open, close"] = cpu.process - extraction_cpu - rebuild_cpu
     kaze_cpu = parts["worker kaze"]
     return {
         "round": number,
@@ -508,16 +496,16 @@ def summarize_round(number: int, build: BuildRun, bare: BareRun, load: float, *,
         "build_cpu": {
             "total": build_cpu,
             "main_process": cpu.process,
-            "extraction_phase_main_threads": extraction.threads,
-            "extraction_phase_main_process": extraction.process,
-            "extraction_phase_workers": extraction.children,
-            "extraction_phase_wall": extraction.wall,
-            "rebuild_cpu": rebuild.total,
-            "rebuild_wall": rebuild.wall,
+            "main_threads": cpu.threads,
+            "extraction_phase_main_process": extraction_cpu,
+            "extraction_phase_workers": cpu.children,
+            "extraction_phase_wall": report.phase_seconds.get("extraction", 0.0),
+            "rebuild_cpu": rebuild_cpu,
+            "rebuild_wall": report.phase_seconds.get("rebuild", 0.0),
         },
         "cores_used": build_cpu / build.wall,
-        "commit_wall": build.probe.commit_seconds,
-        "commits": build.probe.commits,
+        "commit_wall": report.phase_seconds.get("commit", 0.0),
+        "commits": report.commits,
         "overhead_parts": {name: value / build_cpu for name, value in parts.items()},
         # Share of the build's CPU spent on anything but KAZE itself.
         "cpu_overhead_share": 1.0 - kaze_cpu / build_cpu,
@@ -542,7 +530,6 @@ class QueryRun:
     kind: str
     total: float
     stages: dict[str, float]
-    encode: float  # measured inside the engine's "candidates" stage
     decode: float
     extract: float
     bare_kaze: float
@@ -573,52 +560,7 @@ def make_queries(config: Config, collection: Sequence[Path], unrelated: Sequence
     return queries
 
 
-class EncodeClock:
-    """Seconds spent in Codebook.encode and encode_regions, which the engine times as part
-    of "candidates": the class methods are wrapped while the clock is installed."""
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self._originals: dict[str, Any] = {}
-
-    def install(self) -> None:
-        for name in ("encode", "encode_regions"):
-            original = getattr(Codebook, name)
-            self._originals[name] = original
-            setattr(Codebook, name, self._timed(original))
-
-    def uninstall(self) -> None:
-        for name, original in self._originals.items():
-            setattr(Codebook, name, original)
-        self._originals.clear()
-
-    def _timed(self, original: Any) -> Any:
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self.seconds += time.perf_counter() - started
-
-        return timed
-
-
-class RegionalCounter:
-    """Counts the service's regional looks (run when the first candidates verify nothing)."""
-
-    def __init__(self, service: SearchService) -> None:
-        self.calls = 0
-        original = service.pipeline.regional_candidates
-
-        def counted(*args: Any, **kwargs: Any) -> Any:
-            self.calls += 1
-            return original(*args, **kwargs)
-
-        service.pipeline.regional_candidates = counted  # type: ignore[method-assign]
-
-
-async def run_query(service: SearchService, counter: RegionalCounter, encode_clock: EncodeClock,
-                    query: Query, detector: cv2.KAZE) -> QueryRun:
+async def run_query(service: SearchService, query: Query, detector: cv2.KAZE) -> QueryRun:
     settings = service.settings
     clock = time.perf_counter()
     image = load_working_image(
@@ -632,8 +574,6 @@ async def run_query(service: SearchService, counter: RegionalCounter, encode_clo
     first_pass, _ = detector.detectAndCompute(image.gray, None)
     bare = time.perf_counter() - extracted
     timings = StageTimings()
-    counter.calls = 0
-    encode_clock.seconds = 0.0
     started = time.perf_counter()
     matches = await service.query(query.path, top=5, timings=timings)
     total = time.perf_counter() - started
@@ -644,7 +584,6 @@ async def run_query(service: SearchService, counter: RegionalCounter, encode_clo
         kind=query.kind,
         total=total,
         stages=dict(timings.seconds),
-        encode=encode_clock.seconds,
         decode=decoded - clock,
         extract=extracted - decoded,
         bare_kaze=bare,
@@ -652,28 +591,13 @@ async def run_query(service: SearchService, counter: RegionalCounter, encode_clo
         first_pass_keypoints=len(first_pass),
         top_is_original=top_is_original,
         verified_matches=sum(1 for m in matches if m.verified),
-        regional_fallback=counter.calls > 0,
+        regional_fallback=timings.counts.get("regional look", 0) > 0,
     )
 
 
 def query_kaze(settings: EngineSettings) -> KazeParams:
     """The KAZE parameters the engine extracts a query with (older engines: the index's)."""
     return getattr(settings, "query_kaze", settings.kaze)  # type: ignore[no-any-return]
-
-
-@asynccontextmanager
-async def opened_service(
-    index_dir: Path, settings: EngineSettings | None = None
-) -> AsyncIterator[SearchService]:
-    service = await SearchService.open(index_dir, settings=settings, pool=CpuPool.inline())
-    try:
-        yield service
-    finally:
-        await service.close()
-
-
-def percentile(values: Sequence[float], share: float) -> float:
-    return float(np.percentile(np.asarray(values, dtype=np.float64), share * 100.0))
 
 
 def stage_table(runs: Sequence[QueryRun]) -> dict[str, dict[str, float]]:
@@ -685,10 +609,6 @@ def stage_table(runs: Sequence[QueryRun]) -> dict[str, dict[str, float]]:
     }
     for stage in ENGINE_STAGES:
         columns[stage] = [r.stages.get(stage, 0.0) for r in runs]
-    columns["  encode (inside candidates)"] = [r.encode for r in runs]
-    columns["  search (candidates - encode)"] = [
-        r.stages.get("candidates", 0.0) - r.encode for r in runs
-    ]
     columns["other"] = [r.total - sum(r.stages.values()) for r in runs]
     columns["total"] = [r.total for r in runs]
     columns["bare KAZE"] = [r.bare_kaze for r in runs]
@@ -731,17 +651,11 @@ async def measure_queries(config: Config, queries: Sequence[Query], index_dir: P
     result: dict[str, Any] = {"variants": {}}
     for variant in config.variants:
         overrides = QUERY_VARIANTS[variant]
-        async with opened_service(index_dir, EngineSettings(**overrides)) as service:  # type: ignore[arg-type]
+        async with opened_service(index_dir, settings=EngineSettings(**overrides)) as service:  # type: ignore[arg-type]
             detector = baseline_detector()
-            counter = RegionalCounter(service)
-            clock = EncodeClock()
-            clock.install()
-            try:
-                await run_query(service, counter, clock, queries[0], detector)  # warm-up
-                runs = [await run_query(service, counter, clock, query, detector)
-                        for query in tqdm(queries, unit="query", desc=variant)]
-            finally:
-                clock.uninstall()
+            await run_query(service, queries[0], detector)  # warm-up
+            runs = [await run_query(service, query, detector)
+                    for query in tqdm(queries, unit="query", desc=variant)]
             by_kind = {kind: latency_summary([r for r in runs if r.kind == kind])
                        for kind in (*QUERY_EDITS, UNRELATED_KIND)}
             summary = {"all": latency_summary(runs), "by_kind": by_kind}
@@ -893,7 +807,9 @@ async def run(config: Config) -> dict[str, Any]:
                   f"{collection_build.wall:.1f} s", flush=True)
             result["collection_build"] = {
                 "images": collection_build.images, "wall": collection_build.wall,
-                "cpu": asdict(collection_build.cpu), "probe": asdict(collection_build.probe),
+                "cpu": asdict(collection_build.cpu),
+                "phase_seconds": collection_build.report.phase_seconds,
+                "commits": collection_build.report.commits,
             }
         queries = make_queries(config, split.collection, split.unrelated, linked)
         result["queries"] = await measure_queries(config, queries, index_dir)

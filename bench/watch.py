@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import sys
 import tempfile
 import time
@@ -34,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from bench.common import (
+    as_telegram_photo,
     list_photos,
     load_rgb,
     machine_info,
@@ -49,25 +48,14 @@ from bench.edits import EDIT_KINDS
 from bot.app import BotApplication, build_application
 from bot.settings import parse_settings
 from bot.watch import Sighting
-from indexer.search import SearchService
-from indexer.workers import CpuPool
+from indexer import CpuPool, SearchService
 from testsupport.telegram_emulator import EmulatedChat, TelegramEmulator, polling
 
 SEED = 20_261_129
 HISTORY_FIRST_MESSAGE = 1_000_001  # history message ids; the emulator numbers live posts from 1
-TELEGRAM_PHOTO_SIDE = 1280  # Telegram's largest rendition of a photo sent as a photo
 ANSWER_DEADLINE_S = 120.0
 ADDS_AT_ONCE = 3  # analysis of one add runs while another's is written
 SOLO_KINDS = tuple(kind for kind in EDIT_KINDS if not kind.fillers_wanted)
-
-
-def as_telegram_photo(image: np.ndarray, quality: int = 87) -> bytes:
-    """The JPEG Telegram would store: longest side at most 1280 px."""
-    picture = Image.fromarray(image)
-    picture.thumbnail((TELEGRAM_PHOTO_SIDE, TELEGRAM_PHOTO_SIDE))
-    buffer = io.BytesIO()
-    picture.save(buffer, "JPEG", quality=quality)
-    return buffer.getvalue()
 
 
 async def seed_history(index: Path, chat_id: int, photos: list[Path], workers: int) -> float:

@@ -50,6 +50,25 @@ class BuildReport:
     images: int = 0
     generation: str | None = None
     seconds: float = 0.0
+    # Where the time went, by phase ("extraction", which includes "commit", and "rebuild"):
+    # wall seconds, and CPU seconds of this process (not the workers'); for benchmarks.
+    phase_seconds: dict[str, float] = field(default_factory=dict)
+    phase_cpu_seconds: dict[str, float] = field(default_factory=dict)
+    commits: int = 0
+
+    @contextlib.contextmanager
+    def timing(self, phase: str) -> Iterator[None]:
+        """Add the wall and CPU time of the block to ``phase``."""
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            self.phase_seconds[phase] = (
+                self.phase_seconds.get(phase, 0.0) + time.perf_counter() - wall
+            )
+            self.phase_cpu_seconds[phase] = (
+                self.phase_cpu_seconds.get(phase, 0.0) + time.process_time() - cpu
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,9 +126,11 @@ async def build_index(
                     report.unchanged += 1
                 continue
             todo.append((item, state is not None and state.image_id is not None))
-        await _extract_all(service, todo, report, progress=progress)
+        with report.timing("extraction"):
+            await _extract_all(service, todo, report, progress=progress)
         if todo or removed_ids or retrain or service.generation_name is None:
-            report.generation = await service.rebuild(retrain=retrain)
+            with report.timing("rebuild"):
+                report.generation = await service.rebuild(retrain=retrain)
         else:
             report.generation = (await service.stats()).generation
         report.images = await service.catalog.count()
@@ -205,6 +226,14 @@ async def _extract_all(
 
 
 async def _commit(
+    service: SearchService, batch: list[FileAnalysis], replacing: set[str], report: BuildReport
+) -> None:
+    with report.timing("commit"):
+        await _commit_batch(service, batch, replacing, report)
+    report.commits += 1
+
+
+async def _commit_batch(
     service: SearchService, batch: list[FileAnalysis], replacing: set[str], report: BuildReport
 ) -> None:
     failures = [

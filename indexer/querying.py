@@ -54,12 +54,17 @@ class Match:
 
 @dataclass(slots=True)
 class StageTimings:
-    """Seconds spent in each stage of the last query (for benchmarks)."""
+    """Seconds spent in each stage of the last query, and how often the optional
+    stages ran (``counts``, e.g. "regional look"): for benchmarks."""
 
     seconds: dict[str, float] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
 
     def add(self, stage: str, seconds: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    def count(self, event: str) -> None:
+        self.counts[event] = self.counts.get(event, 0) + 1
 
 
 Ranking = list[tuple[int, float]]  # (image id, similarity), best first
@@ -260,6 +265,7 @@ class QueryPipeline:
             clock = time.perf_counter()
             regional = await asyncio.to_thread(self.regional_candidates, serving, oriented, visible)
             timings.add("candidates", time.perf_counter() - clock)
+            timings.count("regional look")
             _best_similarity(regional, similarity)
             budget = max(self.settings.verify_limit - len(verdicts), 0)
             # The whole query's own rankings take part: an original half covered

@@ -77,12 +77,6 @@ def build_test_index(photos: Iterable[Path], index_dir: Path) -> Path:
     return index_dir
 
 
-def copy_index(template: Path, destination: Path) -> Path:
-    """A private copy of an index a test may change."""
-    shutil.copytree(template, destination)
-    return destination
-
-
 def edited_photo(name: str, *, angle: float = 4.0, keep: float = 0.8, quality: int = 85) -> bytes:
     """A CC0 photo cropped to its central ``keep`` share of each side, rotated by ``angle``
     degrees and recompressed: a different file showing the same picture."""

@@ -9,12 +9,10 @@ session's ``photos_dir``, which nobody changes).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import os
-import shutil
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -27,9 +25,9 @@ from conftest import CC0_PHOTOS, jpeg_bytes, photo_array
 from PIL import Image, ImageDraw, ImageFont
 
 from indexer.build import BuildReport, build_index
-from indexer.search import Match, SearchService
+from indexer.search import Match
 from indexer.settings import EngineSettings
-from indexer.workers import CpuPool
+from testsupport.engine import copy_index
 
 Rgb = npt.NDArray[np.uint8]
 
@@ -77,32 +75,12 @@ def shared_index(tmp_path_factory: pytest.TempPathFactory, photos_dir: Path) -> 
     return _SESSION_INDEXES[photos_dir]
 
 
-def copy_index(source: Path, target: Path) -> Path:
-    """A private copy of a closed index folder (catalog, generations, originals)."""
-    shutil.copytree(source, target)
-    return target
-
-
 def copy_of_shared_index(
     tmp_path_factory: pytest.TempPathFactory, photos_dir: Path, name: str
 ) -> Path:
     return copy_index(
         shared_index(tmp_path_factory, photos_dir), tmp_path_factory.mktemp(name) / "index"
     )
-
-
-@contextlib.asynccontextmanager
-async def opened_service(
-    index: Path, pool: CpuPool | None = None, *, create: bool = False
-) -> AsyncIterator[SearchService]:
-    """The search service of ``index`` (queries inline unless a pool is given), closed after."""
-    service = await SearchService.open(
-        index, settings=TEST_SETTINGS, pool=pool or CpuPool.inline(), create=create
-    )
-    try:
-        yield service
-    finally:
-        await service.close()
 
 
 def stem(match: Match) -> str:

@@ -43,6 +43,7 @@ from indexer.errors import IndexerError
 from indexer.search import CATALOG_FILE, GENERATIONS_DIR, ORIGINALS_DIR, SearchService
 from indexer.settings import EngineSettings
 from indexer.workers import CpuPool
+from testsupport.engine import percentile
 from testsupport.telegram_emulator import SentMessage, TelegramEmulator
 
 T = TypeVar("T")
@@ -474,15 +475,6 @@ class IsolatedCalls:
 
 
 # --- measuring -----------------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], share: float) -> float:
-    """The nearest-rank percentile (``share`` in 0..1) of ``values``."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = max(1, math.ceil(share * len(ordered)))
-    return ordered[rank - 1]
 
 
 def latency_summary(seconds: Iterable[float]) -> dict[str, float]:

@@ -11,7 +11,6 @@ from bot_fixtures import (
     REPLY_DEADLINE_S,
     bot_settings,
     build_test_index,
-    copy_index,
     edited_photo,
     make_bot,
     photo_bytes,
@@ -20,6 +19,7 @@ from bot_fixtures import (
 
 from bot import replies
 from indexer.errors import NotFoundError
+from testsupport.engine import copy_index
 from testsupport.telegram_emulator import SentMessage, TelegramEmulator
 
 COLLECTION = ("astronaut", "coffee", "chelsea", "rocket")

@@ -10,7 +10,6 @@ from bot_fixtures import (
     REPLY_DEADLINE_S,
     bot_settings,
     build_test_index,
-    copy_index,
     edited_photo,
     make_bot,
     oversized_photo,
@@ -20,6 +19,7 @@ from bot_fixtures import (
 from PIL import Image
 
 from indexer.errors import CorruptImageError, UnsupportedFormatError
+from testsupport.engine import copy_index
 from testsupport.telegram_emulator import TelegramEmulator
 
 COLLECTION = ("astronaut", "coffee", "chelsea", "rocket", "camera", "brick")

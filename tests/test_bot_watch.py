@@ -12,7 +12,6 @@ from bot_fixtures import (
     REPLY_DEADLINE_S,
     bot_settings,
     build_test_index,
-    copy_index,
     edited_photo,
     make_bot,
     photo_bytes,
@@ -32,6 +31,7 @@ from bot.watch import (
     next_value,
     with_change,
 )
+from testsupport.engine import copy_index
 from testsupport.telegram_emulator import SentMessage, TelegramEmulator
 
 COLLECTION = ("astronaut", "coffee")

@@ -18,7 +18,6 @@ from bad_inputs import OK, BadInput, BadInputCorpus, write_bad_inputs
 from engine_fixtures import (
     FifoWatchdog,
     edited_jpeg,
-    opened_service,
     run_build,
     shared_index,
     stem,
@@ -29,6 +28,7 @@ from indexer.build import IMAGE_SUFFIXES, BuildReport, build_index
 from indexer.catalog import Catalog
 from indexer.errors import SourceError
 from indexer.search import CATALOG_FILE, GENERATIONS_DIR, Match
+from testsupport.engine import opened_service
 
 # --- a folder of bad inputs -------------------------------------------------------------------
 

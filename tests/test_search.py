@@ -28,11 +28,9 @@ from engine_fixtures import (
     UNINDEXED_PHOTOS,
     VERIFIED_SCORE,
     FifoWatchdog,
-    copy_index,
     copy_of_shared_index,
     edited_jpeg,
     noise_jpeg,
-    opened_service,
     shapes_jpeg,
     stem,
 )
@@ -54,6 +52,7 @@ from indexer.features import LocalFeatures
 from indexer.search import GENERATIONS_DIR, ORIGINALS_DIR, Match, SearchService
 from indexer.settings import EngineSettings
 from indexer.workers import CpuPool
+from testsupport.engine import copy_index, opened_service
 
 CHAT_A = -1001
 CHAT_B = -1002
@@ -519,7 +518,7 @@ async def test_opening_a_folder_without_an_index_fails_clearly(tmp_path: Path) -
 async def test_a_new_empty_index_answers_with_no_results_then_learns_from_adds(
     tmp_path: Path,
 ) -> None:
-    async with opened_service(tmp_path / "index", create=True) as service:
+    async with opened_service(tmp_path / "index", settings=TEST_SETTINGS, create=True) as service:
         empty = await service.query(jpeg_bytes(photo_array("coffee")))
         first = await service.add(jpeg_bytes(photo_array("coffee")))
         second = await service.add(jpeg_bytes(photo_array("rocket")))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import io
 import re
 import shutil
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 from bad_inputs import png_header_only
 from bot_fixtures import REPLY_DEADLINE_S, bot_settings, edited_photo, photo_bytes, running
+from conftest import jpeg_bytes
 from engine_fixtures import shapes_jpeg
 from PIL import Image
 from reliability_helpers import (
@@ -411,12 +411,6 @@ async def test_a_refused_token_is_not_repeated_when_the_bot_cannot_start(
 # --- resource limits -----------------------------------------------------------------------------
 
 
-def jpeg(pixels: np.ndarray, quality: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=quality)
-    return buffer.getvalue()
-
-
 async def test_download_size_pixel_count_byte_count_and_query_rate_are_limited(
     emu: TelegramEmulator, index: Path
 ) -> None:
@@ -429,7 +423,7 @@ async def test_download_size_pixel_count_byte_count_and_query_rate_are_limited(
     rng = np.random.default_rng(8)
     many_pixels = np.asarray(Image.fromarray(rng.integers(0, 256, (40, 40, 3), np.uint8)).resize(
         (800, 600)))  # fmt: skip
-    many_bytes = jpeg(rng.integers(0, 256, (400, 400, 3), np.uint8), 95)
+    many_bytes = jpeg_bytes(rng.integers(0, 256, (400, 400, 3), np.uint8), 95)
     assert len(many_bytes) > limits.max_file_bytes
     async with running(make_bot(settings, limits)):
         size = emu.user_sends_oversized_document(
@@ -439,7 +433,7 @@ async def test_download_size_pixel_count_byte_count_and_query_rate_are_limited(
             owner_chat, owner, png_header_only(30_000, 30_000), file_name="bomb.png",
             mime_type="image/png",
         )  # fmt: skip
-        pixels = emu.user_sends_photo(owner_chat, owner, jpeg(many_pixels, 90))
+        pixels = emu.user_sends_photo(owner_chat, owner, jpeg_bytes(many_pixels, 90))
         heavy = emu.user_sends_document(
             owner_chat, owner, many_bytes, file_name="heavy.jpg", mime_type="image/jpeg"
         )
