@@ -254,5 +254,7 @@ async def _open_service(
             index_dir, settings=engine_settings, pool=pool, create=True
         )
     report = await service.stats()
-    log.info("serving %d photos from %s with %d workers", report.images, index_dir, pool.workers)
+    log.info(
+        "serving %d photos from %s (worker processes: %d)", report.images, index_dir, pool.workers
+    )
     return service
