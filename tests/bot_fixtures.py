@@ -4,10 +4,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
-import shutil
 from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final
@@ -17,8 +15,8 @@ from PIL import Image
 
 from bot.app import BotApplication, build_application
 from bot.settings import BotSettings, parse_settings
-from indexer.build import build_index
 from indexer.settings import EngineSettings
+from testsupport.engine import build_collection
 from testsupport.telegram_emulator import SentMessage, TelegramEmulator, polling
 
 # A tiny collection cannot train a 256-dimension codebook; 32 is plenty for a dozen photos.
@@ -69,12 +67,7 @@ async def running(application: BotApplication) -> AsyncIterator[BotApplication]:
 
 def build_test_index(photos: Iterable[Path], index_dir: Path) -> Path:
     """An offline collection of ``photos`` in ``index_dir`` (built outside any event loop)."""
-    folder = index_dir.parent / f"{index_dir.name}-photos"
-    folder.mkdir(parents=True)
-    for photo in photos:
-        shutil.copyfile(photo, folder / photo.name)
-    asyncio.run(build_index(folder, index_dir, workers=2, progress=False, settings=TEST_ENGINE))
-    return index_dir
+    return build_collection(photos, index_dir, settings=TEST_ENGINE)
 
 
 def edited_photo(name: str, *, angle: float = 4.0, keep: float = 0.8, quality: int = 85) -> bytes:

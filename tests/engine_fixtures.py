@@ -8,7 +8,6 @@ session's ``photos_dir``, which nobody changes).
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import os
 import threading
@@ -24,17 +23,16 @@ import pytest
 from conftest import CC0_PHOTOS, jpeg_bytes, photo_array
 from PIL import Image, ImageDraw, ImageFont
 
-from indexer.build import BuildReport, build_index
+from indexer.build import BuildReport
 from indexer.search import Match
 from indexer.settings import EngineSettings
-from testsupport.engine import copy_index
+from testsupport.engine import build_folder, copy_index
 
 Rgb = npt.NDArray[np.uint8]
 
 # A dozen images cannot train 256 whitening dimensions; 16 asks for 32 training
 # images, so these collections keep the exact, un-projected VLAD.
 TEST_SETTINGS = EngineSettings(dimensions=16)
-BUILD_WORKERS = 2
 
 INDEXED_PHOTOS = CC0_PHOTOS[:12]
 # Photographs with structure; brick, grass and gravel are textures, and page and
@@ -48,17 +46,8 @@ VERIFIED_SCORE = 0.5
 
 
 def run_build(photos: Path, index: Path, *, retrain: bool = False) -> BuildReport:
-    """Build (or update) ``index`` from ``photos`` with the test settings, synchronously."""
-    return asyncio.run(
-        build_index(
-            photos,
-            index,
-            workers=BUILD_WORKERS,
-            progress=False,
-            settings=TEST_SETTINGS,
-            retrain=retrain,
-        )
-    )
+    """Build (or update) ``index`` from ``photos`` with the test settings."""
+    return build_folder(photos, index, settings=TEST_SETTINGS, retrain=retrain)
 
 
 _SESSION_INDEXES: dict[Path, Path] = {}

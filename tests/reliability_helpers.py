@@ -23,7 +23,6 @@ import json
 import math
 import multiprocessing
 import os
-import shutil
 import signal
 import sqlite3
 import sys
@@ -43,7 +42,7 @@ from indexer.errors import IndexerError
 from indexer.search import CATALOG_FILE, GENERATIONS_DIR, ORIGINALS_DIR, SearchService
 from indexer.settings import EngineSettings
 from indexer.workers import CpuPool
-from testsupport.engine import percentile
+from testsupport.engine import build_collection, percentile
 from testsupport.telegram_emulator import SentMessage, TelegramEmulator
 
 T = TypeVar("T")
@@ -105,19 +104,12 @@ def build_template_index(
 ) -> Path:
     """An index under ``root`` of the named photos of ``photos_dir``, built once per module;
     each is copied to the file name ``saved_as(name)`` (a caption shows it)."""
-    photos = root / "photos"
-    photos.mkdir()
-    for name in names:
-        shutil.copyfile(photos_dir / f"{name}.jpg", photos / f"{saved_as(name)}.jpg")
-    asyncio.run(build_with(photos, root / "index"))
-    return root / "index"
-
-
-async def build_with(photos: Path, index_dir: Path, settings: EngineSettings = FAST_ENGINE) -> None:
-    """Build ``index_dir`` from ``photos`` in this process with two workers."""
-    from indexer.build import build_index
-
-    await build_index(photos, index_dir, workers=2, progress=False, settings=settings)
+    return build_collection(
+        [photos_dir / f"{name}.jpg" for name in names],
+        root / "index",
+        settings=FAST_ENGINE,
+        saved_as=lambda photo: f"{saved_as(photo.stem)}.jpg",
+    )
 
 
 @contextlib.asynccontextmanager

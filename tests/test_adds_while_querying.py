@@ -32,9 +32,10 @@ import numpy as np
 import pytest
 from conftest import jpeg_bytes, photo_array
 from engine_fixtures import Rgb, cropped, rotated
-from reliability_helpers import FAST_ENGINE, build_with, service_of
+from reliability_helpers import FAST_ENGINE, service_of
 
 from indexer.search import Match
+from testsupport.engine import build_folder
 
 # Seal every 2 adds, merge every 2 segments of a level: 8 adds make 4 seals and
 # 2 merges, racing the queries that follow them.
@@ -88,7 +89,7 @@ def built_index(tmp_path_factory: pytest.TempPathFactory) -> Path:
     photos.mkdir()
     for name in BUILT:
         (photos / f"{name}.jpg").write_bytes(jpeg_bytes(photo_array(name)))
-    asyncio.run(build_with(photos, root / "index", SEALING_ENGINE))
+    build_folder(photos, root / "index", settings=SEALING_ENGINE)
     return root / "index"
 
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import shutil
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from indexer import CpuPool, EngineSettings, SearchService
+from indexer import BuildReport, CpuPool, EngineSettings, SearchService, build_index
+
+BUILD_WORKERS = 2
 
 
 @contextlib.asynccontextmanager
@@ -33,6 +36,39 @@ async def opened_service(
         yield service
     finally:
         await service.close()
+
+
+def build_folder(
+    photos: Path, index: Path, *, settings: EngineSettings, retrain: bool = False
+) -> BuildReport:
+    """Build (or update) ``index`` from the folder ``photos``, outside any event loop."""
+    return asyncio.run(
+        build_index(
+            photos,
+            index,
+            workers=BUILD_WORKERS,
+            progress=False,
+            settings=settings,
+            retrain=retrain,
+        )
+    )
+
+
+def build_collection(
+    photos: Iterable[Path],
+    index: Path,
+    *,
+    settings: EngineSettings,
+    saved_as: Callable[[Path], str] = lambda photo: photo.name,
+) -> Path:
+    """An index of ``photos``, each copied first (as ``saved_as(photo)``) into a folder of
+    its own beside ``index``; returns ``index``."""
+    folder = index.parent / f"{index.name}-photos"
+    folder.mkdir(parents=True)
+    for photo in photos:
+        shutil.copyfile(photo, folder / saved_as(photo))
+    build_folder(folder, index, settings=settings)
+    return index
 
 
 def copy_index(source: Path, target: Path) -> Path:
