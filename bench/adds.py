@@ -11,7 +11,7 @@ on a ``CpuPool.processes(--workers)`` pool, as the bot serves it.
 
 Three phases, interleaved because the machine is shared and absolute times drift:
 
-1. idle: a querier issues edited copies of the indexed photos (every ``bench.edits`` kind that
+1. idle: a querier issues edited copies of the indexed photos (every ``testsupport.edits`` kind that
    shows the photo alone) at a steady ``--query-rate``, open loop (each query is started on
    time whether or not the previous one has returned); nothing is added;
 2. loaded: the same querier, while an adder adds the other photos of the folder, each once,
@@ -61,12 +61,12 @@ from bench.common import (
     split_photos,
     write_json,
 )
-from bench.edits import EDIT_KINDS, EDITS_BY_NAME, encode_jpeg
 from indexer import CpuPool, ImageError, SearchService, StageTimings, build_index
 
 # The merge cost and the add path's own extraction are measured on the engine's parts.
 from indexer.analysis import analyze_bytes
 from indexer.segments import SegmentStore, merged
+from testsupport.edits import EDIT_KINDS, EDITS_BY_NAME, encode_jpeg
 from testsupport.engine import percentile
 
 SEED = 10

@@ -50,10 +50,10 @@ from bench.common import (
     split_photos,
     write_json,
 )
-from bench.edits import apply_edit
 from bot.app import BotApplication, build_application
 from bot.settings import parse_settings
 from indexer import GLOBAL_SCOPE, CpuPool, SearchService, build_index
+from testsupport.edits import apply_edit
 from testsupport.engine import percentile
 from testsupport.telegram_emulator import EmulatedChat, EmulatedUser, TelegramEmulator, polling
 

@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.quality --photos ../shared/photos --out bench/out/quality.json
 
 The photos are split (seeded) into a collection and held-out unrelated photos. A seeded
-sample of the collection is edited in every kind of ``bench.edits.EDIT_KINDS``; each edited
+sample of the collection is edited in every kind of ``testsupport.edits.EDIT_KINDS``; each edited
 copy is a query searched against the whole collection, and a query is a hit at k when its
 original is among the first k results. Composite edits (a collage, a page) fill the rest of
 their picture with photos from outside the collection. Every method runs on the same split
@@ -44,7 +44,7 @@ from bench.common import (
     timed,
     write_json,
 )
-from bench.edits import EDITS_BY_NAME, EditKind, encode_jpeg
+from testsupport.edits import EDITS_BY_NAME, EditKind, encode_jpeg
 
 METHODS = ("tutorial", "phash", "engine-global", "engine")
 # engine-global: the engine with its former candidate stage, the global vector alone (no

@@ -59,7 +59,6 @@ from bench.common import (
     median,
     write_json,
 )
-from bench.edits import EDITS_BY_NAME, encode_jpeg
 from indexer.analysis import analyze_bytes
 from indexer.ann import ANNOY_FILE, ExactVectors, Generation, GenerationStore
 from indexer.build import COMMIT_EVERY, build_index
@@ -69,6 +68,7 @@ from indexer.errors import IndexerError
 from indexer.features import LocalFeatures, limit_threads
 from indexer.search import CATALOG_FILE, GENERATIONS_DIR
 from indexer.settings import EngineSettings
+from testsupport.edits import EDITS_BY_NAME, encode_jpeg
 from testsupport.engine import opened_service
 
 FloatArray = npt.NDArray[np.float32]

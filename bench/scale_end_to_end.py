@@ -6,13 +6,13 @@
 Collection and queries: those of ``bench.quality`` (same split, same seed, same edits): 900
 photos indexed by ``indexer.build.build_index`` exactly as ``bench.quality`` indexes them (its
 cached index is reused), ``--queries-per-kind`` of them edited in every kind of
-``bench.edits.EDIT_KINDS`` (``crop_deep``, ``collage`` and ``page`` included), and the 100
+``testsupport.edits.EDIT_KINDS`` (``crop_deep``, ``collage`` and ``page`` included), and the 100
 held-out photos of the split as unrelated queries.
 
 Distractors are synthetic images whose stored features are real KAZE descriptors:
 
 * a descriptor pool: each of the 100 held-out photos, whole and under ``POOL_EDITS`` (seeded
-  crops, a deep crop, a rotation, a scale change from ``bench.edits`` and PIL), extracted by
+  crops, a deep crop, a rotation, a scale change from ``testsupport.edits`` and PIL), extracted by
   the engine (``indexer.analysis.analyze_bytes`` with the index's settings, 500 keypoints),
   stored int8 as the catalog stores them: about 300,000 distinct real descriptors;
 * a distractor takes ``max_keypoints`` (500) descriptors from 2-4 seeded photos of the pool,
@@ -126,7 +126,7 @@ class Config:
 
 def quality_config(config: Config, out: Path) -> Any:
     from bench import quality
-    from bench.edits import EDIT_KINDS
+    from testsupport.edits import EDIT_KINDS
 
     return quality.Config(
         photos=config.photos, out=out, collection_size=COLLECTION, unrelated_size=UNRELATED,
@@ -138,7 +138,7 @@ def collection(config: Config) -> tuple[Any, list[Any], Path]:
     """bench.quality's split and edited queries (written under --work, cached), and the
     index of the collection (bench.quality's own cache, brought up to date)."""
     from bench import quality
-    from bench.edits import EDIT_KINDS
+    from testsupport.edits import EDIT_KINDS
 
     photos = list_photos(config.photos)
     split = split_photos(photos, COLLECTION, UNRELATED, derive_seed(config.seed, "split"))
@@ -168,10 +168,10 @@ def collection(config: Config) -> tuple[Any, list[Any], Path]:
 
 def _pool_version(path: str, edit: str, seed: int, settings: Any) -> npt.NDArray[np.int8]:
     """The stored (int8) descriptors of one version of a held-out photo (worker process)."""
-    from bench.edits import EDITS_BY_NAME, encode_jpeg
     from indexer.analysis import analyze_bytes
     from indexer.errors import IndexerError
     from indexer.features import limit_threads, quantize_descriptors
+    from testsupport.edits import EDITS_BY_NAME, encode_jpeg
 
     limit_threads()
     image = load_rgb(Path(path))

@@ -55,7 +55,6 @@ from bench.common import (
     split_photos,
     write_json,
 )
-from bench.edits import EDITS_BY_NAME, encode_jpeg
 from indexer import (
     BuildReport,
     CpuPool,
@@ -71,6 +70,7 @@ from indexer import (
 from indexer.analysis import Analysis, FileAnalysis, analyze_folder_file
 from indexer.features import KazeParams, extract_features, limit_threads
 from indexer.images import load_working_image
+from testsupport.edits import EDITS_BY_NAME, encode_jpeg
 from testsupport.engine import opened_service, percentile
 
 GrayImage = npt.NDArray[np.uint8]

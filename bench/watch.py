@@ -15,7 +15,7 @@ one at a time, each answered (or not) before the next:
 1. unrelated photos: the held-out photos of the folder (100 when the history holds 900), plus
    the CC0 sample photos of scikit-image (from another source, so surely not in the folder).
    Any "seen before" answer to one of them is false;
-2. ``--edited`` edited copies of history photos, in every edit kind of ``bench.edits`` that
+2. ``--edited`` edited copies of history photos, in every edit kind of ``testsupport.edits`` that
    shows the photo alone (composites would also show other history photos). An answer counts
    as right only if its link points at the original's message.
 """
@@ -44,11 +44,11 @@ from bench.common import (
     split_photos,
     write_json,
 )
-from bench.edits import EDIT_KINDS
 from bot.app import BotApplication, build_application
 from bot.settings import parse_settings
 from bot.watch import Sighting
 from indexer import CpuPool, SearchService
+from testsupport.edits import EDIT_KINDS
 from testsupport.telegram_emulator import EmulatedChat, TelegramEmulator, polling
 
 SEED = 20_261_129

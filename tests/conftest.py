@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -10,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from bad_inputs import BadInputCorpus, write_bad_inputs
-from PIL import Image
 from skimage import data as skimage_data
 
+from testsupport.edits import encode_jpeg
 from testsupport.telegram_emulator import TelegramEmulator
 
 # PTB 22 warns that RetryAfter.retry_after becomes a timedelta; opting in now keeps
@@ -36,9 +35,8 @@ def photo_array(name: str) -> np.ndarray:
 
 
 def jpeg_bytes(image: np.ndarray, quality: int = 92) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
+    """``image`` as a JPEG file, at the quality a phone camera saves."""
+    return encode_jpeg(image, quality)
 
 
 @pytest.fixture(scope="session")

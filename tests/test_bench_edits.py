@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from bench.edits import (
+from testsupport.edits import (
     EDIT_KINDS,
     Composite,
     EditKind,
