@@ -52,11 +52,7 @@ BotApplication: TypeAlias = Application[
 ]
 
 
-class PatientApplication(
-    Application[
-        ExtBot[int], BotContext, dict[Any, Any], dict[Any, Any], BotData, JobQueue[BotContext]
-    ]
-):
+class PatientApplication(BotApplication):
     """The bot's Application: says once, in one line, that Telegram cannot be reached yet.
 
     ``run_polling(bootstrap_retries=-1)`` makes PTB retry :meth:`initialize` (its first

@@ -98,7 +98,8 @@ async def remove(update: Update, context: BotContext) -> None:
     if image_id is None:
         image_id = await _image_in_photo(message, context)
     record = await context.service.get(image_id)
-    await context.access.check_may_remove(message.chat, user, image=record)
+    if record.scope != message.chat_id:  # the chat's own photos passed the check above
+        await context.access.check_may_remove(message.chat, user, image=record)
     removed = await context.service.remove(record.id, scope=record.scope)
     await message.reply_text(replies.removed(removed))
 
