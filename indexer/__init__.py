@@ -16,6 +16,7 @@ import os as _os
 for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     _os.environ.setdefault(_variable, "1")
 
+from indexer.backfill import ImportReport, import_export  # noqa: E402
 from indexer.build import BuildReport, build_index  # noqa: E402
 from indexer.catalog import GLOBAL_SCOPE, ImageRecord  # noqa: E402
 from indexer.contact_sheet import SheetEntry, render_contact_sheet  # noqa: E402
@@ -23,6 +24,7 @@ from indexer.errors import (  # noqa: E402
     CatalogError,
     CorruptImageError,
     EmptyImageError,
+    ExportError,
     ImageError,
     ImageTooLargeError,
     ImageTooSmallError,
@@ -52,10 +54,12 @@ __all__ = [
     "CpuPool",
     "EmptyImageError",
     "EngineSettings",
+    "ExportError",
     "ImageError",
     "ImageRecord",
     "ImageTooLargeError",
     "ImageTooSmallError",
+    "ImportReport",
     "IndexCorruptError",
     "IndexIncompatibleError",
     "IndexNotFoundError",
@@ -75,6 +79,7 @@ __all__ = [
     "build_index",
     "decode_rgb",
     "encode_jpeg",
+    "import_export",
     "message_link",
     "open_picture",
     "render_contact_sheet",

@@ -17,7 +17,7 @@ from bad_inputs import OK, BadInput, BadInputCorpus, write_bad_inputs
 from engine_fixtures import FifoWatchdog, edited_jpeg
 from PIL import Image
 
-from bench.telegram_import import NOT_INCLUDED, chat, message, write_result
+from testsupport.telegram_exports import NOT_INCLUDED, chat, message, write_result
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TINY_FOLDER_PHOTOS = ("astronaut", "coffee", "chelsea", "camera")

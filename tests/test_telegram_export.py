@@ -19,15 +19,16 @@ from bot_fixtures import (
     running,
 )
 from conftest import photo_array
-from engine_fixtures import TEST_SETTINGS, opened_service
+from engine_fixtures import TEST_SETTINGS
 from PIL import Image
-from telegram_emulator import SentMessage, TelegramEmulator
 
-from bench.telegram_import import NOT_INCLUDED, account, chat, message, write_result
 from indexer.backfill import ImportReport, import_export
 from indexer.errors import ExportError
 from indexer.telegram_export import DELETED_ACCOUNT, read_export
 from indexer.telegram_ids import bot_api_chat_id, message_link
+from testsupport.engine import opened_service
+from testsupport.telegram_emulator import SentMessage, TelegramEmulator
+from testsupport.telegram_exports import NOT_INCLUDED, account, chat, message, write_result
 
 BARE_ID = 1_234_567_890
 SUPERGROUP_ID = -1_001_234_567_890
@@ -314,7 +315,7 @@ async def test_a_message_whose_add_was_interrupted_is_completed_by_the_next_run(
 ) -> None:
     index = tmp_path / "index"
     # Killed between the add and its sighting: the picture is in, its message is not.
-    async with opened_service(index, create=True) as service:
+    async with opened_service(index, settings=TEST_SETTINGS, create=True) as service:
         added = await service.add(
             photo_bytes("astronaut"), scope=SUPERGROUP_ID, origin_chat_id=SUPERGROUP_ID,
             origin_message_id=2, added_by="Alice",
@@ -333,7 +334,7 @@ async def test_an_import_keeps_out_what_the_chat_retention_forgot(
     group_export: Path, tmp_path: Path
 ) -> None:
     index = tmp_path / "index"
-    async with opened_service(index, create=True) as service:
+    async with opened_service(index, settings=TEST_SETTINGS, create=True) as service:
         await service.catalog.save_chat_settings(
             SUPERGROUP_ID, watch=True, reply_style="reply", global_counts=False,
             retention_days=30, add_policy=None,
