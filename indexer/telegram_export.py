@@ -8,8 +8,9 @@ are Telegram Desktop's own (its JSON writer, ``export_output_json.cpp``):
   "left_chats": {...}}``.
 
 A chat's ``id`` is its bare id (see :mod:`indexer.telegram_ids`). A message has ``id``,
-``type`` ("message", "service" or "unsupported"), ``date`` (local time, no zone: not used),
-``date_unixtime`` (a string of seconds), ``from`` (a name, or null for a deleted account),
+``type`` ("message", "service" or "unsupported"), ``date_unixtime`` (a string of seconds;
+older exports have only ``date``, in local time without a zone), ``from`` (a name, or null for a
+deleted account),
 ``from_id`` ("user123", "channel123" or "chat123"), ``forwarded_from``, and its media: a photo
 as ``photo`` (a path relative to the export, or a sentence in parentheses when the file was not
 exported) with ``width`` and ``height``; a document as ``file`` with ``mime_type`` and, for
@@ -81,13 +82,15 @@ class ChatSummary:
 
 
 def read_export(folder: Path, *, chat: int | None = None) -> ExportedChat:
-    """The chat exported in ``folder``: its only chat, or the one ``chat`` names in a
-    whole-account export (by the export's bare id or by its Bot API id).
+    """The chat exported in ``folder`` (or its ``result.json``): its only chat, or the one
+    ``chat`` names in a whole-account export (by the export's bare id or by its Bot API id).
 
     Raises:
         ExportError: ``folder`` holds no ``result.json``, it is not a Telegram Desktop JSON
             export, or ``chat`` is needed (several chats) or names no chat of it.
     """
+    if folder.name == RESULT_FILE and folder.is_file():
+        folder = folder.parent  # the file was named instead of its folder
     document = _load(folder)
     if "chats" in document or "left_chats" in document:
         candidates = [*_chat_list(document, "chats"), *_chat_list(document, "left_chats")]

@@ -229,6 +229,10 @@ def test_what_is_not_an_export_is_refused_with_what_is_wrong(
     assert complaint in str(refused.value)
 
 
+def test_the_result_file_may_be_named_instead_of_its_folder(group_export: Path) -> None:
+    assert read_export(group_export / "result.json") == read_export(group_export)
+
+
 def test_a_missing_folder_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="is not a folder"):
         read_export(tmp_path / "nowhere")
