@@ -10,11 +10,10 @@ are Telegram Desktop's own (its JSON writer, ``export_output_json.cpp``):
 A chat's ``id`` is its bare id (see :mod:`indexer.telegram_ids`). A message has ``id``,
 ``type`` ("message", "service" or "unsupported"), ``date_unixtime`` (a string of seconds;
 older exports have only ``date``, in local time without a zone), ``from`` (a name, or null for a
-deleted account),
-``from_id`` ("user123", "channel123" or "chat123"), ``forwarded_from``, and its media: a photo
-as ``photo`` (a path relative to the export, or a sentence in parentheses when the file was not
-exported) with ``width`` and ``height``; a document as ``file`` with ``mime_type`` and, for
-stickers, voice messages, videos and the like, ``media_type``.
+deleted account), ``from_id`` ("user123", "channel123" or "chat123"), ``forwarded_from``, and
+its media: a photo as ``photo`` (a path relative to the export, or a sentence in parentheses
+when the file was not exported) with ``width`` and ``height``; a document as ``file`` with
+``mime_type`` and, for stickers, voice messages, videos and the like, ``media_type``.
 
 Everything read is checked and given its type here, so the rest of the engine never sees raw
 JSON: a file that is not such an export raises :class:`ExportError` with what is wrong.
