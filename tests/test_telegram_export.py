@@ -417,3 +417,25 @@ async def test_a_repost_in_a_watched_group_links_to_the_imported_message(tmp_pat
     assert in_public.text is not None
     assert in_public.text.startswith("🔁 Seen before: first posted by Open Club on 14 Nov 2023")
     assert link_of(in_public) == "https://t.me/openclub/9"
+
+
+async def test_a_channel_is_imported_into_its_own_scope_with_the_channel_as_poster(
+    tmp_path: Path,
+) -> None:
+    export = tmp_path / "ChannelExport"
+    (export / "photos").mkdir(parents=True)
+    (export / "photos" / "photo_1.jpg").write_bytes(photo_bytes("chelsea"))
+    write_result(export, chat("Cat news", "public_channel", 1_500_000_001, [
+        message(1, DAY, sender="Cat news", sender_id="channel1500000001",
+                photo="photos/photo_1.jpg", width=451, height=300, author="Editor"),
+    ]))
+
+    report = await run_import(export, tmp_path / "index")
+
+    async with opened_service(tmp_path / "index") as service:
+        sighting = await service.catalog.sighting(-1_001_500_000_001, 1)
+        in_channel = await service.catalog.count(-1_001_500_000_001)
+    assert (report.chat_id, report.imported) == (-1_001_500_000_001, 1)
+    assert in_channel == 1
+    assert sighting is not None
+    assert (sighting["sender_id"], sighting["sender_name"]) == (None, "Cat news")
