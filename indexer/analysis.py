@@ -13,7 +13,7 @@ from pathlib import Path
 
 from indexer.errors import IndexerError
 from indexer.features import LocalFeatures, extract_features
-from indexer.framing import find_framed_photo
+from indexer.framing import find_inner_photos
 from indexer.images import WorkingImage, load_working_image, read_image_file
 from indexer.regions import Region
 from indexer.settings import EngineSettings
@@ -29,9 +29,10 @@ class Analysis:
     height: int
     file_size: int
     format: str
-    # Queries only: where a photo framed inside this image lies (a screenshot,
-    # a meme's caption bars), to be searched on its own if the whole image fails.
-    frame: Region | None = None
+    # Queries only: where photos shown inside this image lie (a screenshot, a
+    # meme's caption bars, a page, a collage), the likeliest first, to be
+    # searched on their own if the whole image fails.
+    frames: tuple[Region, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,12 +65,12 @@ def analyze_bytes(data: bytes, settings: EngineSettings, *, for_query: bool = Fa
         height=image.height,
         file_size=len(data),
         format=image.format,
-        frame=find_framed_photo(image.gray) if for_query else None,
+        frames=tuple(find_inner_photos(image.gray)) if for_query else (),
     )
 
 
 def analyze_framed(source: bytes | Path, frame: Region, settings: EngineSettings) -> LocalFeatures:
-    """Query features of the photo inside ``frame`` (see :attr:`Analysis.frame`).
+    """Query features of the photo inside ``frame`` (see :attr:`Analysis.frames`).
 
     Decoded again from the source rather than cut from the working image: in a
     tall screenshot the photo may be only 150 px wide at working size.

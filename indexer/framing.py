@@ -1,5 +1,5 @@
-"""Find a photo shown inside a frame: a phone screenshot, a meme with caption
-bars, a picture with a border.
+"""Find photos shown inside a larger picture: a phone screenshot, a meme with
+caption bars, a picture with a border, a page of text, a collage.
 
 Such a query describes its frame (status bar, user names, captions) as much as
 the photo, so its global vector lands far from the original's.  The photo is a
@@ -35,6 +35,37 @@ MAX_GAP_SHARE = 0.03
 MIN_SIDE_SHARE = 0.15
 MAX_AREA_SHARE = 0.9
 MIN_SIDE_PIXELS = 48
+
+
+# Most photos inside one query that are searched apart: each costs an extraction.
+MAX_INNER_PHOTOS = 4
+# An embedded picture this close to the framed photo (intersection over union) is the same one.
+SAME_REGION_IOU = 0.7
+
+
+def find_inner_photos(gray: npt.NDArray[np.uint8]) -> list[Region]:
+    """Photos shown inside ``gray``, the likeliest first: the framed photo (see
+    :func:`find_framed_photo`), then pictures on a page or in a collage (see
+    :func:`find_embedded_photos`). Empty for most photos."""
+    framed = find_framed_photo(gray)
+    found = [] if framed is None else [framed]
+    for region in find_embedded_photos(gray, limit=MAX_INNER_PHOTOS):
+        if all(_overlap(region, other) < SAME_REGION_IOU for other in found):
+            found.append(region)
+    return found[:MAX_INNER_PHOTOS]
+
+
+def _overlap(first: Region, second: Region) -> float:
+    """Intersection over union of two regions."""
+    width = min(first.right, second.right) - max(first.left, second.left)
+    height = min(first.bottom, second.bottom) - max(first.top, second.top)
+    if width <= 0 or height <= 0:
+        return 0.0
+    inter = width * height
+    area = (first.right - first.left) * (first.bottom - first.top) + (
+        second.right - second.left
+    ) * (second.bottom - second.top)
+    return inter / (area - inter)
 
 
 def find_framed_photo(gray: npt.NDArray[np.uint8]) -> Region | None:
@@ -79,3 +110,112 @@ def _longest_run(share: npt.NDArray[np.float64], *, max_gap: int) -> tuple[int, 
     stops = np.concatenate([breaks, [len(hits) - 1]])
     longest = int(np.argmax(hits[stops] - hits[starts]))
     return int(hits[starts[longest]]), int(hits[stops[longest]]) + 1
+
+
+# -- photos embedded in a page or a collage ----------------------------------------------
+
+# Cells of this share of the image's longer side are the unit of the layout:
+# about 12 px at 640, wider than a collage's rule is thin.
+CELL_SHARE = 0.012
+# A cell is a picture's when at least this share of its pixels is content:
+# nearly every pixel of a photo differs from the page, glyphs cover a third at most.
+MIN_CELL_DENSITY = 0.85
+# A group of picture cells must fill this share of its bounding box (a photo is
+# a rectangle; a diagonal streak of dark headings is not).
+MIN_FILL = 0.6
+# Embedded pictures must be at least this share of the image's area, and at
+# most this share: the whole image is what the first look already searched.
+MIN_PICTURE_AREA = 0.02
+MAX_PICTURE_AREA = 0.8
+# ... and their shorter side at least this share of the image's shorter side:
+# a web page's menu bar is dense but too thin to be a photo.
+MIN_PICTURE_SIDE = 0.12
+
+
+def find_embedded_photos(gray: npt.NDArray[np.uint8], *, limit: int = 2) -> list[Region]:
+    """Rectangles of pictures laid out on a page or in a collage, largest first.
+
+    The image is cut into small cells; a cell whose pixels nearly all differ
+    from the background belongs to a picture, while text, which covers a
+    fraction of its cells, does not. Each connected group of picture cells that
+    fills its bounding box is a picture. Cells, not rows and columns, so that a
+    page photographed at a slight tilt still works. The background is the
+    commonest grey level of pixels whose neighbours share it (a page, a
+    collage's rules), so a dark surround of a photographed page does not count.
+    An empty list is the common answer.
+    """
+    if gray.ndim != 2 or min(gray.shape) < MIN_SIDE_PIXELS:
+        return []
+    background = _flat_level(gray)
+    if background is None:
+        return []
+    height, width = gray.shape
+    cell = max(4, round(CELL_SHARE * max(height, width)))
+    rows, columns = height // cell, width // cell
+    content = np.abs(gray[: rows * cell, : columns * cell].astype(np.int16) - background)
+    density = (
+        (content > BACKGROUND_TOLERANCE).reshape(rows, cell, columns, cell).mean(axis=(1, 3))
+    )
+    pictures = []
+    for top, left, bottom, right, cells in _groups(density >= MIN_CELL_DENSITY):
+        box_cells = (bottom - top) * (right - left)
+        area = box_cells * cell * cell / (height * width)
+        if cells < MIN_FILL * box_cells or not MIN_PICTURE_AREA <= area <= MAX_PICTURE_AREA:
+            continue
+        if min(bottom - top, right - left) * cell < MIN_PICTURE_SIDE * min(height, width):
+            continue
+        region = Region(
+            left * cell / width,
+            top * cell / height,
+            min(right * cell / width, 1.0),
+            min(bottom * cell / height, 1.0),
+        )
+        pictures.append((area, region))
+    pictures.sort(key=lambda item: item[0], reverse=True)
+    return [region for _, region in pictures[:limit]]
+
+
+def _flat_level(gray: npt.NDArray[np.uint8]) -> int | None:
+    """The commonest grey level among pixels equal to their right and lower
+    neighbours, or ``None`` when too few pixels are flat to call it a background."""
+    flat = (gray[:-1, :-1] == gray[1:, :-1]) & (gray[:-1, :-1] == gray[:-1, 1:])
+    levels = gray[:-1, :-1][flat]
+    if len(levels) < 0.05 * gray.size:
+        return None
+    return int(np.argmax(np.bincount(levels, minlength=256)))
+
+
+def _groups(mask: npt.NDArray[np.bool_]) -> list[tuple[int, int, int, int, int]]:
+    """Each 4-connected group of true cells as (top, left, bottom, right, cells),
+    bottom and right exclusive. The grid is about 50 by 40 cells: a plain flood
+    fill is fast enough and needs no image library here."""
+    seen = np.zeros_like(mask)
+    height, width = mask.shape
+    groups = []
+    for start_row, start_column in zip(*np.nonzero(mask), strict=True):
+        if seen[start_row, start_column]:
+            continue
+        seen[start_row, start_column] = True
+        stack = [(int(start_row), int(start_column))]
+        top, left, bottom, right, cells = height, width, 0, 0, 0
+        while stack:
+            row, column = stack.pop()
+            cells += 1
+            top, bottom = min(top, row), max(bottom, row + 1)
+            left, right = min(left, column), max(right, column + 1)
+            for near_row, near_column in (
+                (row - 1, column),
+                (row + 1, column),
+                (row, column - 1),
+                (row, column + 1),
+            ):
+                if (
+                    0 <= near_row < height
+                    and 0 <= near_column < width
+                    and mask[near_row, near_column]
+                    and not seen[near_row, near_column]
+                ):
+                    seen[near_row, near_column] = True
+                    stack.append((near_row, near_column))
+        groups.append((top, left, bottom, right, cells))
+    return groups

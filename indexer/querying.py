@@ -26,7 +26,7 @@ from indexer.catalog import GLOBAL_SCOPE, Catalog, ImageRecord
 from indexer.errors import ImageError
 from indexer.features import LocalFeatures
 from indexer.maintenance import ServingView
-from indexer.regions import region_grid
+from indexer.regions import Region, region_grid
 from indexer.segments import SegmentSet
 from indexer.settings import EngineSettings
 from indexer.verify import Verification, verify_candidates
@@ -189,15 +189,11 @@ class QueryPipeline:
         started = time.perf_counter()
         analysis = await self.pool.run(_analyze, source, self.settings)
         timings.add("analyze", time.perf_counter() - started)
-        framed: FramedLoader | None = None
-        if analysis.frame is not None:
-            frame = analysis.frame
-
-            async def framed() -> LocalFeatures:
-                return await self.pool.run(analyze_framed, source, frame, self.settings)
-
+        inner = [
+            _inner_loader(self.pool, source, frame, self.settings) for frame in analysis.frames
+        ]
         return await self.search(
-            analysis.features, scope=scope, top=top, timings=timings, framed=framed
+            analysis.features, scope=scope, top=top, timings=timings, inner=inner
         )
 
     async def search(
@@ -207,13 +203,14 @@ class QueryPipeline:
         scope: int = GLOBAL_SCOPE,
         top: int = 5,
         timings: StageTimings | None = None,
-        framed: FramedLoader | None = None,
+        inner: Sequence[FramedLoader] = (),
         first_look_only: bool = False,
     ) -> list[Match]:
         """Search with features already extracted (see :meth:`query`).
 
-        ``framed`` extracts the features of a photo framed inside the query; it
-        is called only if the whole query verifies nothing. With
+        ``inner`` extract the features of the photos shown inside the query (a
+        framed photo, pictures on a page), likeliest first; they are called, one
+        after the other, only while nothing verifies. With
         ``first_look_only`` only the first batch of candidates is verified: the
         look for a copy of a photo being added, which is the whole photo, not a
         part of one, and which for a new photo would otherwise take every stage.
@@ -247,18 +244,26 @@ class QueryPipeline:
             verdicts.update(
                 await self._verify(features, ranked[2 : self.settings.first_batch], timings)
             )
-        # The framed photo's verdicts are kept apart: a candidate it rejects may
-        # still verify against the whole query, and it has a budget of its own.
+        # An inner photo's verdicts are kept apart: a candidate it rejects may
+        # still verify against the whole query, and each has a budget of its own.
         framed_verdicts: dict[int, Verification] = {}
-        if framed is not None and not any(v.verified for v in verdicts.values()):
-            framed_verdicts = await self._search_framed(
-                framed,
-                serving=serving,
-                segments=segments,
-                scope=scope,
-                similarity=similarity,
-                timings=timings,
-            )
+        for framed in inner:
+            if any(v.verified for v in (*verdicts.values(), *framed_verdicts.values())):
+                break
+            for image_id, verdict in (
+                await self._search_framed(
+                    framed,
+                    serving=serving,
+                    segments=segments,
+                    scope=scope,
+                    similarity=similarity,
+                    timings=timings,
+                )
+            ).items():
+                if image_id not in framed_verdicts or _stronger(
+                    verdict, framed_verdicts[image_id]
+                ):
+                    framed_verdicts[image_id] = verdict
         if not first_look_only and not any(
             v.verified for v in (*verdicts.values(), *framed_verdicts.values())
         ):
@@ -447,6 +452,17 @@ class QueryPipeline:
         )
         timings.add("verify", time.perf_counter() - clock)
         return dict(zip(present, verdicts, strict=True))
+
+
+def _inner_loader(
+    pool: CpuPool, source: bytes | Path, frame: Region, settings: EngineSettings
+) -> FramedLoader:
+    """Extracts the features of the photo inside ``frame`` of ``source`` on the pool."""
+
+    async def load() -> LocalFeatures:
+        return await pool.run(analyze_framed, source, frame, settings)
+
+    return load
 
 
 def _analyze(source: bytes | Path, settings: EngineSettings) -> Analysis:

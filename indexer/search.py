@@ -14,6 +14,7 @@ a segment, each swapped in atomically.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,15 +195,15 @@ class SearchService:
         scope: int = GLOBAL_SCOPE,
         top: int = 5,
         timings: StageTimings | None = None,
-        framed: FramedLoader | None = None,
+        inner: Sequence[FramedLoader] = (),
     ) -> list[Match]:
         """Search with features already extracted (see :meth:`query`).
 
-        ``framed`` extracts the features of a photo framed inside the query; it
-        is called only if the whole query verifies nothing.
+        ``inner`` extract the features of photos shown inside the query; see
+        :meth:`QueryPipeline.search`.
         """
         return await self.pipeline.search(
-            features, scope=scope, top=top, timings=timings, framed=framed
+            features, scope=scope, top=top, timings=timings, inner=inner
         )
 
     # -- adding and removing ------------------------------------------------------------

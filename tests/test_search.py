@@ -52,6 +52,7 @@ from indexer.features import LocalFeatures
 from indexer.search import GENERATIONS_DIR, ORIGINALS_DIR, Match, SearchService
 from indexer.settings import EngineSettings
 from indexer.workers import CpuPool
+from testsupport.edits import compose_page
 from testsupport.engine import copy_index, opened_service
 
 CHAT_A = -1001
@@ -154,9 +155,9 @@ async def test_a_framed_photo_is_searched_only_when_the_whole_query_verifies_not
         return photo
 
     async with opened_service(search_index) as service:
-        whole_verified = await service.search_features(photo, framed=framed_photo, top=3)
+        whole_verified = await service.search_features(photo, inner=[framed_photo], top=3)
         assert extracted == []  # the whole query sufficed: no second extraction
-        framed_verified = await service.search_features(noise, framed=framed_photo, top=3)
+        framed_verified = await service.search_features(noise, inner=[framed_photo], top=3)
 
     assert (stem(whole_verified[0]), whole_verified[0].verified) == ("coffee", True)
     assert extracted == ["coffee"]
@@ -166,9 +167,23 @@ async def test_a_framed_photo_is_searched_only_when_the_whole_query_verifies_not
 @pytest.mark.parametrize("photo", ["astronaut", "rocket"])
 def test_a_screenshot_query_carries_the_frame_of_its_photo(photo: str) -> None:
     data = edited_jpeg(photo, "screenshot")
-    assert analyze_bytes(data, TEST_SETTINGS, for_query=True).frame is not None
-    # Stored photos are described whole: the frame is looked for in queries only.
-    assert analyze_bytes(data, TEST_SETTINGS).frame is None
+    assert analyze_bytes(data, TEST_SETTINGS, for_query=True).frames
+    # Stored photos are described whole: frames are looked for in queries only.
+    assert analyze_bytes(data, TEST_SETTINGS).frames == ()
+
+
+# Pages on which the whole page, its votes and its windows all miss the photo
+# (text takes most of the keypoints): only the look at the photo itself finds it.
+@pytest.mark.parametrize(("photo", "seed"), [("chelsea", 3), ("coffee", 4), ("camera", 6)])
+async def test_a_photo_shown_small_on_a_page_of_text_is_found(
+    search_index: Path, photo: str, seed: int
+) -> None:
+    page = compose_page(photo_array(photo), seed, [photo_array("brick")])
+
+    async with opened_service(search_index) as service:
+        matches = await service.query(jpeg_bytes(page.image, 85), top=3)
+
+    assert (stem(matches[0]), matches[0].verified) == (photo, True), describe(matches)
 
 
 # --- bad input ----------------------------------------------------------------------------------
