@@ -14,7 +14,10 @@ one at a time, each answered (or not) before the next:
 
 1. unrelated photos: the held-out photos of the folder (100 when the history holds 900), plus
    the CC0 sample photos of scikit-image (from another source, so surely not in the folder).
-   Any "seen before" answer to one of them is false;
+   Each held-out photo is posted whole, then in ``--unrelated-edits`` edited copies (9: 1,017
+   unrelated posts in all, of 117 distinct pictures; no more real photos are at hand). A "seen
+   before" answer to an unrelated post is false unless it links to an earlier post of the same
+   picture, which is a real repost (those are counted apart);
 2. ``--edited`` edited copies of history photos, in every edit kind of ``testsupport.edits`` that
    shows the photo alone (composites would also show other history photos). An answer counts
    as right only if its link points at the original's message.
@@ -98,8 +101,25 @@ async def seed_history(index: Path, chat_id: int, photos: list[Path], workers: i
     return time.perf_counter() - started
 
 
-def unrelated_photos(held_out: list[Path]) -> list[tuple[str, bytes]]:
-    photos = [(path.name, as_telegram_photo(load_rgb(path))) for path in held_out]
+def unrelated_posts(held_out: list[Path], *, edits: int) -> list[tuple[str, str, bytes]]:
+    """(source picture, post name, JPEG) of every unrelated post: each held-out photo whole and
+    in ``edits`` edited copies (the solo edit kinds in turn), then the CC0 photos."""
+    posts = []
+    for number, path in enumerate(held_out):
+        image = load_rgb(path)
+        posts.append((path.name, path.name, as_telegram_photo(image)))
+        for copy in range(edits):
+            kind = SOLO_KINDS[(number + copy) % len(SOLO_KINDS)]
+            edited = kind.edit(image, SEED + 7919 * number + copy)
+            data = as_telegram_photo(edited, quality=kind.jpeg_quality)
+            posts.append((path.name, f"{kind.name} of {path.name}", data))
+    posts.extend((name, name, data) for name, data in cc0_photos())
+    return posts
+
+
+def cc0_photos() -> list[tuple[str, bytes]]:
+    """scikit-image's CC0 sample photos (another source: surely not in the folder)."""
+    photos: list[tuple[str, bytes]] = []
     try:
         from skimage import data as samples
     except ImportError:
@@ -186,7 +206,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         await emu.wait_for_messages(group, 1, timeout=ANSWER_DEADLINE_S)
                         report = await post_everything(
                             emu, application, group, poster=poster, split=split,
-                            edited_sources=edited_sources,
+                            edited_sources=edited_sources, unrelated_edits=args.unrelated_edits,
                         )
                         watch = application.bot_data.watch
                         assert watch is not None
@@ -205,20 +225,28 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 async def post_everything(
     emu: TelegramEmulator, application: BotApplication, group: EmulatedChat, *, poster: Any,
-    split: Any, edited_sources: list[int],
+    split: Any, edited_sources: list[int], unrelated_edits: int,
 ) -> dict[str, Any]:
-    unrelated = unrelated_photos(split.unrelated)
+    unrelated = unrelated_posts(split.unrelated, edits=unrelated_edits)
     print(f"posting {len(unrelated)} unrelated photos...", flush=True)
+    internal = str(group.id).removeprefix("-100")
     false_answers: list[str] = []
+    own_reposts = own_reposts_linked = 0
+    first_post: dict[str, int] = {}  # source picture -> message id of its first post
     times: list[float] = []
-    for name, data in unrelated:
-        _, link, elapsed = await post_and_wait(emu, application, group, poster, data)
+    for source, name, data in unrelated:
+        message, link, elapsed = await post_and_wait(emu, application, group, poster, data)
         times.append(elapsed)
+        earlier = first_post.setdefault(source, message["message_id"])
+        if earlier != message["message_id"]:
+            own_reposts += 1
+            if link == f"https://t.me/c/{internal}/{earlier}":
+                own_reposts_linked += 1
+                continue
         if link is not None:
             false_answers.append(name)
             print(f"  false 'seen before' for {name}: {link}", flush=True)
     print(f"posting {len(edited_sources)} edited copies...", flush=True)
-    internal = str(group.id).removeprefix("-100")
     by_kind: Counter[str] = Counter()
     right_by_kind: Counter[str] = Counter()
     misses: list[dict[str, str]] = []
@@ -239,6 +267,9 @@ async def post_everything(
     return {
         "unrelated_posted": len(unrelated),
         "unrelated_from_folder": len(split.unrelated),
+        "unrelated_pictures": len(first_post),
+        "unrelated_reposts_of_each_other": own_reposts,
+        "unrelated_reposts_linked_to_their_first_post": own_reposts_linked,
         "false_seen_before": len(false_answers),
         "false_answers": false_answers,
         "edited_posted": len(edited_sources),
@@ -260,6 +291,8 @@ def main() -> None:
     parser.add_argument("--collection", type=int, default=900)
     parser.add_argument("--unrelated", type=int, default=100)
     parser.add_argument("--edited", type=int, default=200)
+    parser.add_argument("--unrelated-edits", type=int, default=9,
+                        help="edited copies posted of each held-out photo")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     report = asyncio.run(run(args))
