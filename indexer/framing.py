@@ -37,8 +37,9 @@ MAX_AREA_SHARE = 0.9
 MIN_SIDE_PIXELS = 48
 
 
-# Most photos inside one query that are searched apart: each costs an extraction.
-MAX_INNER_PHOTOS = 4
+# Most photos inside one query that are searched apart (a 3x3 collage has nine):
+# each costs an extraction, and only while nothing has verified.
+MAX_INNER_PHOTOS = 9
 # An embedded picture this close to the framed photo (intersection over union) is the same one.
 SAME_REGION_IOU = 0.7
 
@@ -120,6 +121,10 @@ CELL_SHARE = 0.012
 # A cell is a picture's when at least this share of its pixels is content:
 # nearly every pixel of a photo differs from the page, glyphs cover a third at most.
 MIN_CELL_DENSITY = 0.85
+# A straight line across a group of picture cells with at most this share of
+# content is a collage's gutter (JPEG noise and a slight bleed stay under it).
+MAX_GUTTER_CONTENT = 0.08
+MAX_GUTTER_DEPTH = 4
 # A group of picture cells must fill this share of its bounding box (a photo is
 # a rectangle; a diagonal streak of dark headings is not).
 MIN_FILL = 0.6
@@ -146,43 +151,105 @@ def find_embedded_photos(gray: npt.NDArray[np.uint8], *, limit: int = 2) -> list
     """
     if gray.ndim != 2 or min(gray.shape) < MIN_SIDE_PIXELS:
         return []
-    background = _flat_level(gray)
-    if background is None:
-        return []
+    found: list[tuple[float, Region]] = []
+    for background in _background_levels(gray):
+        for area, region in _pictures_on(gray, background):
+            if all(_overlap(region, other) < SAME_REGION_IOU for _, other in found):
+                found.append((area, region))
+    found.sort(key=lambda item: item[0], reverse=True)
+    return [region for _, region in found[:limit]]
+
+
+def _pictures_on(gray: npt.NDArray[np.uint8], background: int) -> list[tuple[float, Region]]:
+    """(share of the area, region) of each picture on a background of grey level ``background``."""
     height, width = gray.shape
     cell = max(4, round(CELL_SHARE * max(height, width)))
     rows, columns = height // cell, width // cell
     content = np.abs(gray[: rows * cell, : columns * cell].astype(np.int16) - background)
-    density = (
-        (content > BACKGROUND_TOLERANCE).reshape(rows, cell, columns, cell).mean(axis=(1, 3))
-    )
+    mask = content > BACKGROUND_TOLERANCE
+    density = mask.reshape(rows, cell, columns, cell).mean(axis=(1, 3))
     pictures = []
     for top, left, bottom, right, cells in _groups(density >= MIN_CELL_DENSITY):
-        box_cells = (bottom - top) * (right - left)
-        area = box_cells * cell * cell / (height * width)
-        if cells < MIN_FILL * box_cells or not MIN_PICTURE_AREA <= area <= MAX_PICTURE_AREA:
+        if cells < MIN_FILL * (bottom - top) * (right - left):
             continue
-        if min(bottom - top, right - left) * cell < MIN_PICTURE_SIDE * min(height, width):
-            continue
-        region = Region(
-            left * cell / width,
-            top * cell / height,
-            min(right * cell / width, 1.0),
-            min(bottom * cell / height, 1.0),
-        )
-        pictures.append((area, region))
-    pictures.sort(key=lambda item: item[0], reverse=True)
-    return [region for _, region in pictures[:limit]]
+        box = (top * cell, left * cell, bottom * cell, right * cell)
+        for block_top, block_left, block_bottom, block_right in _split_at_gutters(mask, box):
+            block_height, block_width = block_bottom - block_top, block_right - block_left
+            area = block_height * block_width / (height * width)
+            if not MIN_PICTURE_AREA <= area <= MAX_PICTURE_AREA:
+                continue
+            if min(block_height, block_width) < MIN_PICTURE_SIDE * min(height, width):
+                continue
+            region = Region(
+                block_left / width,
+                block_top / height,
+                min(block_right / width, 1.0),
+                min(block_bottom / height, 1.0),
+            )
+            pictures.append((area, region))
+    return pictures
 
 
-def _flat_level(gray: npt.NDArray[np.uint8]) -> int | None:
-    """The commonest grey level among pixels equal to their right and lower
-    neighbours, or ``None`` when too few pixels are flat to call it a background."""
+Box = tuple[int, int, int, int]  # top, left, bottom, right in pixels
+
+
+def _split_at_gutters(mask: npt.NDArray[np.bool_], box: Box, depth: int = 0) -> list[Box]:
+    """``box`` cut along the straight lines of background crossing it: the
+    gutters of a collage, thinner than a cell, that joined its photos into one
+    group. A box no line crosses is returned whole."""
+    top, left, bottom, right = box
+    part = mask[top:bottom, left:right]
+    if depth >= MAX_GUTTER_DEPTH or part.size == 0:
+        return [box]
+    for axis in (0, 1):
+        # The share of content along each row (axis 0) or column (axis 1) of the box.
+        share = part.mean(axis=1 - axis)
+        lines = np.flatnonzero(share <= MAX_GUTTER_CONTENT)
+        start = top if axis == 0 else left
+        length = len(share)
+        inner = lines[(lines > 0) & (lines < length - 1)]  # a box's own edge is no gutter
+        if not len(inner):
+            continue
+        # Pieces between gutter lines; each is split again the other way.
+        edges = np.flatnonzero(np.diff(inner) > 1)
+        run_starts = np.concatenate([[inner[0]], inner[edges + 1]])
+        run_stops = np.concatenate([inner[edges], [inner[-1]]])
+        pieces, previous = [], 0
+        for run_start, run_stop in zip(run_starts, run_stops, strict=True):
+            pieces.append((previous, int(run_start)))
+            previous = int(run_stop) + 1
+        pieces.append((previous, length))
+        boxes = []
+        for low, high in pieces:
+            if high - low < 2:
+                continue
+            child = (
+                (start + low, left, start + high, right)
+                if axis == 0
+                else (top, start + low, bottom, start + high)
+            )
+            boxes.extend(_split_at_gutters(mask, child, depth + 1))
+        return boxes
+    return [box]
+
+
+def _background_levels(gray: npt.NDArray[np.uint8]) -> list[int]:
+    """The grey levels a page or a collage may lie on: the commonest level of
+    flat pixels (equal to their right and lower neighbours) over the whole
+    image, which is a page's colour even under a dark surround, and over its
+    border, which is a collage's gutters even when its photos hold more flat
+    white than the gutters do. None when too little is flat."""
     flat = (gray[:-1, :-1] == gray[1:, :-1]) & (gray[:-1, :-1] == gray[:-1, 1:])
-    levels = gray[:-1, :-1][flat]
-    if len(levels) < 0.05 * gray.size:
-        return None
-    return int(np.argmax(np.bincount(levels, minlength=256)))
+    levels = []
+    border = np.zeros_like(flat)
+    border[[0, -1], :] = border[:, [0, -1]] = True
+    for where, least in ((flat, 0.05 * gray.size), (flat & border, 0.25 * border.sum())):
+        values = gray[:-1, :-1][where]
+        if len(values) >= least:
+            level = int(np.argmax(np.bincount(values, minlength=256)))
+            if level not in levels:
+                levels.append(level)
+    return levels
 
 
 def _groups(mask: npt.NDArray[np.bool_]) -> list[tuple[int, int, int, int, int]]:

@@ -10,6 +10,7 @@ from engine_fixtures import QUERY_PHOTOS, bordered, captioned, screenshot_box, s
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from PIL import Image
 
 from indexer.framing import (
     MAX_AREA_SHARE,
@@ -186,6 +187,34 @@ def test_the_cells_of_a_collage_are_found() -> None:
 
 # Not "rocket": its flat sky is a page to this finder, with the launch pad a dense
 # block on it. That costs one more extraction, and only when the whole photo verifies nothing.
+@pytest.mark.parametrize("gutter_colour", [0, 255])
+def test_every_cell_of_a_grid_with_thin_gutters_is_found_apart(gutter_colour: int) -> None:
+    # Gutters thinner than the finder's cells join the photos into one dense group;
+    # only the straight background lines crossing it tell them apart.
+    cell_width, cell_height, gutter = 200, 150, 4
+    grid = np.full((3 * cell_height + 4 * gutter, 3 * cell_width + 4 * gutter, 3),
+                   gutter_colour, np.uint8)
+    cells = []
+    # Not hubble_deep_field: a black photo on black gutters is not a picture to anyone.
+    names = ("astronaut", "coffee", "chelsea", "rocket", "camera", "brick", "coins", "horse",
+             "clock")
+    for number, name in enumerate(names):
+        row, column = divmod(number, 3)
+        top, left = gutter + row * (cell_height + gutter), gutter + column * (cell_width + gutter)
+        grid[top : top + cell_height, left : left + cell_width] = np.asarray(
+            Image.fromarray(photo_array(name)).convert("RGB").resize((cell_width, cell_height))
+        )
+        cells.append(flat_box((left, top, left + cell_width, top + cell_height), grid))
+
+    found = find_embedded_photos(working_gray(grid), limit=9)
+
+    # A photo with an edge of the gutter's colour (the horse's white ground on white
+    # gutters) may come out a little smaller than its cell.
+    matched = [max((overlap(region, cell) for region in found), default=0.0) for cell in cells]
+    assert sum(share > 0.8 for share in matched) >= 8, matched
+    assert len(found) <= 9
+
+
 @pytest.mark.parametrize("photo", [p for p in QUERY_PHOTOS if p != "rocket"])
 def test_a_photo_alone_has_no_embedded_pictures(photo: str) -> None:
     assert find_embedded_photos(working_gray(photo_array(photo))) == []
