@@ -232,19 +232,23 @@ async def post_everything(
     internal = str(group.id).removeprefix("-100")
     false_answers: list[str] = []
     own_reposts = own_reposts_linked = 0
-    first_post: dict[str, int] = {}  # source picture -> message id of its first post
+    posted: dict[str, list[int]] = {}  # source picture -> message ids of its posts so far
     times: list[float] = []
     for source, name, data in unrelated:
         message, link, elapsed = await post_and_wait(emu, application, group, poster, data)
         times.append(elapsed)
-        earlier = first_post.setdefault(source, message["message_id"])
-        if earlier != message["message_id"]:
+        earlier = posted.setdefault(source, [])
+        if earlier:
             own_reposts += 1
-            if link == f"https://t.me/c/{internal}/{earlier}":
+            # The watch links to the first post it recognises the picture in, which is
+            # an earlier edit of it when the whole photo's post was not recognised.
+            if link in {f"https://t.me/c/{internal}/{m}" for m in earlier}:
                 own_reposts_linked += 1
+                earlier.append(message["message_id"])
                 continue
+        earlier.append(message["message_id"])
         if link is not None:
-            false_answers.append(name)
+            false_answers.append(f"{name}: {link}")
             print(f"  false 'seen before' for {name}: {link}", flush=True)
     print(f"posting {len(edited_sources)} edited copies...", flush=True)
     by_kind: Counter[str] = Counter()
@@ -267,7 +271,7 @@ async def post_everything(
     return {
         "unrelated_posted": len(unrelated),
         "unrelated_from_folder": len(split.unrelated),
-        "unrelated_pictures": len(first_post),
+        "unrelated_pictures": len(posted),
         "unrelated_reposts_of_each_other": own_reposts,
         "unrelated_reposts_linked_to_their_first_post": own_reposts_linked,
         "false_seen_before": len(false_answers),
