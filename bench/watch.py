@@ -273,7 +273,7 @@ async def post_everything(
         "unrelated_from_folder": len(split.unrelated),
         "unrelated_pictures": len(posted),
         "unrelated_reposts_of_each_other": own_reposts,
-        "unrelated_reposts_linked_to_their_first_post": own_reposts_linked,
+        "unrelated_reposts_linked_to_an_earlier_post": own_reposts_linked,
         "false_seen_before": len(false_answers),
         "false_answers": false_answers,
         "edited_posted": len(edited_sources),
