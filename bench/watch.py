@@ -88,7 +88,7 @@ async def seed_history(index: Path, chat_id: int, photos: list[Path], workers: i
                 posted_at=posted_at + number,
                 file_unique_id=f"history-{number}",
             )
-            await service.catalog.record_sighting(asdict(sighting), inbox_payload="")
+            await service.chat_records.record_sighting(asdict(sighting), inbox_payload="")
             if not result.created:
                 print(f"  history photo {path.name} is a copy of #{result.image.id}", flush=True)
 

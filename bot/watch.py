@@ -231,7 +231,7 @@ class RepostWatch:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.service = service
-        self.catalog = service.catalog
+        self.records = service.chat_records
         self.figures = WatchFigures()
         self._bot = bot
         self._queue_size = queue_size
@@ -259,7 +259,7 @@ class RepostWatch:
 
     async def start(self) -> None:
         """Start the workers, with every photo the inbox still holds (a restart's leftovers)."""
-        left = await self.catalog.inbox_count()
+        left = await self.records.inbox_count()
         if left:
             log.info("checking %d watched photos left from the last run", left)
             self._overflow = True
@@ -296,13 +296,13 @@ class RepostWatch:
     async def settings(self, chat_id: int) -> ChatSettings:
         cached = self._settings.get(chat_id)
         if cached is None:
-            row = await self.catalog.chat_settings(chat_id)
+            row = await self.records.chat_settings(chat_id)
             cached = ChatSettings(chat_id) if row is None else ChatSettings.from_row(row)
             self._settings[chat_id] = cached
         return cached
 
     async def save_settings(self, settings: ChatSettings) -> None:
-        await self.catalog.save_chat_settings(
+        await self.records.save_chat_settings(
             settings.chat_id,
             watch=settings.watch,
             reply_style=settings.reply_style,
@@ -316,12 +316,12 @@ class RepostWatch:
 
     async def needs_check(self, chat_id: int, message_id: int, file_unique_id: str) -> bool:
         """False for an edit that kept the photo (a caption edit): it was checked already."""
-        row = await self.catalog.sighting(chat_id, message_id)
+        row = await self.records.sighting(chat_id, message_id)
         return row is None or row["file_unique_id"] != file_unique_id
 
     async def receive(self, photo: WatchedPhoto) -> None:
         """Take a watched photo: stored in the inbox before anything else, then queued."""
-        await self.catalog.inbox_put(photo.chat_id, photo.message_id, photo.to_json())
+        await self.records.inbox_put(photo.chat_id, photo.message_id, photo.to_json())
         key = (photo.chat_id, photo.message_id)
         if key in self._queued:
             return  # an edit of a photo still waiting: its turn reads the new version
@@ -336,7 +336,7 @@ class RepostWatch:
         await self._watch_backlog()
 
     async def _watch_backlog(self) -> None:
-        waiting = await self.catalog.inbox_count() if self._overflow else len(self._queued)
+        waiting = await self.records.inbox_count() if self._overflow else len(self._queued)
         self.figures.largest_backlog = max(self.figures.largest_backlog, waiting)
         if waiting >= max(1, self._queue_size // 2):
             if not self._behind:
@@ -353,7 +353,7 @@ class RepostWatch:
             room = self._queue.maxsize - self._queue.qsize()
             if room <= 0:
                 return
-            items = await self.catalog.inbox_items(limit=room + len(self._queued) + 1)
+            items = await self.records.inbox_items(limit=room + len(self._queued) + 1)
             fresh = [
                 item for item in items if (item["chat_id"], item["message_id"]) not in self._queued
             ]
@@ -398,7 +398,7 @@ class RepostWatch:
         # No await between taking the key from the queue and asking for the chat's turn:
         # asyncio locks are fair, so a chat's photos are checked in arrival order.
         async with self._chat_turn(chat_id):
-            item = await self.catalog.inbox_item(chat_id, message_id)
+            item = await self.records.inbox_item(chat_id, message_id)
             if item is None:
                 return
             payload = str(item["payload"])
@@ -407,7 +407,7 @@ class RepostWatch:
                 repost = await self.check(photo, payload)
             except (RefusedError, ImageError, NotFoundError) as error:
                 log.info("watched message %s in %s not checked: %s", message_id, chat_id, error)
-                await self.catalog.inbox_drop(chat_id, message_id, payload)
+                await self.records.inbox_drop(chat_id, message_id, payload)
                 repost = None
             except Exception as error:
                 await self._failed(photo, payload, int(item["attempts"]) + 1, error)
@@ -416,7 +416,7 @@ class RepostWatch:
                 started = self._received_at.pop(key, None)
                 if started is not None:
                     self.figures.add_time(self.figures.check_s, time.perf_counter() - started)
-            if await self.catalog.inbox_item(chat_id, message_id) is not None:
+            if await self.records.inbox_item(chat_id, message_id) is not None:
                 # Edited while it was checked: check the new version too.
                 self._overflow = True
         await self._settle(photo, repost)
@@ -428,12 +428,12 @@ class RepostWatch:
         if attempts >= MAX_ATTEMPTS:
             log.error("%s failed %d times; given up", where, attempts, exc_info=error)
             self.figures.given_up += 1
-            await self.catalog.inbox_drop(photo.chat_id, photo.message_id, payload)
+            await self.records.inbox_drop(photo.chat_id, photo.message_id, payload)
             await self._alert_admins(replies.watch_gave_up(photo.chat_id, photo.message_id, error))
             await self._settle(photo, None)
             return
         log.warning("%s failed (attempt %d), will retry: %s", where, attempts, error)
-        await self.catalog.inbox_failed_attempt(photo.chat_id, photo.message_id)
+        await self.records.inbox_failed_attempt(photo.chat_id, photo.message_id)
         self._overflow = True  # it stays in the inbox; the next refill takes it again
 
     async def check(self, photo: WatchedPhoto, payload: str) -> Repost | None:
@@ -461,7 +461,7 @@ class RepostWatch:
         self.figures.checked += 1
         image = result.image
         first, times_seen = await self._history(photo, image, settings)
-        dismissed = first is not None and await self.catalog.is_dismissed(
+        dismissed = first is not None and await self.records.is_dismissed(
             photo.chat_id, image.id, photo.file_unique_id
         )
         sighting = Sighting(
@@ -474,7 +474,7 @@ class RepostWatch:
             file_unique_id=photo.file_unique_id,
             dismissed=dismissed,
         )
-        recorded = await self.catalog.record_sighting(asdict(sighting), inbox_payload=payload)
+        recorded = await self.records.record_sighting(asdict(sighting), inbox_payload=payload)
         if first is None or dismissed or not recorded:
             return None
         self.figures.reposts += 1
@@ -486,7 +486,7 @@ class RepostWatch:
         """Where the chat first saw ``image`` before this photo, and how often it saw it."""
         others = [
             Sighting.from_row(row)
-            for row in await self.catalog.sightings_of(photo.chat_id, image.id)
+            for row in await self.records.sightings_of(photo.chat_id, image.id)
             if int(row["message_id"]) != photo.message_id
         ]
         earlier = [
@@ -586,7 +586,7 @@ class RepostWatch:
         except TelegramError as error:
             log.warning("could not answer a repost in chat %s: %s", first.chat_id, error)
             return
-        await self.catalog.set_answer(
+        await self.records.set_answer(
             first.chat_id, [r.photo.message_id for r in reposts], answer.message_id
         )
 
@@ -597,47 +597,47 @@ class RepostWatch:
     ) -> list[Sighting]:
         """The sightings an answer is about (its first repost alone, if its id is not stored
         yet); none once they were dismissed or deleted."""
-        rows = await self.catalog.sightings_answered_by(chat_id, answer_message_id)
+        rows = await self.records.sightings_answered_by(chat_id, answer_message_id)
         if not rows:
-            row = await self.catalog.sighting(chat_id, first_message_id)
+            row = await self.records.sighting(chat_id, first_message_id)
             rows = [] if row is None or row["dismissed"] else [row]
         return [Sighting.from_row(row) for row in rows]
 
     async def dismiss(self, sightings: Sequence[Sighting]) -> None:
         """ "Not a repost": these pairs of pictures are never called a repost again."""
         if sightings:
-            await self.catalog.dismiss(
+            await self.records.dismiss(
                 sightings[0].chat_id,
                 [(s.message_id, s.image_id, s.file_unique_id) for s in sightings],
             )
 
     async def forget_deleted(self, chat_id: int, message_ids: Sequence[int]) -> None:
-        await self.catalog.delete_sightings(chat_id, message_ids)
+        await self.records.delete_sightings(chat_id, message_ids)
 
     async def sighting(self, chat_id: int, message_id: int) -> Sighting | None:
-        row = await self.catalog.sighting(chat_id, message_id)
+        row = await self.records.sighting(chat_id, message_id)
         return None if row is None else Sighting.from_row(row)
 
     async def forget(self, sighting: Sighting) -> None:
         """Remove a photo from its chat's history (and the picture, if it was the original)."""
-        image = await self.catalog.get(sighting.image_id)
+        image = await self.service.get(sighting.image_id)
         if image.scope == sighting.chat_id and image.origin_message_id == sighting.message_id:
             await self.service.remove(image.id, scope=sighting.chat_id)  # sightings go with it
         else:
-            await self.catalog.delete_sightings(sighting.chat_id, [sighting.message_id])
+            await self.records.delete_sightings(sighting.chat_id, [sighting.message_id])
 
     async def apply_retention(self) -> int:
         """Forget, in every chat that asked for it, the photos older than its retention.
         Returns how many pictures were removed."""
         removed = 0
-        for row in await self.catalog.chats_with_retention():
+        for row in await self.records.chats_with_retention():
             settings = ChatSettings.from_row(row)
             cutoff = self._clock() - settings.retention_days * _DAY_S
-            for image_id in await self.catalog.chat_images_before(settings.chat_id, cutoff):
+            for image_id in await self.records.chat_images_before(settings.chat_id, cutoff):
                 with contextlib.suppress(NotFoundError):  # removed meanwhile
                     await self.service.remove(image_id, scope=settings.chat_id)
                     removed += 1
-            forgotten = await self.catalog.forget_sightings_before(settings.chat_id, cutoff)
+            forgotten = await self.records.forget_sightings_before(settings.chat_id, cutoff)
             log.info(
                 "retention in chat %s: %d photos and %d sightings older than %d days forgotten",
                 settings.chat_id,

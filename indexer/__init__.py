@@ -18,7 +18,7 @@ for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 from indexer.backfill import ImportReport, import_export  # noqa: E402
 from indexer.build import BuildReport, build_index  # noqa: E402
-from indexer.catalog import GLOBAL_SCOPE, ImageRecord  # noqa: E402
+from indexer.catalog import GLOBAL_SCOPE, ChatRecords, ImageRecord  # noqa: E402
 from indexer.contact_sheet import SheetEntry, render_contact_sheet  # noqa: E402
 from indexer.errors import (  # noqa: E402
     CatalogError,
@@ -50,6 +50,7 @@ __all__ = [
     "AddResult",
     "BuildReport",
     "CatalogError",
+    "ChatRecords",
     "CorruptImageError",
     "CpuPool",
     "EmptyImageError",

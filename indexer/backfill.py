@@ -116,13 +116,13 @@ async def _select(
 ) -> _Plan:
     """The images still to import; the others are counted in ``report``."""
     catalog = service.catalog
-    done = await catalog.sighted_messages(exported.chat_id)
+    done = await catalog.chats.sighted_messages(exported.chat_id)
     failed_before = {
         path: (state.file_size, state.file_mtime_ns)
         for path, state in (await catalog.sources_under(str(exported.folder))).items()
         if state.image_id is None
     }
-    settings = await catalog.chat_settings(exported.chat_id)
+    settings = await catalog.chats.chat_settings(exported.chat_id)
     retention_days = int(settings["retention_days"]) if settings else 0
     # The watch forgets photos older than the chat's retention: importing them would bring
     # back what the chat asked to forget.
@@ -232,7 +232,7 @@ async def _add(
         "answer_message_id": None,
         "dismissed": False,
     }
-    await service.catalog.record_sighting(sighting, inbox_payload=None)
+    await service.chat_records.record_sighting(sighting, inbox_payload=None)
     if str(image.path) in retried:
         await service.catalog.forget_failures([str(image.path)])
     if result.created:

@@ -210,6 +210,7 @@ class Catalog:
         # One connection serves every task: transactions must take turns, or a
         # second BEGIN arrives inside the first one.
         self._write_turn = asyncio.Lock()
+        self.chats = ChatRecords(self)
 
     @classmethod
     async def open(cls, path: Path, *, max_bytes: int | None = None) -> Catalog:
@@ -668,11 +669,31 @@ class Catalog:
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db, self._write_turn)
 
-    # -- chats: watch settings, sightings, dismissed pairs --------------------------------
-    # The repost watch of the bot. A sighting is one chat message showing a picture (an image
-    # row); a chat's first sighting of an image is its original. The inbox holds every watched
-    # photo received and not yet checked, so that a kill loses none. Rows are returned as
-    # dicts keyed by column name; the bot gives them their types.
+
+class ChatRecords:
+    """The bot's records of its chats, kept in the catalog's database beside the images
+    (so that a sighting goes with its image): the repost watch's chat settings, its
+    sightings, dismissed pairs and inbox. Reach it as ``Catalog.chats``.
+
+    A sighting is one chat message showing a picture (an image row); a chat's first
+    sighting of an image is its original. The inbox holds every watched photo received and
+    not yet checked, so that a kill loses none. Rows are returned as dicts keyed by column
+    name; the bot gives them their types.
+    """
+
+    def __init__(self, catalog: Catalog) -> None:
+        # The catalog's one connection and its turns for transactions, shared.
+        self._catalog = catalog
+
+    @property
+    def _db(self) -> aiosqlite.Connection:
+        return self._catalog._db
+
+    def _transaction(self) -> _Transaction:
+        return self._catalog._transaction()
+
+    async def _scalar(self, sql: str, parameters: tuple[Any, ...] = ()) -> int:
+        return await self._catalog._scalar(sql, parameters)
 
     _CHAT_SETTINGS_COLUMNS = (
         "chat_id, watch, reply_style, global_counts, retention_days, add_policy"

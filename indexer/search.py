@@ -20,7 +20,7 @@ from pathlib import Path
 
 from indexer.analysis import Analysis, analyze_bytes
 from indexer.ann import GenerationStore
-from indexer.catalog import GLOBAL_SCOPE, Catalog, ImageRecord, NewImage
+from indexer.catalog import GLOBAL_SCOPE, Catalog, ChatRecords, ImageRecord, NewImage
 from indexer.errors import IndexNotFoundError, NotFoundError
 from indexer.features import LocalFeatures
 from indexer.maintenance import CENTROID_TRAINING_DESCRIPTORS, IndexMaintainer
@@ -353,6 +353,12 @@ class SearchService:
             NotFoundError: there is no such image.
         """
         return await self.catalog.get(image_id)
+
+    @property
+    def chat_records(self) -> ChatRecords:
+        """The bot's records of its chats (the repost watch's), kept in the catalog's database
+        so that they are written and removed together with the images they name."""
+        return self.catalog.chats
 
     async def count(self, *, scope: int | None = None) -> int:
         """Images in the collection, or in one scope."""

@@ -71,7 +71,7 @@ async def idle(application: BotApplication) -> None:
     """Wait until the watch has checked everything it received (and albums are answered)."""
     watch = watch_of(application)
     for _ in range(int(REPLY_DEADLINE_S / 0.05)):
-        if watch.backlog == 0 and await watch.catalog.inbox_count() == 0:
+        if watch.backlog == 0 and await watch.records.inbox_count() == 0:
             await asyncio.sleep(0.5)  # an album's answer waits album_wait_s
             if watch.backlog == 0:
                 return

@@ -275,11 +275,11 @@ async def test_an_import_adds_each_picture_to_the_chat_with_its_message_and_runs
     third = await run_import(group_export, index)
 
     async with opened_service(index) as service:
-        catalog = service.catalog
-        sightings = {m: await catalog.sighting(SUPERGROUP_ID, m) for m in (2, 4, 5, 8, 9, 14)}
-        original = await catalog.get(sightings[2]["image_id"]) if sightings[2] else None
+        records = service.chat_records
+        sightings = {m: await records.sighting(SUPERGROUP_ID, m) for m in (2, 4, 5, 8, 9, 14)}
+        original = await service.get(sightings[2]["image_id"]) if sightings[2] else None
         matches = await service.query(edited_photo("coffee"), scope=SUPERGROUP_ID, top=1)
-        chat_images = await catalog.count(SUPERGROUP_ID)
+        chat_images = await service.count(scope=SUPERGROUP_ID)
 
     assert (first.chat_id, first.messages, first.images) == (SUPERGROUP_ID, 13, 8)
     # 2, 4 and 9 are new (9's sender is gone); 5 is 2 again (an edited forward).
@@ -328,7 +328,7 @@ async def test_a_message_whose_add_was_interrupted_is_completed_by_the_next_run(
     report = await run_import(group_export, index)
 
     async with opened_service(index) as service:
-        sighting = await service.catalog.sighting(SUPERGROUP_ID, 2)
+        sighting = await service.chat_records.sighting(SUPERGROUP_ID, 2)
     assert (report.imported, report.seen_before) == (2, 2)
     assert sighting is not None
     assert sighting["image_id"] == added.image.id
@@ -339,7 +339,7 @@ async def test_an_import_keeps_out_what_the_chat_retention_forgot(
 ) -> None:
     index = tmp_path / "index"
     async with opened_service(index, settings=TEST_SETTINGS, create=True) as service:
-        await service.catalog.save_chat_settings(
+        await service.chat_records.save_chat_settings(
             SUPERGROUP_ID, watch=True, reply_style="reply", global_counts=False,
             retention_days=30, add_policy=None,
         )

@@ -92,14 +92,14 @@ async def test_one_photo_a_second_for_ten_minutes_is_all_checked_with_answers_on
                     first_posts[REPOST_SOURCES[second // REPOST_EVERY]] = message["message_id"]
             deadline = time.monotonic() + 300
             # The inbox lives in SQLite: there is no event to wait on, so poll it.
-            while (watch.backlog or await watch.catalog.inbox_count()) and (  # noqa: ASYNC110
+            while (watch.backlog or await watch.records.inbox_count()) and (  # noqa: ASYNC110
                 time.monotonic() < deadline
             ):
                 await asyncio.sleep(0.1)
             await asyncio.sleep(1.0)
             sightings = {m: await watch.sighting(group.id, m) for m in posted_at}
             figures = watch.figures
-            left_in_inbox = await watch.catalog.inbox_count()
+            left_in_inbox = await watch.records.inbox_count()
 
     answers = {
         message.reply_to_message_id: message.call.received_at
