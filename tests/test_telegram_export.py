@@ -433,8 +433,8 @@ async def test_a_channel_is_imported_into_its_own_scope_with_the_channel_as_post
     report = await run_import(export, tmp_path / "index")
 
     async with opened_service(tmp_path / "index") as service:
-        sighting = await service.catalog.sighting(-1_001_500_000_001, 1)
-        in_channel = await service.catalog.count(-1_001_500_000_001)
+        sighting = await service.chat_records.sighting(-1_001_500_000_001, 1)
+        in_channel = await service.count(scope=-1_001_500_000_001)
     assert (report.chat_id, report.imported) == (-1_001_500_000_001, 1)
     assert in_channel == 1
     assert sighting is not None
