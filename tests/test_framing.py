@@ -25,6 +25,12 @@ from indexer.regions import Region
 from testsupport.edits import compose_collage, compose_page
 
 Gray = npt.NDArray[np.uint8]
+# Small pictures of a few grey levels: flat areas, hard edges, every size down to a pixel.
+FEW_LEVEL_PICTURES = hnp.arrays(
+    np.uint8,
+    st.tuples(st.integers(1, 160), st.integers(1, 160)),
+    elements=st.sampled_from([0, 16, 128, 250, 255]),
+)
 # A frame edge may land a pixel or two off at working size (JPEG ringing, rounding).
 EDGE_TOLERANCE = 0.02
 
@@ -85,13 +91,7 @@ def test_text_lines_on_a_page_are_not_a_photo() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    hnp.arrays(
-        np.uint8,
-        st.tuples(st.integers(1, 160), st.integers(1, 160)),
-        elements=st.sampled_from([0, 16, 128, 250, 255]),
-    )
-)
+@given(FEW_LEVEL_PICTURES)
 def test_any_frame_found_is_a_large_part_inside_the_picture(gray: Gray) -> None:
     frame = find_framed_photo(gray)
     if frame is None:
@@ -229,13 +229,7 @@ def test_text_alone_has_no_embedded_pictures() -> None:
 
 
 @settings(max_examples=60, deadline=None)
-@given(
-    hnp.arrays(
-        np.uint8,
-        st.tuples(st.integers(1, 160), st.integers(1, 160)),
-        elements=st.sampled_from([0, 16, 128, 250, 255]),
-    )
-)
+@given(FEW_LEVEL_PICTURES)
 def test_any_embedded_picture_is_a_bounded_part_of_the_picture(gray: Gray) -> None:
     for region in find_embedded_photos(gray, limit=5):
         assert 0 <= region.left < region.right <= 1
