@@ -7,6 +7,9 @@
 #       -e TELEGRAM_BOT_TOKEN -v imgsearch-data:/data -v "$PWD/photos:/photos:ro" \
 #       -v "$PWD/config.toml:/config/config.toml:ro" imgsearch
 #
+# Dask scheduler and workers for `build --dask` run from the same image built with the dask
+# extra (docker build --build-arg EXTRAS=dask -t imgsearch:dask .): see docs/CLUSTER.md.
+#
 # config.toml must say dir = "/data/index" under [index]. The offline collection's photos are
 # read from /photos (results are sent from there), photos added in chats are kept under
 # /data/index/originals: keep /data on a volume. SIGTERM lets the adds in flight finish first.
@@ -20,12 +23,14 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends g++ \
     && rm -rf /var/lib/apt/lists/*
 
+# Optional extras of pyproject.toml, comma-separated: "dask" (or "s3") for a Dask cluster's image.
+ARG EXTRAS=""
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 RUN python -m venv /opt/venv
 # Dependencies first, so that editing the code does not rebuild them.
 COPY pyproject.toml README.md /src/
 RUN mkdir -p /src/indexer /src/bot && touch /src/indexer/__init__.py /src/bot/__init__.py \
-    && /opt/venv/bin/pip install /src \
+    && /opt/venv/bin/pip install "/src${EXTRAS:+[$EXTRAS]}" \
     && /opt/venv/bin/pip uninstall -y imgsearch
 COPY indexer /src/indexer
 COPY bot /src/bot

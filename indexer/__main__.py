@@ -10,12 +10,14 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from indexer.backfill import ImportReport, import_export
-from indexer.build import BuildReport, build_index
+from indexer.build import BuildReport, DaskOptions, build_index
 from indexer.catalog import GLOBAL_SCOPE
 from indexer.contact_sheet import SheetEntry, render_contact_sheet
 from indexer.errors import IndexerError
@@ -34,6 +36,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if arguments.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    # Dask logs every worker start and stop at INFO, and sets its level from its config when
+    # a --dask build imports it (its workers read the same variable); the report says enough.
+    if not arguments.verbose:
+        os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     try:
         exit_code: int = asyncio.run(arguments.handler(arguments))
     except IndexerError as error:
@@ -54,11 +60,26 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     build = commands.add_parser("build", help="index (or update the index of) a photo folder")
-    build.add_argument("photos", type=Path, help="folder of photos, searched recursively")
+    # Kept as typed: with --dask it may be a URL (s3://bucket/photos), which Path would mangle.
+    build.add_argument(
+        "photos", help="folder of photos, searched recursively (with --dask also s3://... URLs)"
+    )
     build.add_argument("--index", type=Path, required=True, help="index folder")
     build.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     build.add_argument("--retrain", action="store_true", help="retrain the codebook")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    build.add_argument(
+        "--dask",
+        metavar="ADDRESS",
+        help="extract on a Dask cluster: tcp://HOST:8786 (a running scheduler) or local:N "
+        "(N local processes); needs imgsearch[dask], see docs/CLUSTER.md",
+    )
+    build.add_argument(
+        "--dask-send-bytes",
+        action="store_true",
+        help="the Dask workers cannot see the photos: read them here and send them",
+    )
+    build.add_argument("--dask-batch", type=int, help="photos per Dask task (default 4)")
     build.set_defaults(handler=_build)
 
     backfill = commands.add_parser(
@@ -108,12 +129,25 @@ def _parser() -> argparse.ArgumentParser:
 
 
 async def _build(arguments: argparse.Namespace) -> int:
+    dask = None
+    if arguments.dask is not None:
+        if arguments.workers is not None:
+            raise IndexerError("--workers is for a local build: with --dask, the cluster's "
+                               "workers extract (local:N starts N processes)")
+        dask = DaskOptions(arguments.dask, send_bytes=arguments.dask_send_bytes)
+        if arguments.dask_batch is not None:
+            if arguments.dask_batch < 1:
+                raise IndexerError("--dask-batch must be at least 1")
+            dask = replace(dask, batch=arguments.dask_batch)
+    elif arguments.dask_send_bytes or arguments.dask_batch is not None:
+        raise IndexerError("--dask-send-bytes and --dask-batch need --dask")
     report = await build_index(
         arguments.photos,
         arguments.index,
         workers=arguments.workers,
         progress=not arguments.no_progress,
         retrain=arguments.retrain,
+        dask=dask,
     )
     _print_build_report(report)
     return EXIT_PARTIAL if report.failed else EXIT_OK

@@ -112,6 +112,16 @@ def analyze_path(path: Path, settings: EngineSettings, *, for_query: bool = Fals
     return analyze_bytes(data, settings, for_query=for_query)
 
 
+@dataclass(frozen=True, slots=True)
+class ReadFile:
+    """The bytes of one file of a photo folder, with its size and modification time as read."""
+
+    path: str
+    file_size: int
+    file_mtime_ns: int
+    data: bytes
+
+
 def analyze_folder_file(path: str, settings: EngineSettings) -> FileAnalysis:
     """Analyse one file of a photo folder; failures are returned, not raised.
 
@@ -119,13 +129,29 @@ def analyze_folder_file(path: str, settings: EngineSettings) -> FileAnalysis:
     file that changes during the build is extracted again on the next run, and
     one that failed is not retried until it changes.
     """
+    read = read_folder_file(path, settings.max_file_bytes)
+    if isinstance(read, FileAnalysis):
+        return read
+    return analyze_read_file(read, settings)
+
+
+def read_folder_file(path: str, max_bytes: int) -> ReadFile | FileAnalysis:
+    """The bytes of one file of a photo folder, or the failure to read them."""
     try:
         status = Path(path).stat()
     except OSError as error:
         return FileAnalysis(path, 0, 0, None, f"cannot read: {error.strerror or error}")
     try:
-        data, status = read_image_file(Path(path), settings.max_file_bytes)
-        analysis = analyze_bytes(data, settings)
+        data, status = read_image_file(Path(path), max_bytes)
     except IndexerError as error:
         return FileAnalysis(path, status.st_size, status.st_mtime_ns, None, str(error))
-    return FileAnalysis(path, status.st_size, status.st_mtime_ns, analysis, None)
+    return ReadFile(path, status.st_size, status.st_mtime_ns, data)
+
+
+def analyze_read_file(read: ReadFile, settings: EngineSettings) -> FileAnalysis:
+    """Analyse the bytes read from one file of a photo folder; failures are returned."""
+    try:
+        analysis = analyze_bytes(read.data, settings)
+    except IndexerError as error:
+        return FileAnalysis(read.path, read.file_size, read.file_mtime_ns, None, str(error))
+    return FileAnalysis(read.path, read.file_size, read.file_mtime_ns, analysis, None)

@@ -1,8 +1,10 @@
 """The offline pipeline: scan a folder, extract what is new, catalog it, index it.
 
-Extraction runs in a process pool with a bounded number of files in flight;
-results are committed to the catalog in small batches, so Ctrl-C or a crash
-loses at most one batch, and a rerun only extracts what is not yet there.
+Extraction runs in a process pool, or on the workers of a Dask cluster
+(:mod:`indexer.distributed`), with a bounded number of files in flight; results
+are committed to the catalog here, by this one process, in small batches, so
+Ctrl-C or a crash loses at most one batch, and a rerun only extracts what is not
+yet there. Vocabulary and codebook training and index building run here too.
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from indexer.analysis import FileAnalysis, analyze_folder_file
 from indexer.catalog import GLOBAL_SCOPE, Catalog, NewImage, RemovedSource
-from indexer.errors import SourceError
+from indexer.errors import IndexerError, SourceError
 from indexer.progress import progress_bar
 from indexer.search import SearchService
 from indexer.settings import EngineSettings
@@ -72,47 +75,60 @@ class BuildReport:
 
 
 @dataclass(frozen=True, slots=True)
-class _Found:
+class FoundFile:
+    """A photo file the scan found, with the size and modification time it had."""
+
     path: str
     size: int
     mtime_ns: int
 
 
+@dataclass(frozen=True, slots=True)
+class DaskOptions:
+    """Extraction on a Dask cluster instead of local processes (docs/CLUSTER.md)."""
+
+    # "tcp://host:8786" (a running scheduler) or "local:N" (a LocalCluster of N processes).
+    address: str
+    # The workers do not see the client's files: the client reads each photo and sends it.
+    send_bytes: bool = False
+    # Photos per task: one task costs the scheduler a few milliseconds, a photo ~0.1 s.
+    batch: int = 4
+
+
 async def build_index(
-    photos_dir: Path,
+    photos_dir: Path | str,
     index_dir: Path,
     *,
     workers: int | None = None,
     progress: bool = True,
     settings: EngineSettings | None = None,
     retrain: bool = False,
+    dask: DaskOptions | None = None,
 ) -> BuildReport:
-    """Bring the index in ``index_dir`` up to date with the photos under ``photos_dir``.
+    """Bring the index in ``index_dir`` up to date with the photos under ``photos_dir``:
+    a folder, or with ``dask`` also an fsspec URL such as ``s3://bucket/photos``.
 
     Raises:
         SourceError: ``photos_dir`` is not a readable folder.
+        ClusterError: the Dask cluster cannot be reached or cannot do the work.
     """
     started = time.perf_counter()
-    # Normalised, not resolved: stored paths must not hold "..", but symlinked
-    # photo folders keep the names the user gave them.
-    root = Path(os.path.normpath(photos_dir.absolute()))
-    if not root.is_dir():
-        raise SourceError(f"{photos_dir} is not a folder")
     report = BuildReport()
     errors: list[tuple[str, str]] = []
-    found = {f.path: f for f in _scan(root, errors)}
-    report.failed.extend(errors)
-    report.scanned = len(found)
-
-    async with offline_service(index_dir, workers=workers, settings=settings) as service:
-        known = await service.catalog.sources_under(str(root))
+    source = _extraction_of(
+        photos_dir, index_dir, errors, workers=workers, settings=settings, dask=dask
+    )
+    async with source as (root, found, extract, service):
+        report.failed.extend(errors)
+        report.scanned = len(found)
+        known = await service.catalog.sources_under(root)
         vanished = [state for path, state in known.items() if path not in found]
         removed_ids = [s.image_id for s in vanished if s.image_id is not None]
         if removed_ids:
             await service.catalog.delete_images(removed_ids)
         await service.catalog.forget_failures(p for p in known if p not in found)
         report.removed = len(removed_ids)
-        held = await service.catalog.removed_under(str(root))
+        held = await service.catalog.removed_under(root)
         todo = []
         for path, item in found.items():
             if path in held and await _still_removed(service.catalog, item, held[path]):
@@ -127,7 +143,7 @@ async def build_index(
                 continue
             todo.append((item, state is not None and state.image_id is not None))
         with report.timing("extraction"):
-            await _extract_all(service, todo, report, progress=progress)
+            await _extract_all(service, extract, todo, report, progress=progress)
         if todo or removed_ids or retrain or service.generation_name is None:
             with report.timing("rebuild"):
                 report.generation = await service.rebuild(retrain=retrain)
@@ -155,7 +171,82 @@ async def offline_service(
         pool.shutdown(cancel_pending=True)
 
 
-async def _still_removed(catalog: Catalog, item: _Found, removed: RemovedSource) -> bool:
+class Extraction(Protocol):
+    """Analyses files somewhere, yielding each outcome as it arrives (in any order), with
+    a bounded number of files in flight; closing the generator cancels what is left."""
+
+    def __call__(
+        self, files: Sequence[FoundFile], settings: EngineSettings
+    ) -> AsyncGenerator[FileAnalysis, None]: ...
+
+
+@contextlib.asynccontextmanager
+async def _extraction_of(
+    photos_dir: Path | str,
+    index_dir: Path,
+    errors: list[tuple[str, str]],
+    *,
+    workers: int | None,
+    settings: EngineSettings | None,
+    dask: DaskOptions | None,
+) -> AsyncIterator[tuple[str, dict[str, FoundFile], Extraction, SearchService]]:
+    """The photos to build from (the root the catalog knows them by, and the files by path),
+    where they are analysed (local processes, or with ``dask`` a Dask cluster: see
+    :mod:`indexer.distributed`), and the opened index."""
+    if dask is None:
+        root, files = scan_folder(photos_dir, errors)
+        async with offline_service(index_dir, workers=workers, settings=settings) as service:
+            yield root, {f.path: f for f in files}, _pool_extraction(service.pool), service
+        return
+    try:
+        # Imported here only: the engine runs without the optional extra.
+        from indexer import distributed
+    except ImportError as error:
+        raise IndexerError(
+            f"--dask needs the dask extra ({error.name} is missing): "
+            "pip install 'imgsearch[dask]'"
+        ) from error
+    root, files = await distributed.scan(photos_dir, errors)
+    async with distributed.connect(dask, root) as session:
+        # Nothing CPU-heavy runs here but training, which runs in threads.
+        service = await SearchService.open(
+            index_dir, settings=settings, pool=CpuPool.inline(), create=True
+        )
+        try:
+            yield root, {f.path: f for f in files}, session.extract, service
+        finally:
+            await service.close()
+
+
+def _pool_extraction(pool: CpuPool) -> Extraction:
+    async def extract(
+        files: Sequence[FoundFile], settings: EngineSettings
+    ) -> AsyncGenerator[FileAnalysis, None]:
+        pending: set[asyncio.Future[FileAnalysis]] = set()
+        queue = iter(files)
+        in_flight = max(2, pool.workers * 4)
+        try:
+            while True:
+                while len(pending) < in_flight:
+                    item = next(queue, None)
+                    if item is None:
+                        break
+                    pending.add(
+                        asyncio.ensure_future(pool.run(analyze_folder_file, item.path, settings))
+                    )
+                if not pending:
+                    return
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                for future in done:
+                    yield future.result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+    return extract
+
+
+async def _still_removed(catalog: Catalog, item: FoundFile, removed: RemovedSource) -> bool:
     """Whether a file whose image was removed on purpose is still the same file.
 
     The same size and time say so at once; otherwise its content decides (a copy
@@ -186,42 +277,27 @@ def _file_sha256(path: str) -> str:
 
 async def _extract_all(
     service: SearchService,
-    todo: list[tuple[_Found, bool]],
+    extract: Extraction,
+    todo: list[tuple[FoundFile, bool]],
     report: BuildReport,
     *,
     progress: bool,
 ) -> None:
-    settings, pool = service.settings, service.pool
     replacing = {item.path for item, was_indexed in todo if was_indexed}
-    pending: set[asyncio.Future[FileAnalysis]] = set()
     batch: list[FileAnalysis] = []
-    queue = iter(todo)
-    in_flight = max(2, pool.workers * 4)
     bar = progress_bar(len(todo), enabled=progress)
     try:
-        while True:
-            while len(pending) < in_flight:
-                next_item = next(queue, None)
-                if next_item is None:
-                    break
-                pending.add(
-                    asyncio.ensure_future(
-                        pool.run(analyze_folder_file, next_item[0].path, settings)
-                    )
-                )
-            if not pending:
-                break
-            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for future in done:
-                batch.append(future.result())
+        async with contextlib.aclosing(
+            extract([item for item, _ in todo], service.settings)
+        ) as results:
+            async for result in results:
+                batch.append(result)
                 bar.update(1)
-            if len(batch) >= COMMIT_EVERY:
-                await _commit(service, batch, replacing, report)
-                batch = []
+                if len(batch) >= COMMIT_EVERY:
+                    await _commit(service, batch, replacing, report)
+                    batch = []
         await _commit(service, batch, replacing, report)
     finally:
-        for future in pending:
-            future.cancel()
         bar.close()
 
 
@@ -271,7 +347,30 @@ async def _commit_batch(
     report.added += sum(1 for image in images if image.path not in replacing)
 
 
-def _scan(root: Path, errors: list[tuple[str, str]]) -> Iterator[_Found]:
+def scan_folder(
+    photos_dir: Path | str, errors: list[tuple[str, str]]
+) -> tuple[str, list[FoundFile]]:
+    """The folder's normalised path and the image files under it.
+
+    Raises:
+        SourceError: not a folder, or a URL (which only a Dask build reads).
+    """
+    if isinstance(photos_dir, str) and "://" in photos_dir:
+        raise SourceError(f"{photos_dir} is a URL: only a build with --dask reads those")
+    # Normalised, not resolved: stored paths must not hold "..", but symlinked
+    # photo folders keep the names the user gave them.
+    root = Path(os.path.normpath(Path(photos_dir).absolute()))
+    if not root.is_dir():
+        raise SourceError(f"{photos_dir} is not a folder")
+    return str(root), list(scan(root, errors))
+
+
+def is_image_name(name: str) -> bool:
+    """Whether a build looks at a file of this name (by its suffix)."""
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+def scan(root: Path, errors: list[tuple[str, str]]) -> Iterator[FoundFile]:
     """Image files under ``root``. Symlinked folders are not followed (loops);
     symlinked files are, and a broken link is reported."""
 
@@ -281,7 +380,7 @@ def _scan(root: Path, errors: list[tuple[str, str]]) -> Iterator[_Found]:
     for folder, subfolders, files in os.walk(root, onerror=on_error, followlinks=False):
         subfolders.sort()
         for name in sorted(files):
-            if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+            if not is_image_name(name):
                 continue
             path = os.path.join(folder, name)  # noqa: PTH118 - os.walk hands out strings
             try:
@@ -289,4 +388,4 @@ def _scan(root: Path, errors: list[tuple[str, str]]) -> Iterator[_Found]:
             except OSError as error:
                 errors.append((path, f"cannot read: {error.strerror}"))
                 continue
-            yield _Found(path, status.st_size, status.st_mtime_ns)
+            yield FoundFile(path, status.st_size, status.st_mtime_ns)

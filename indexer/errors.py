@@ -21,8 +21,9 @@ logs (paths, sizes), which users never see.
     ├── CatalogError               the SQLite catalog failed
     │   └── StorageFullError       the disk is full (ENOSPC)
     ├── NotFoundError              no such image (or not visible from this scope)
-    └── SourceError                a photo folder or file cannot be read
-        └── ExportError            not a Telegram Desktop export, or a malformed one
+    ├── SourceError                a photo folder or file cannot be read
+    │   └── ExportError            not a Telegram Desktop export, or a malformed one
+    └── ClusterError               a Dask build's cluster cannot be reached or cannot do the work
 """
 
 from __future__ import annotations
@@ -102,3 +103,7 @@ class SourceError(IndexerError):
 
 class ExportError(SourceError):
     user_message = "The folder is not a Telegram Desktop chat export (JSON) that can be read."
+
+
+class ClusterError(IndexerError):
+    user_message = "The Dask cluster could not be reached or could not do the work."
