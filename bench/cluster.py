@@ -334,26 +334,31 @@ def _run_training(index: Path) -> dict[str, Any]:
 
 
 def print_report(result: dict[str, Any]) -> None:
-    rows = [
-        [label, f"{s['photos_per_s']:.2f}", f"{s['extract_s']:.1f}", f"{s['extract_ratio']:.3f}",
-         f"{s['build_s']:.1f}", f"{s['build_ratio']:.3f}", f"{s['cpu_s']:.1f}",
-         f"{s['cpu_ratio']:.3f}"]
-        for label, s in result["throughput"]["summary"].items()
-    ]  # fmt: skip
-    print(markdown_table(
-        ["mode", "photos/s", "extraction s", "vs local", "whole build s", "vs local",
-         "CPU s", "vs local"], rows
-    ))  # fmt: skip
+    if "throughput" in result:
+        print_throughput(result["throughput"]["summary"])
     if "writer" in result:
         w = result["writer"]
         print(f"writer: {w['images_per_s']:.0f} images/s ({w['images']} images, "
               f"{w['batch']} a transaction), {w['catalog_bytes'] / 2**20:.0f} MiB catalog; "
-              f"feeds {result['workers_fed']:.0f} worker processes; unpickling "
+              f"feeds {result.get('workers_fed', 0):.0f} worker processes; unpickling "
               f"{w['unpickled_images_per_s']:.0f} images/s")
     if "training" in result:
         for name, phase in result["training"]["phases"].items():
             print(f"training {name}: {phase['seconds']:.1f} s, "
                   f"peak RSS {phase['peak_rss_mb']:.0f} MiB")
+
+
+def print_throughput(summary: dict[str, Any]) -> None:
+    rows = [
+        [label, f"{s['photos_per_s']:.2f}", f"{s['extract_s']:.1f}", f"{s['extract_ratio']:.3f}",
+         f"{s['build_s']:.1f}", f"{s['build_ratio']:.3f}", f"{s['cpu_s']:.1f}",
+         f"{s['cpu_ratio']:.3f}"]
+        for label, s in summary.items()
+    ]  # fmt: skip
+    print(markdown_table(
+        ["mode", "photos/s", "extraction s", "vs local", "whole build s", "vs local",
+         "CPU s", "vs local"], rows
+    ))  # fmt: skip
 
 
 async def run(arguments: argparse.Namespace) -> dict[str, Any]:
@@ -365,13 +370,19 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-cluster-") as scratch_name:
         scratch = Path(scratch_name)
         folder = linked_photos(photos, scratch / "photos")
-        print(f"throughput on {len(photos)} photos, {arguments.repeats} repeats", flush=True)
-        result["throughput"] = await throughput(folder, len(photos), arguments.repeats, scratch)
+        if arguments.repeats:
+            print(f"throughput on {len(photos)} photos, {arguments.repeats} repeats", flush=True)
+            result["throughput"] = await throughput(
+                folder, len(photos), arguments.repeats, scratch
+            )
         if arguments.writer_images:
             pool = descriptor_pool(photos[: arguments.pool_photos], EngineSettings())
             result["writer"] = await writer(scratch / "writer", pool, arguments.writer_images)
-            one_worker = result["throughput"]["summary"]["Dask local:1, batch 4"]
-            result["workers_fed"] = result["writer"]["images_per_s"] / one_worker["photos_per_s"]
+            if "throughput" in result:
+                one_worker = result["throughput"]["summary"]["Dask local:1, batch 4"]
+                result["workers_fed"] = (
+                    result["writer"]["images_per_s"] / one_worker["photos_per_s"]
+                )
             print(f"writer: {result['writer']['images_per_s']:.0f} images/s", flush=True)
             if arguments.training:
                 result["training"] = training_in_a_new_process(scratch / "writer")
@@ -382,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--photos", type=Path, required=True)
     parser.add_argument("--count", type=int, default=300, help="photos per build")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="0: skip the throughput part")
     parser.add_argument("--writer-images", type=int, default=20_000,
                         help="images written by the writer part (0: skip it and training)")
     parser.add_argument("--pool-photos", type=int, default=100,
