@@ -47,9 +47,8 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import psutil
@@ -124,7 +123,31 @@ async def throughput(photos: Path, count: int, repeats: int, scratch: Path) -> d
     return {"count": count, "repeats": repeats, "runs": runs, "summary": summary}
 
 
-class TreeCpu:
+class PeriodicSampler:
+    """Calls :meth:`sample` every ``interval`` seconds on a thread while the block runs."""
+
+    interval = 0.1
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self._stop = threading.Event()
+
+        def run() -> None:
+            while not self._stop.wait(self.interval):
+                self.sample()
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class TreeCpu(PeriodicSampler):
     """CPU seconds (user + system) used by this process and every process it starts while
     the block runs: unlike wall time, barely changed by other work on a shared machine.
     Descendants are sampled every 0.1 s, so a process's last tenth of a second is missed."""
@@ -132,10 +155,9 @@ class TreeCpu:
     def __init__(self) -> None:
         self._me = psutil.Process()
         self._last: dict[int, float] = {}
-        self._stop = threading.Event()
         self.seconds = 0.0
 
-    def _sample(self) -> None:
+    def sample(self) -> None:
         for child in self._me.children(recursive=True):
             try:
                 times = child.cpu_times()
@@ -147,23 +169,15 @@ class TreeCpu:
         times = self._me.cpu_times()
         return times.user + times.system
 
-    def __enter__(self) -> TreeCpu:
+    def __enter__(self) -> Self:
         self._before = self._own()
-        self._sample()
+        self.sample()
         self._before_children = dict(self._last)
-
-        def run() -> None:
-            while not self._stop.wait(0.1):
-                self._sample()
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-        return self
+        return super().__enter__()
 
     def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
+        super().__exit__()
+        self.sample()
         children = sum(
             seconds - self._before_children.get(pid, 0.0) for pid, seconds in self._last.items()
         )
@@ -231,27 +245,17 @@ async def writer(index: Path, pool: LocalFeatures, images: int) -> dict[str, Any
     }
 
 
-@dataclass
-class MemorySampler:
+class MemorySampler(PeriodicSampler):
     """Resident memory of this process every 20 ms, with the time of each sample."""
 
-    samples: list[tuple[float, int]] = field(default_factory=list)
-    _stop: threading.Event = field(default_factory=threading.Event)
+    interval = 0.02
 
-    def __enter__(self) -> MemorySampler:
-        process = psutil.Process()
+    def __init__(self) -> None:
+        self._process = psutil.Process()
+        self.samples: list[tuple[float, int]] = []
 
-        def run() -> None:
-            while not self._stop.wait(0.02):
-                self.samples.append((time.monotonic(), process.memory_info().rss))
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    def sample(self) -> None:
+        self.samples.append((time.monotonic(), self._process.memory_info().rss))
 
     def peak(self, start: float, end: float) -> int:
         return max((rss for t, rss in self.samples if start <= t <= end), default=0)
