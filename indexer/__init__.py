@@ -39,7 +39,8 @@ from indexer.errors import (  # noqa: E402
     StorageFullError,
     UnsupportedFormatError,
 )
-from indexer.images import Picture, decode_rgb, encode_jpeg, open_picture  # noqa: E402
+from indexer.images import Picture, decode_rgb, open_picture  # noqa: E402
+from indexer.pictures import encode_jpeg  # noqa: E402
 from indexer.search import AddResult, IndexStats, Match, SearchService, StageTimings  # noqa: E402
 from indexer.settings import EngineSettings  # noqa: E402
 from indexer.telegram_ids import message_link  # noqa: E402

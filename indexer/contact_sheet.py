@@ -3,12 +3,11 @@
 The CLI writes one with ``python -m indexer query --sheet``, to look at what a
 search found. The pixels come from :mod:`indexer.images` (the one decoder of
 untrusted files); this module only lays them out and draws frames and labels,
-which is all it uses Pillow for.
+on a :class:`~indexer.pictures.Canvas`.
 """
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,10 +15,12 @@ from functools import cache
 from pathlib import Path
 from typing import Final, Literal
 
-from PIL import Image, ImageDraw, ImageFont
+import numpy as np
+import numpy.typing as npt
 
 from indexer.errors import IndexerError
 from indexer.images import MIN_DESCRIBABLE_SIDE, decode_rgb, open_picture
+from indexer.pictures import Canvas, Font
 
 __all__ = ["SheetEntry", "render_contact_sheet"]
 
@@ -34,11 +35,12 @@ _SHEET_QUERY_FRAME: Final = (40, 90, 200)
 _SHEET_PLACEHOLDER: Final = (200, 200, 200)
 _SHEET_QUERY_LABEL: Final = "query"
 _SHEET_UNAVAILABLE_LABEL: Final = "(image unavailable)"
-# DejaVu covers Cyrillic, Greek and most accented Latin file names; Pillow's
+# DejaVu covers Cyrillic, Greek and most accented Latin file names; the
 # built-in fallback font only covers ASCII.
 _SHEET_FONT_FILE: Final = "DejaVuSans.ttf"
 
 _CellKind = Literal["query", "highlighted", "plain"]
+_Thumbnail = npt.NDArray[np.uint8]
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,12 +70,12 @@ def render_contact_sheet(
         raise ValueError(f"thumb_side must be at least {4 * MIN_DESCRIBABLE_SIDE}")
     font = _sheet_font(max(11, thumb_side // 18))
     line_height = _line_height(font)
-    cells: list[tuple[Image.Image | None, str, _CellKind]] = [
+    cells: list[tuple[_Thumbnail | None, str, _CellKind]] = [
         (_thumbnail(query, thumb_side), _SHEET_QUERY_LABEL, "query")
     ]
     for entry in results:
         try:
-            thumbnail: Image.Image | None = _thumbnail(entry.image, thumb_side)
+            thumbnail: _Thumbnail | None = _thumbnail(entry.image, thumb_side)
         except IndexerError:
             thumbnail = None
         cells.append((thumbnail, entry.label, "highlighted" if entry.highlighted else "plain"))
@@ -82,72 +84,65 @@ def render_contact_sheet(
     rows = math.ceil(len(cells) / columns)
     cell_width = thumb_side + _SHEET_PADDING
     cell_height = thumb_side + _SHEET_PADDING + _SHEET_LABEL_LINES * line_height
-    sheet = Image.new(
-        "RGB",
+    sheet = Canvas(
         (columns * cell_width + _SHEET_PADDING, rows * cell_height + _SHEET_PADDING),
         _SHEET_BACKGROUND,
     )
-    draw = ImageDraw.Draw(sheet)
     for index, (thumbnail, label, kind) in enumerate(cells):
         left = _SHEET_PADDING + (index % columns) * cell_width
         top = _SHEET_PADDING + (index // columns) * cell_height
-        _draw_cell(draw, sheet, origin=(left, top), side=thumb_side, thumbnail=thumbnail, kind=kind)
+        _draw_cell(sheet, origin=(left, top), side=thumb_side, thumbnail=thumbnail, kind=kind)
         lines = label.splitlines()
         if thumbnail is None:
             lines = [*lines[: _SHEET_LABEL_LINES - 1], _SHEET_UNAVAILABLE_LABEL]
         for number, line in enumerate(lines[:_SHEET_LABEL_LINES]):
             text = _fit_text(_printable(line), font, thumb_side)
-            draw.text(
+            sheet.text(
                 (left, top + thumb_side + 4 + number * line_height),
                 text,
                 font=font,
                 fill=_SHEET_TEXT,
             )
-    output = io.BytesIO()
-    sheet.save(output, "PNG")
-    return output.getvalue()
+    return sheet.png()
 
 
-def _thumbnail(source: Path | bytes, side: int) -> Image.Image:
-    """Upright RGB picture fitting in side x side (never enlarged)."""
-    return Image.fromarray(decode_rgb(open_picture(source), max_side=side))
+def _thumbnail(source: Path | bytes, side: int) -> _Thumbnail:
+    """Upright RGB pixels fitting in side x side (never enlarged)."""
+    return decode_rgb(open_picture(source), max_side=side)
 
 
 def _draw_cell(
-    draw: ImageDraw.ImageDraw,
-    sheet: Image.Image,
+    sheet: Canvas,
     *,
     origin: tuple[int, int],
     side: int,
-    thumbnail: Image.Image | None,
+    thumbnail: _Thumbnail | None,
     kind: _CellKind,
 ) -> None:
     left, top = origin
     if thumbnail is None:
-        draw.rectangle((left, top, left + side - 1, top + side - 1), fill=_SHEET_PLACEHOLDER)
+        sheet.rectangle((left, top, left + side - 1, top + side - 1), fill=_SHEET_PLACEHOLDER)
     else:
-        sheet.paste(
-            thumbnail,
-            (left + (side - thumbnail.width) // 2, top + (side - thumbnail.height) // 2),
-        )
+        height, width = thumbnail.shape[:2]
+        sheet.paste(thumbnail, (left + (side - width) // 2, top + (side - height) // 2))
     if kind == "plain":
         return
     inset = _SHEET_FRAME_WIDTH // 2
-    draw.rectangle(
+    sheet.rectangle(
         (left - inset, top - inset, left + side - 1 + inset, top + side - 1 + inset),
         outline=_SHEET_QUERY_FRAME if kind == "query" else _SHEET_HIGHLIGHT,
         width=_SHEET_FRAME_WIDTH,
     )
     if kind == "highlighted":
-        _draw_tick(draw, (left + side - 1, top), max(16, side // 8))
+        _draw_tick(sheet, (left + side - 1, top), max(16, side // 8))
 
 
-def _draw_tick(draw: ImageDraw.ImageDraw, corner: tuple[int, int], size: int) -> None:
+def _draw_tick(sheet: Canvas, corner: tuple[int, int], size: int) -> None:
     # Drawn, not typed: the fallback font has no tick glyph.
     right, top = corner
     left = right - size
-    draw.ellipse((left, top, right, top + size), fill=_SHEET_HIGHLIGHT)
-    draw.line(
+    sheet.ellipse((left, top, right, top + size), fill=_SHEET_HIGHLIGHT)
+    sheet.line(
         [
             (left + size * 0.25, top + size * 0.52),
             (left + size * 0.43, top + size * 0.70),
@@ -158,19 +153,13 @@ def _draw_tick(draw: ImageDraw.ImageDraw, corner: tuple[int, int], size: int) ->
     )
 
 
-_Font = ImageFont.FreeTypeFont | ImageFont.ImageFont
-
-
 @cache
-def _sheet_font(size: int) -> _Font:
-    try:
-        return ImageFont.truetype(_SHEET_FONT_FILE, size)
-    except OSError:
-        return ImageFont.load_default(size)
+def _sheet_font(size: int) -> Font:
+    return Font.named(_SHEET_FONT_FILE, size)
 
 
-def _line_height(font: _Font) -> int:
-    _, top, _, bottom = font.getbbox("Hgjy")
+def _line_height(font: Font) -> int:
+    _, top, _, bottom = font.bounding_box("Hgjy")
     return int(bottom - top) + 4
 
 
@@ -180,14 +169,14 @@ def _printable(text: str) -> str:
     return "".join(character if character.isprintable() else "?" for character in text)
 
 
-def _fit_text(text: str, font: _Font, width: int) -> str:
-    if font.getlength(text) <= width:
+def _fit_text(text: str, font: Font, width: int) -> str:
+    if font.length(text) <= width:
         return text
     ellipsis = "..."
     low, high = 0, len(text)
     while low < high:
         middle = (low + high + 1) // 2
-        if font.getlength(text[:middle] + ellipsis) <= width:
+        if font.length(text[:middle] + ellipsis) <= width:
             low = middle
         else:
             high = middle - 1

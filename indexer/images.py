@@ -1,19 +1,19 @@
 """Decoding whatever people send: bytes in, pixels out.
 
-This is the only module of the engine that decodes with Pillow.  Everything that
-turns bytes into pixels goes through here, so the policy for hostile and odd
-input lives in one place:
+Everything that turns bytes into pixels goes through here, so the policy for
+hostile and odd input lives in one place (the Pillow calls themselves are in
+:mod:`indexer.pictures`):
 
-* the format is sniffed from magic bytes and Pillow may only use that one
+* the format is sniffed from magic bytes and the decoder may only use that one
   plugin (no surprise EPS/Ghostscript, no guessing from file names);
 * size limits are checked before decoding: bytes from the file size, pixels
   from the header, so a decompression bomb is refused without allocating;
-* every exception Pillow raises on junk is turned into an
+* every exception the decoder raises on junk is turned into an
   :class:`~indexer.errors.ImageError` subclass, so callers handle one tree.
 
 Two kinds of pixels come out: the grayscale working image the features are
 extracted from, and upright RGB pictures for what is shown to people (the
-bot's uploads, the contact sheet), with :func:`encode_jpeg` as the way back.
+bot's uploads, the contact sheet).
 
 The public functions have no side effects beyond reading the given file, and
 are safe to call from worker processes and from threads.
@@ -21,12 +21,9 @@ are safe to call from worker processes and from threads.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import stat
-import threading
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,17 +32,16 @@ from typing import Final, Literal
 
 import numpy as np
 import numpy.typing as npt
-from PIL import ExifTags, Image, ImageFile
 
 from indexer.errors import (
     CorruptImageError,
     EmptyImageError,
     ImageTooLargeError,
     ImageTooSmallError,
-    IndexerError,
     SourceError,
     UnsupportedFormatError,
 )
+from indexer.pictures import Raster, Resampling, Transpose, open_encoded, pillow_errors
 from indexer.regions import Region
 
 __all__ = [
@@ -57,7 +53,6 @@ __all__ = [
     "Picture",
     "WorkingImage",
     "decode_rgb",
-    "encode_jpeg",
     "image_format",
     "load_working_image",
     "open_picture",
@@ -77,15 +72,6 @@ NEUTRAL_BACKGROUND: Final = 128
 
 SUPPORTED_FORMATS: Final = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
 
-# Pillow reports damaged EXIF/TIFF tags, malformed MPO indexes, bad APNG
-# chunks and (between 1x and 2x its own limit) large pixel counts as warnings
-# while reading headers, and carries on.  Whether such a warning then became an
-# exception would depend on the process's warning filters (the test suite makes
-# them errors), so header and metadata reads run with warnings silenced and the
-# checks that matter are made here.  catch_warnings swaps process-wide state,
-# hence the lock; pixel decoding never runs under it.
-_PILLOW_WARNINGS_LOCK: Final = threading.Lock()
-
 # Pillow's "thumbnail" default: JPEG DCT scaling may reduce to at least twice
 # the target, which keeps the final resample close to a full decode.
 _DRAFT_REDUCING_GAP: Final = 2
@@ -98,14 +84,14 @@ _EIGHT_BIT_MODES: Final = frozenset(
 
 # EXIF orientation -> the transpose that shows the picture upright
 # (EXIF 2.32, tag 0x0112).
-_UPRIGHT_TRANSPOSE: Final = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
+_UPRIGHT_TRANSPOSE: Final[dict[int, Transpose]] = {
+    2: "flip_left_right",
+    3: "rotate_180",
+    4: "flip_top_bottom",
+    5: "transpose",
+    6: "rotate_270",
+    7: "transverse",
+    8: "rotate_90",
 }
 _SIDEWAYS_ORIENTATIONS: Final = frozenset({5, 6, 7, 8})
 
@@ -228,7 +214,7 @@ def load_working_image(
         raise ValueError(f"{crop} is not a part of the picture")
     data = _read_source(source, max_bytes)
     picture_format = image_format(data)
-    with _decoding_errors(picture_format), _opened(data, picture_format, max_pixels) as picture:
+    with pillow_errors(picture_format), _opened(data, picture_format, max_pixels) as picture:
         stored_width, stored_height = picture.size
         if crop is None:
             size = _working_size(stored_width, stored_height, working_side, min_side)
@@ -238,7 +224,7 @@ def load_working_image(
     if orientation in _SIDEWAYS_ORIENTATIONS:
         stored_width, stored_height = stored_height, stored_width
     return WorkingImage(
-        gray=np.array(gray, dtype=np.uint8, order="C"),
+        gray=np.array(gray.to_array(), dtype=np.uint8, order="C"),
         width=stored_width,
         height=stored_height,
         format=picture_format,
@@ -284,7 +270,7 @@ def open_picture(source: bytes | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS) 
     """
     data = _read_source(source, DEFAULT_MAX_BYTES)
     picture_format = image_format(data)
-    with _decoding_errors(picture_format), _opened(data, picture_format, max_pixels) as picture:
+    with pillow_errors(picture_format), _opened(data, picture_format, max_pixels) as picture:
         width, height = picture.size
     return Picture(data=data, format=picture_format, width=width, height=height)
 
@@ -303,18 +289,11 @@ def decode_rgb(picture: Picture, *, max_side: int | None = None) -> npt.NDArray[
         max(1, math.floor(picture.height * scale)),
     )
     with (
-        _decoding_errors(picture.format),
+        pillow_errors(picture.format),
         _opened(picture.data, picture.format, DEFAULT_MAX_PIXELS) as opened,
     ):
         rgb, _ = _render(opened, size, "RGB")
-        return np.array(rgb, dtype=np.uint8, order="C")
-
-
-def encode_jpeg(rgb: npt.NDArray[np.uint8], *, quality: int) -> bytes:
-    """``rgb`` (height x width x 3) as JPEG bytes."""
-    output = io.BytesIO()
-    Image.fromarray(rgb).save(output, "JPEG", quality=quality, optimize=True)
-    return output.getvalue()
+        return np.array(rgb.to_array(), dtype=np.uint8, order="C")
 
 
 # --- reading and sniffing -------------------------------------------------
@@ -364,37 +343,9 @@ def _describe_unsupported(data: bytes) -> str:
 
 
 @contextmanager
-def _decoding_errors(picture_format: str) -> Iterator[None]:
-    """Translate whatever Pillow raises on hostile input into the error tree."""
-    try:
-        yield
-    except IndexerError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning, MemoryError) as error:
-        raise ImageTooLargeError(f"The {picture_format} image is too large: {error}") from error
-    # Pillow's plugins raise OSError, ValueError, SyntaxError, struct.error,
-    # EOFError, IndexError, KeyError, TypeError, ZeroDivisionError and more on
-    # malformed data, and the set changes between releases.  This handler only
-    # wraps Pillow calls, so anything else it sees is the file's fault.
-    except Exception as error:
-        raise CorruptImageError(
-            f"The {picture_format} data is damaged: {type(error).__name__}: {error}"
-        ) from error
-
-
-@contextmanager
-def _silenced_pillow_warnings() -> Iterator[None]:
-    with _PILLOW_WARNINGS_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-@contextmanager
-def _opened(data: bytes, picture_format: str, max_pixels: int) -> Iterator[ImageFile.ImageFile]:
-    """Open the header only (Pillow decodes lazily) and enforce the pixel budget."""
-    with _silenced_pillow_warnings():
-        opened = Image.open(io.BytesIO(data), formats=[picture_format])
-    with opened as picture:
+def _opened(data: bytes, picture_format: str, max_pixels: int) -> Iterator[Raster]:
+    """Open the header only (the pixels are decoded lazily) and enforce the pixel budget."""
+    with open_encoded(data, picture_format) as picture:
         width, height = picture.size
         if width * height > max_pixels:
             raise ImageTooLargeError(
@@ -430,8 +381,8 @@ def _working_size(width: int, height: int, working_side: int, min_side: int) -> 
 
 
 def _render_crop(
-    picture: ImageFile.ImageFile, crop: Region, working_side: int, min_side: int
-) -> tuple[Image.Image, int]:
+    picture: Raster, crop: Region, working_side: int, min_side: int
+) -> tuple[Raster, int]:
     """Decode the ``crop`` part of ``picture`` upright, sized like a working image."""
     width, height = picture.size
     # Read before decoding only to size the decode: should a format reveal its
@@ -452,18 +403,15 @@ def _render_crop(
         max(round(crop.right * upright.width), round(crop.left * upright.width) + 1),
         max(round(crop.bottom * upright.height), round(crop.top * upright.height) + 1),
     )
-    part = upright.crop(box)
+    part = upright.cropped(box)
     # Sized again from the pixels actually cut, which keeps the aspect exact.
     size = _working_size(part.width, part.height, working_side, min_side)
     if part.size != size:
-        resample = Image.Resampling.BICUBIC if size[0] > part.width else Image.Resampling.LANCZOS
-        part = part.resize(size, resample)
+        part = part.resized(size, _resampling(enlarging=size[0] > part.width))
     return part, orientation
 
 
-def _render(
-    picture: ImageFile.ImageFile, size: tuple[int, int], mode: _ColourMode
-) -> tuple[Image.Image, int]:
+def _render(picture: Raster, size: tuple[int, int], mode: _ColourMode) -> tuple[Raster, int]:
     """Decode ``picture`` at ``size`` (given in stored orientation) as 8-bit
     ``mode``, then turn it upright; return it with the EXIF orientation used."""
     box: tuple[float, float, float, float] | None = None
@@ -471,55 +419,44 @@ def _render(
         # draft() only does something for JPEG: libjpeg scales by 1/2, 1/4 or
         # 1/8 while decoding, which is several times faster than a full decode.
         request = (size[0] * _DRAFT_REDUCING_GAP, size[1] * _DRAFT_REDUCING_GAP)
-        drafted = picture.draft(mode, request)
-        if drafted is not None:
-            box = drafted[1]
+        box = picture.draft(mode, request)
     picture.load()
     orientation = _exif_orientation(picture)
     flat = _flattened(picture, mode)
     if flat.size != size or box is not None:
-        upscaling = size[0] > flat.width
-        resample = Image.Resampling.BICUBIC if upscaling else Image.Resampling.LANCZOS
-        flat = flat.resize(size, resample, box=box)
+        flat = flat.resized(size, _resampling(enlarging=size[0] > flat.width), box=box)
     transpose = _UPRIGHT_TRANSPOSE.get(orientation)
-    return (flat if transpose is None else flat.transpose(transpose)), orientation
+    return (flat if transpose is None else flat.transposed(transpose)), orientation
 
 
-def _exif_orientation(picture: Image.Image) -> int:
-    # A damaged maker note or EXIF block is common in real phone photos; it
-    # must not make the picture itself unusable, so it counts as "upright".
-    try:
-        with _silenced_pillow_warnings():
-            value = picture.getexif().get(ExifTags.Base.Orientation, 1)
-    except Exception:
-        return 1
-    return value if isinstance(value, int) and value in _UPRIGHT_TRANSPOSE else 1
+def _resampling(*, enlarging: bool) -> Resampling:
+    return "bicubic" if enlarging else "lanczos"
 
 
-def _flattened(picture: Image.Image, mode: _ColourMode) -> Image.Image:
+def _exif_orientation(picture: Raster) -> int:
+    """The EXIF orientation (1 = upright) when it is one of those EXIF defines, else 1."""
+    orientation = picture.exif_orientation()
+    return orientation if orientation in _UPRIGHT_TRANSPOSE else 1
+
+
+def _flattened(picture: Raster, mode: _ColourMode) -> Raster:
     """Return ``picture`` as 8-bit ``mode`` with transparency composited on mid-grey."""
     if picture.mode in _HIGH_DEPTH_MODES:
         gray = _high_depth_to_gray(picture)
-        return gray if mode == "L" else gray.convert("RGB")
+        return gray if mode == "L" else gray.converted("RGB")
     if picture.mode not in _EIGHT_BIT_MODES:
         raise UnsupportedFormatError(
             user_message=f"Images in the {picture.mode} colour mode are not supported; "
             "please send an RGB or grayscale picture."
         )
-    if picture.has_transparency_data:
-        # TIFF's premultiplied grey+alpha has no direct conversion to RGBA.
-        straight = picture.convert("LA") if picture.mode == "La" else picture
-        with_alpha = straight.convert("RGBA")
-        background = NEUTRAL_BACKGROUND if mode == "L" else (NEUTRAL_BACKGROUND,) * 3
-        canvas = Image.new(mode, picture.size, background)
-        canvas.paste(with_alpha.convert(mode), mask=with_alpha.getchannel("A"))
-        return canvas
-    return picture.convert(mode)
+    if picture.has_transparency:
+        return picture.on_background(mode, NEUTRAL_BACKGROUND)
+    return picture.converted(mode)
 
 
-def _high_depth_to_gray(picture: Image.Image) -> Image.Image:
+def _high_depth_to_gray(picture: Raster) -> Raster:
     # Pillow's convert("L") clips these modes at 255 instead of scaling.
-    values = np.asarray(picture).astype(np.float64)
+    values = picture.to_array().astype(np.float64)
     if picture.mode in _SIXTEEN_BIT_MODES:
         scaled = values / 257.0
     else:
@@ -535,6 +472,4 @@ def _high_depth_to_gray(picture: Image.Image) -> Image.Image:
         else:
             scaled = np.full(values.shape, float(NEUTRAL_BACKGROUND))
     eight_bit = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
-    return Image.fromarray(eight_bit)
-
-
+    return Raster.from_array(eight_bit)
