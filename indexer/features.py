@@ -197,6 +197,17 @@ def find_homography(
     return matrix.astype(np.float64), mask.ravel().astype(bool)
 
 
+def connected_groups(mask: npt.NDArray[np.bool_]) -> list[tuple[int, int, int, int, int]]:
+    """Each 4-connected group of true cells of ``mask`` as (top, left, bottom,
+    right, cells), bottom and right exclusive, in OpenCV's labelling order."""
+    count, _, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=4)
+    groups = []
+    for label in range(1, count):  # label 0 is the background
+        left, top, width, height, cells = (int(v) for v in stats[label])
+        groups.append((top, left, top + height, left + width, cells))
+    return groups
+
+
 def limit_threads() -> None:
     """Keep OpenCV single-threaded: parallelism comes from our process pool."""
     cv2.setNumThreads(1)

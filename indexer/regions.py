@@ -19,6 +19,19 @@ class Region:
     right: float
     bottom: float
 
+    @property
+    def area(self) -> float:
+        return (self.right - self.left) * (self.bottom - self.top)
+
+    def overlap(self, other: Region) -> float:
+        """Intersection over union with ``other``: 1 for the same region, 0 apart."""
+        width = min(self.right, other.right) - max(self.left, other.left)
+        height = min(self.bottom, other.bottom) - max(self.top, other.top)
+        if width <= 0 or height <= 0:
+            return 0.0
+        shared = width * height
+        return shared / (self.area + other.area - shared)
+
 
 def region_grid(scales: Sequence[float] = (0.5, 0.7)) -> list[Region]:
     """Overlapping square-ish windows at each scale, 3x3 positions per scale.

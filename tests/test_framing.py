@@ -111,15 +111,6 @@ def flat_box(box: tuple[int, int, int, int], picture: npt.NDArray[np.uint8]) -> 
     return Region(left / width, top / height, right / width, bottom / height)
 
 
-def overlap(first: Region, second: Region) -> float:
-    """Intersection over union."""
-    width = min(first.right, second.right) - max(first.left, second.left)
-    height = min(first.bottom, second.bottom) - max(first.top, second.top)
-    inter = max(width, 0.0) * max(height, 0.0)
-    areas = sum((r.right - r.left) * (r.bottom - r.top) for r in (first, second))
-    return inter / (areas - inter)
-
-
 def seeds_without_tilt(compose: object, count: int) -> list[int]:
     """Seeds whose page or collage is laid out flat, so that its box is exact."""
     image = photo_array("coffee")
@@ -141,7 +132,7 @@ def test_a_photo_on_a_page_of_text_is_found(photo: str, seed: int) -> None:
     found = find_embedded_photos(working_gray(page.image), limit=4)
 
     target = flat_box(page.box, page.image)
-    assert max((overlap(region, target) for region in found), default=0.0) > 0.8, found
+    assert max((region.overlap(target) for region in found), default=0.0) > 0.8, found
 
 
 def test_a_photo_on_a_tilted_page_is_found() -> None:
@@ -164,7 +155,7 @@ def test_a_photo_on_a_tilted_page_is_found() -> None:
 
     found = find_inner_photos(working_gray(page.image))
 
-    assert max((overlap(region, target) for region in found), default=0.0) > 0.7, found
+    assert max((region.overlap(target) for region in found), default=0.0) > 0.7, found
 
 
 def transformed(points: npt.NDArray[np.float64], homography: npt.NDArray[np.float64]
@@ -182,7 +173,7 @@ def test_the_cells_of_a_collage_are_found() -> None:
     found = find_embedded_photos(working_gray(collage.image), limit=8)
 
     target = flat_box(collage.box, collage.image)
-    assert max((overlap(region, target) for region in found), default=0.0) > 0.8, found
+    assert max((region.overlap(target) for region in found), default=0.0) > 0.8, found
 
 
 # Not "rocket": its flat sky is a page to this finder, with the launch pad a dense
@@ -210,7 +201,7 @@ def test_every_cell_of_a_grid_with_thin_gutters_is_found_apart(gutter_colour: in
 
     # A photo with an edge of the gutter's colour (the horse's white ground on white
     # gutters) may come out a little smaller than its cell.
-    matched = [max((overlap(region, cell) for region in found), default=0.0) for cell in cells]
+    matched = [max((region.overlap(cell) for region in found), default=0.0) for cell in cells]
     assert sum(share > 0.8 for share in matched) >= 8, matched
     assert len(found) <= 9
 
