@@ -141,8 +141,12 @@ class FirstLook:
         return _fused_ranking([self.votes, by_vector])
 
 
-def _stronger(first: Verification, second: Verification) -> bool:
-    return (first.verified, first.inliers) > (second.verified, second.inliers)
+def _keep_stronger(into: dict[int, Verification], verdicts: dict[int, Verification]) -> None:
+    """Add ``verdicts`` to ``into``, each image keeping its stronger verdict."""
+    for image_id, verdict in verdicts.items():
+        kept = into.get(image_id)
+        if kept is None or (verdict.verified, verdict.inliers) > (kept.verified, kept.inliers):
+            into[image_id] = verdict
 
 
 def match_score(verification: Verification, similarity: float) -> float:
@@ -250,20 +254,15 @@ class QueryPipeline:
         for framed in inner:
             if any(v.verified for v in (*verdicts.values(), *framed_verdicts.values())):
                 break
-            for image_id, verdict in (
-                await self._search_framed(
-                    framed,
-                    serving=serving,
-                    segments=segments,
-                    scope=scope,
-                    similarity=similarity,
-                    timings=timings,
-                )
-            ).items():
-                if image_id not in framed_verdicts or _stronger(
-                    verdict, framed_verdicts[image_id]
-                ):
-                    framed_verdicts[image_id] = verdict
+            looked = await self._search_framed(
+                framed,
+                serving=serving,
+                segments=segments,
+                scope=scope,
+                similarity=similarity,
+                timings=timings,
+            )
+            _keep_stronger(framed_verdicts, looked)
         if not first_look_only and not any(
             v.verified for v in (*verdicts.values(), *framed_verdicts.values())
         ):
@@ -285,9 +284,7 @@ class QueryPipeline:
             voted = _alternated([i for i, _ in look.votes], [i for i, _ in mirror_votes])
             extra = [i for i in _alternated(voted, fused) if i not in verdicts][:budget]
             verdicts.update(await self._verify(features, extra, timings))
-        for image_id, verdict in framed_verdicts.items():
-            if image_id not in verdicts or _stronger(verdict, verdicts[image_id]):
-                verdicts[image_id] = verdict
+        _keep_stronger(verdicts, framed_verdicts)
 
         clock = time.perf_counter()
         shown = set(ranked[:top]) | {i for i, v in verdicts.items() if v.verified}
