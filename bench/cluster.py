@@ -1,22 +1,27 @@
-"""The build on Dask: extraction throughput against the local build, the catalog writer's
-rate, and vocabulary and codebook training at a million images.
+"""The build on Dask: its background cost, extraction throughput against the local build,
+the catalog writer's rate, and vocabulary and codebook training at a million images.
 
-    .venv/bin/python -m bench.cluster --photos ../shared/photos --count 300 --repeats 3 \\
-        --out bench/out/cluster.json
+    .venv/bin/python -m bench.cluster --photos ../shared/photos --count 300 --repeats 5 \\
+        --idle-repeats 3 --out bench/out/cluster.json
 
-Three parts, in one process (the LocalClusters are started by the builds themselves):
+Four parts, in one process (the LocalClusters are started by the builds themselves):
 
+* **idle**: the CPU seconds that a LocalCluster of 1 and of 2 worker processes, with a
+  client connected, uses in ``--idle-seconds`` of doing nothing: with Dask's default
+  settings and with the quieter ones ``local:N`` uses (``QUIET_CLUSTER_CONFIG``),
+  alternating, ``--idle-repeats`` times. This cost runs for as long as a build does.
 * **throughput**: ``indexer.build.build_index`` on the same ``--count`` photos (the first of
-  the folder in name order, linked into a scratch folder), each build into a new index, in
-  the order local 1 process, ``local:1``, local 2 processes, ``local:2`` batch 1,
-  ``local:2`` batch 4, repeated ``--repeats`` times. Per build: the "extraction" phase
-  of ``BuildReport.phase_seconds`` (extraction and cataloguing of every photo: the part Dask
-  replaces) and the whole build
-  (the LocalCluster's start and the index rebuild included; default settings but a
-  vocabulary of 256 half-words, see ``THROUGHPUT_SETTINGS``), and the CPU seconds of the
-  whole build's process tree (``TreeCpu``), which other load on the machine barely moves.
-  Ratios are taken within a repeat, then their median is quoted: the machine is shared and
-  noisy.
+  the folder in name order, linked into a scratch folder), each build into a new index: the
+  local build with 1 process next to ``local:1``, then the local build with 2 processes next
+  to ``local:2`` and to a LocalCluster of 2 with Dask's default settings; in each repeat the
+  local build runs first, then last, alternately, so that a load rising or falling through a
+  repeat favours neither side. Per build: the "extraction" phase of
+  ``BuildReport.phase_seconds`` (extraction and cataloguing of every photo: the part Dask
+  replaces), the whole build (the LocalCluster's start and the index rebuild included;
+  default settings but a vocabulary of 256 half-words, see ``THROUGHPUT_SETTINGS``), and
+  the CPU seconds of the whole build's process tree (``TreeCpu``), which other load on the
+  machine barely moves. Ratios are taken within a repeat, then their median is quoted: the
+  machine is shared and noisy.
 * **writer**: ``Catalog.insert_images`` alone, in transactions of ``COMMIT_EVERY`` images,
   into a new catalog: ``--writer-images`` images of ``max_keypoints`` real KAZE descriptors
   each (drawn from the features of the photos of the throughput part), as a build's client
@@ -37,39 +42,82 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import hashlib
 import logging
 import multiprocessing
+import os
 import pickle
 import shutil
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
+import dask.config
 import numpy as np
 import psutil
+from distributed import Client, LocalCluster
 
 from bench.common import list_photos, machine_info, markdown_table, median, write_json
 from indexer.analysis import analyze_bytes
 from indexer.build import COMMIT_EVERY, DaskOptions, build_index
 from indexer.catalog import GLOBAL_SCOPE, Catalog, NewImage
+from indexer.distributed import QUIET_CLUSTER_CONFIG
 from indexer.features import LocalFeatures
 from indexer.search import CATALOG_FILE, SearchService
 from indexer.settings import EngineSettings
 
-# (label, local processes, Dask options)
-MODES: tuple[tuple[str, int, DaskOptions | None], ...] = (
-    ("local, 1 process", 1, None),
-    ("Dask local:1, batch 4", 1, DaskOptions("local:1", batch=4)),
-    ("local, 2 processes", 2, None),
-    ("Dask local:2, batch 1", 2, DaskOptions("local:2", batch=1)),
-    ("Dask local:2, batch 4", 2, DaskOptions("local:2", batch=4)),
+
+@dataclass(frozen=True)
+class Mode:
+    """One way to build: ``processes`` local processes, or Dask with ``dask``. With
+    ``dask_defaults`` the bench starts the LocalCluster itself, with Dask's own settings
+    instead of the quieter ones ``local:N`` uses, and the build connects to it."""
+
+    label: str
+    processes: int
+    dask: DaskOptions | None = None
+    dask_defaults: bool = False
+
+
+MODES: tuple[Mode, ...] = (
+    Mode("local, 1 process", 1),
+    Mode("Dask local:1", 1, DaskOptions("local:1")),
+    Mode("local, 2 processes", 2),
+    Mode("Dask local:2", 2, DaskOptions("local:2")),
+    Mode("Dask local:2, Dask's default settings", 2, DaskOptions("local:2"), dask_defaults=True),
 )
 BASELINES = {1: "local, 1 process", 2: "local, 2 processes"}
+
+
+def repeat_order(repeat: int) -> list[Mode]:
+    """The modes of one repeat: each local build next to the Dask builds it is compared
+    with, local first in even repeats and last in odd ones, so that a load rising or
+    falling through a repeat favours neither."""
+    order: list[Mode] = []
+    for processes in sorted(BASELINES):
+        group = [mode for mode in MODES if mode.processes == processes]
+        order.extend(group if repeat % 2 == 0 else reversed(group))
+    return order
+
+
+@contextlib.asynccontextmanager
+async def cluster_for(mode: Mode) -> AsyncIterator[DaskOptions | None]:
+    """The Dask options a mode's build runs with, and for ``dask_defaults`` its LocalCluster,
+    started as ``local:N`` starts one but with Dask's default configuration."""
+    if not mode.dask_defaults or mode.dask is None:
+        yield mode.dask
+        return
+    async with LocalCluster(
+        n_workers=mode.processes, threads_per_worker=1, processes=True,
+        dashboard_address="127.0.0.1:0", asynchronous=True,
+    ) as cluster:  # fmt: skip
+        yield replace(mode.dask, address=cluster.scheduler_address)
 
 
 def linked_photos(photos: Sequence[Path], folder: Path) -> Path:
@@ -89,29 +137,35 @@ THROUGHPUT_SETTINGS = EngineSettings(vocabulary_half_words=256)
 async def throughput(photos: Path, count: int, repeats: int, scratch: Path) -> dict[str, Any]:
     runs: list[dict[str, Any]] = []
     for repeat in range(repeats):
-        for label, processes, dask in MODES:
+        for mode in repeat_order(repeat):
             index = scratch / f"index-{repeat}-{len(runs)}"
+            load_before = os.getloadavg()[0]
             with TreeCpu() as cpu:
-                report = await build_index(
-                    photos, index, workers=processes, progress=False, dask=dask,
-                    settings=THROUGHPUT_SETTINGS,
-                )  # fmt: skip
-            assert report.added == count, (label, report)
+                async with cluster_for(mode) as dask:
+                    report = await build_index(
+                        photos, index, workers=mode.processes, progress=False, dask=dask,
+                        settings=THROUGHPUT_SETTINGS,
+                    )  # fmt: skip
+            assert report.added == count, (mode, report)
             extraction = report.phase_seconds["extraction"]
             runs.append({
-                "repeat": repeat, "mode": label, "processes": processes,
-                "extract_s": extraction, "build_s": report.seconds,
-                "cpu_s": cpu.seconds,
+                "repeat": repeat, "mode": mode.label, "processes": mode.processes,
+                "extract_s": extraction, "build_s": report.seconds, "cpu_s": cpu.seconds,
+                "load_before": load_before, "load_after": os.getloadavg()[0],
             })  # fmt: skip
-            print(f"  repeat {repeat}: {label}: extraction {extraction:.1f} s, "
-                  f"build {report.seconds:.1f} s, CPU {cpu.seconds:.1f} s", flush=True)
+            print(
+                f"  repeat {repeat}: {mode.label}: extraction {extraction:.1f} s, "
+                f"build {report.seconds:.1f} s, CPU {cpu.seconds:.1f} s, "
+                f"load {load_before:.1f}",
+                flush=True,
+            )
             shutil.rmtree(index)
     summary = {}
-    for label, processes, _ in MODES:
-        own = [r for r in runs if r["mode"] == label]
-        base = [r for r in runs if r["mode"] == BASELINES[processes]]
+    for mode in MODES:
+        own = [r for r in runs if r["mode"] == mode.label]
+        base = [r for r in runs if r["mode"] == BASELINES[mode.processes]]
         pairs = list(zip(own, base, strict=True))
-        summary[label] = {
+        summary[mode.label] = {
             "extract_s": median(r["extract_s"] for r in own),
             "photos_per_s": count / median(r["extract_s"] for r in own),
             "build_s": median(r["build_s"] for r in own),
@@ -121,6 +175,50 @@ async def throughput(photos: Path, count: int, repeats: int, scratch: Path) -> d
             "cpu_ratio": median(o["cpu_s"] / b["cpu_s"] for o, b in pairs),
         }
     return {"count": count, "repeats": repeats, "runs": runs, "summary": summary}
+
+
+async def idle_cost(workers: int, seconds: float, *, quiet: bool) -> float:
+    """CPU seconds that a LocalCluster of ``workers`` processes and a connected client use
+    in ``seconds`` of doing nothing, with the settings ``local:N`` uses or Dask's own."""
+    with dask.config.set(QUIET_CLUSTER_CONFIG if quiet else {}):
+        async with LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True,
+            dashboard_address="127.0.0.1:0", asynchronous=True,
+        ) as cluster, Client(cluster.scheduler_address, asynchronous=True) as client:  # fmt: skip
+            await client.wait_for_workers(workers)
+            await asyncio.sleep(IDLE_SETTLE_S)  # past the workers' start
+            with TreeCpu() as cpu:
+                await asyncio.sleep(seconds)
+    return cpu.seconds
+
+
+# A worker process is still importing for a second or two after it has joined.
+IDLE_SETTLE_S = 5.0
+
+
+async def idle(repeats: int, seconds: float) -> dict[str, Any]:
+    """:func:`idle_cost` of 1 and 2 workers, both settings interleaved, ``repeats`` times."""
+    runs = []
+    for repeat in range(repeats):
+        for workers in (1, 2):
+            for quiet in (False, True) if repeat % 2 == 0 else (True, False):
+                cpu_s = await idle_cost(workers, seconds, quiet=quiet)
+                runs.append({"repeat": repeat, "workers": workers, "quiet": quiet,
+                             "cpu_s": cpu_s})  # fmt: skip
+                print(
+                    f"  idle repeat {repeat}: {workers} worker(s), "
+                    f"{'quiet' if quiet else 'Dask default'} settings: {cpu_s:.2f} CPU s "
+                    f"in {seconds:.0f} s",
+                    flush=True,
+                )
+    summary = {
+        f"{workers} worker(s), {'quiet' if quiet else 'Dask default'} settings": median(
+            r["cpu_s"] for r in runs if (r["workers"], r["quiet"]) == (workers, quiet)
+        )
+        for workers in (1, 2)
+        for quiet in (False, True)
+    }
+    return {"seconds": seconds, "runs": runs, "summary": summary}
 
 
 class PeriodicSampler:
@@ -150,20 +248,25 @@ class PeriodicSampler:
 class TreeCpu(PeriodicSampler):
     """CPU seconds (user + system) used by this process and every process it starts while
     the block runs: unlike wall time, barely changed by other work on a shared machine.
-    Descendants are sampled every 0.1 s, so a process's last tenth of a second is missed."""
+    Descendants are sampled every 0.1 s, so a process's last tenth of a second is missed.
+    The sampling's own CPU (psutil walking the tree ten times a second) is left out: it
+    grows with wall time, and would otherwise weigh most on the least busy process tree."""
 
     def __init__(self) -> None:
         self._me = psutil.Process()
         self._last: dict[int, float] = {}
+        self._sampling = 0.0
         self.seconds = 0.0
 
     def sample(self) -> None:
+        started = time.thread_time()
         for child in self._me.children(recursive=True):
             try:
                 times = child.cpu_times()
             except psutil.Error:
                 continue
             self._last[child.pid] = times.user + times.system
+        self._sampling += time.thread_time() - started
 
     def _own(self) -> float:
         times = self._me.cpu_times()
@@ -181,7 +284,7 @@ class TreeCpu(PeriodicSampler):
         children = sum(
             seconds - self._before_children.get(pid, 0.0) for pid, seconds in self._last.items()
         )
-        self.seconds = self._own() - self._before + children
+        self.seconds = self._own() - self._before + children - self._sampling
 
 
 def descriptor_pool(photos: Sequence[Path], settings: EngineSettings) -> LocalFeatures:
@@ -338,18 +441,25 @@ def _run_training(index: Path) -> dict[str, Any]:
 
 
 def print_report(result: dict[str, Any]) -> None:
+    if "idle" in result:
+        for label, cpu_s in result["idle"]["summary"].items():
+            print(f"idle {label}: {cpu_s:.2f} CPU s in {result['idle']['seconds']:.0f} s")
     if "throughput" in result:
         print_throughput(result["throughput"]["summary"])
     if "writer" in result:
         w = result["writer"]
-        print(f"writer: {w['images_per_s']:.0f} images/s ({w['images']} images, "
-              f"{w['batch']} a transaction), {w['catalog_bytes'] / 2**20:.0f} MiB catalog; "
-              f"feeds {result.get('workers_fed', 0):.0f} worker processes; unpickling "
-              f"{w['unpickled_images_per_s']:.0f} images/s")
+        print(
+            f"writer: {w['images_per_s']:.0f} images/s ({w['images']} images, "
+            f"{w['batch']} a transaction), {w['catalog_bytes'] / 2**20:.0f} MiB catalog; "
+            f"feeds {result.get('workers_fed', 0):.0f} worker processes; unpickling "
+            f"{w['unpickled_images_per_s']:.0f} images/s"
+        )
     if "training" in result:
         for name, phase in result["training"]["phases"].items():
-            print(f"training {name}: {phase['seconds']:.1f} s, "
-                  f"peak RSS {phase['peak_rss_mb']:.0f} MiB")
+            print(
+                f"training {name}: {phase['seconds']:.1f} s, "
+                f"peak RSS {phase['peak_rss_mb']:.0f} MiB"
+            )
 
 
 def print_throughput(summary: dict[str, Any]) -> None:
@@ -374,16 +484,17 @@ async def run(arguments: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-cluster-") as scratch_name:
         scratch = Path(scratch_name)
         folder = linked_photos(photos, scratch / "photos")
+        if arguments.idle_repeats:
+            print(f"idle clusters, {arguments.idle_repeats} repeats", flush=True)
+            result["idle"] = await idle(arguments.idle_repeats, arguments.idle_seconds)
         if arguments.repeats:
             print(f"throughput on {len(photos)} photos, {arguments.repeats} repeats", flush=True)
-            result["throughput"] = await throughput(
-                folder, len(photos), arguments.repeats, scratch
-            )
+            result["throughput"] = await throughput(folder, len(photos), arguments.repeats, scratch)
         if arguments.writer_images:
             pool = descriptor_pool(photos[: arguments.pool_photos], EngineSettings())
             result["writer"] = await writer(scratch / "writer", pool, arguments.writer_images)
             if "throughput" in result:
-                one_worker = result["throughput"]["summary"]["Dask local:1, batch 4"]
+                one_worker = result["throughput"]["summary"]["Dask local:1"]
                 result["workers_fed"] = (
                     result["writer"]["images_per_s"] / one_worker["photos_per_s"]
                 )
@@ -398,10 +509,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--photos", type=Path, required=True)
     parser.add_argument("--count", type=int, default=300, help="photos per build")
     parser.add_argument("--repeats", type=int, default=3, help="0: skip the throughput part")
-    parser.add_argument("--writer-images", type=int, default=20_000,
-                        help="images written by the writer part (0: skip it and training)")
-    parser.add_argument("--pool-photos", type=int, default=100,
-                        help="photos whose descriptors the writer's images are drawn from")
+    parser.add_argument(
+        "--idle-repeats",
+        type=int,
+        default=3,
+        help="repeats of the idle LocalCluster's cost (0: skip it)",
+    )
+    parser.add_argument("--idle-seconds", type=float, default=30.0)
+    parser.add_argument(
+        "--writer-images",
+        type=int,
+        default=20_000,
+        help="images written by the writer part (0: skip it and training)",
+    )
+    parser.add_argument(
+        "--pool-photos",
+        type=int,
+        default=100,
+        help="photos whose descriptors the writer's images are drawn from",
+    )
     parser.add_argument("--no-training", dest="training", action="store_false")
     parser.add_argument("--out", type=Path, default=Path("bench/out/cluster.json"))
     arguments = parser.parse_args(argv)

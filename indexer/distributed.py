@@ -30,6 +30,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import dask.config
 import fsspec
 from distributed import Client, Future, LocalCluster, as_completed
 from distributed.client import FutureCancelledError
@@ -58,6 +59,23 @@ WINDOW_REFRESH_S = 2.0
 # A scheduler without workers would leave the build waiting for ever.
 WORKERS_TIMEOUT_S = 60.0
 CONNECT_TIMEOUT_S = 30.0
+# Dask's defaults suit an interactive cluster watched through its dashboard: every
+# scheduler, nanny and worker checks its event loop every 20 ms and its process's CPU,
+# memory and I/O every 0.5 s, the nanny and the worker check the worker's memory every
+# 0.1 s, and the worker samples its threads' stacks every 10 ms. An idle LocalCluster of one
+# worker spends 1.7 CPU seconds every 30 s on that; with these settings 0.2 (measured with
+# bench/cluster.py, docs/BENCHMARKS.md). A build's tasks are alike and fed two per thread,
+# so work stealing and the active memory manager have nothing to do. docs/CLUSTER.md gives
+# the same settings for a scheduler and workers started by hand.
+QUIET_CLUSTER_CONFIG: dict[str, object] = {
+    "distributed.admin.tick.interval": "1s",
+    "distributed.admin.tick.cycle": "5s",
+    "distributed.admin.system-monitor.interval": "5s",
+    "distributed.worker.profile.enabled": False,
+    "distributed.worker.memory.monitor-interval": "1s",
+    "distributed.scheduler.work-stealing": False,
+    "distributed.scheduler.active-memory-manager.start": False,
+}
 
 # A task's item: a path or URL for the worker to read, or a file the client read.
 Item = str | ReadFile
@@ -68,9 +86,7 @@ def is_url(source: str | Path) -> bool:
     return isinstance(source, str) and "://" in source
 
 
-async def scan(
-    photos: Path | str, errors: list[tuple[str, str]]
-) -> tuple[str, list[FoundFile]]:
+async def scan(photos: Path | str, errors: list[tuple[str, str]]) -> tuple[str, list[FoundFile]]:
     """The root the catalog knows the photos by, and the image files under it: a local
     (or NFS) folder as a local build scans it, or an fsspec URL listed through fsspec.
 
@@ -281,6 +297,9 @@ async def connect(options: DaskOptions, root: str) -> AsyncIterator[ClusterSessi
     address = options.address
     async with contextlib.AsyncExitStack() as stack:
         if address.startswith(LOCAL_CLUSTER_PREFIX):
+            # Read when the scheduler, the nannies and the workers start; the nannies pass
+            # them on to the worker processes.
+            stack.enter_context(dask.config.set(QUIET_CLUSTER_CONFIG))
             cluster = await stack.enter_async_context(
                 LocalCluster(
                     n_workers=_local_workers(address),
@@ -316,4 +335,3 @@ def _local_workers(address: str) -> int:
     if not count.isdigit() or int(count) < 1:
         raise ClusterError(f"--dask {address!r}: local:N needs a number of processes N >= 1")
     return int(count)
-

@@ -198,6 +198,71 @@ async def test_photos_given_as_a_url_are_read_through_fsspec_with_the_same_featu
         assert abs(values[2] - expected[2]) < 1000
 
 
+@pytest.fixture
+def s3_endpoint() -> Iterator[str]:
+    """An S3-compatible server on loopback (moto's), for the duration of a test."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+def s3_environment(endpoint: str) -> dict[str, str]:
+    """What docs/CLUSTER.md tells every worker to set for an S3-compatible endpoint, with
+    the server's test credentials; no configuration file of the machine's is read."""
+    return subprocess_environment(
+        FSSPEC_S3_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="test",
+        AWS_SECRET_ACCESS_KEY="test",  # noqa: S106 - the local server accepts any
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_CONFIG_FILE=os.devnull,
+        AWS_SHARED_CREDENTIALS_FILE=os.devnull,
+        AWS_EC2_METADATA_DISABLED="true",
+        NO_PROXY="127.0.0.1",
+    )
+
+
+async def test_photos_in_an_s3_compatible_bucket_are_stored_as_a_local_build_stores_them(
+    photos: Path, reference: dict[str, Any], s3_endpoint: str, tmp_path: Path
+) -> None:
+    import boto3
+
+    environment = s3_environment(s3_endpoint)
+    bucket = boto3.client(
+        "s3", endpoint_url=s3_endpoint, region_name="us-east-1",
+        aws_access_key_id="test", aws_secret_access_key="test",  # noqa: S106
+    )  # fmt: skip
+    bucket.create_bucket(Bucket="archive")
+    for path in sorted(photos.rglob("*")):
+        if path.is_file():
+            key = f"photos/{path.relative_to(photos).as_posix()}"
+            bucket.put_object(Bucket="archive", Key=key, Body=path.read_bytes())
+    index = tmp_path / "index"
+    await create_empty_index(index)
+    command = ["-m", "indexer", "build", "s3://archive/photos/", "--index", str(index),
+               "--no-progress", "--dask", "local:2"]  # fmt: skip
+
+    status, out, err = await run_process(*command, environment=environment)
+    again = await run_process(*command, environment=environment)
+
+    # 3: the broken photo is reported as a failure, as in a local build.
+    assert status == 3, out + err
+    assert f"{PHOTOS} added" in out
+    found = stored(index, "s3://archive/photos")
+    assert found.keys() == reference.keys()
+    # Everything but the modification time (third of every row): the bucket's, not the file's.
+    for name, values in found.items():
+        expected = reference[name]
+        assert values[:2] + values[3:] == expected[:2] + expected[3:]
+        assert values[2] > 0
+    assert f"0 added, 0 updated, 0 removed, {PHOTOS} unchanged" in again[1], again
+
+
 # --- failures ----------------------------------------------------------------------------------
 
 
