@@ -27,6 +27,7 @@ from engine_fixtures import shapes_jpeg
 from reliability_helpers import (
     FAST_ENGINE,
     PROCESS_DEADLINE_S,
+    REPOSITORY,
     catalog_health,
     create_empty_index,
     kill_group,
@@ -333,6 +334,24 @@ async def test_a_client_killed_mid_build_resumes_on_the_next_run(
     health = catalog_health(index)
     assert health.problems == []
     assert health.images == count
+
+
+def test_the_settings_documented_for_a_cluster_started_by_hand_are_those_of_local_n() -> None:
+    import dask.config
+
+    from indexer.distributed import QUIET_CLUSTER_CONFIG
+
+    documented = dict(
+        line.split("=", 1)
+        for line in (REPOSITORY / "docs" / "CLUSTER.md").read_text().splitlines()
+        if line.startswith("DASK_")
+    )
+    # Read as Dask reads its environment: DASK_A__B_C=value is a.b-c, the value parsed.
+    config = dask.config.collect_env(documented)
+
+    assert len(documented) == len(QUIET_CLUSTER_CONFIG)
+    for key, value in QUIET_CLUSTER_CONFIG.items():
+        assert dask.config.get(key, config=config) == value, key
 
 
 # --- set-up errors and the optional extra ------------------------------------------------------
