@@ -103,7 +103,7 @@ def _parser() -> argparse.ArgumentParser:
 
     query = commands.add_parser("query", help="find the photos most similar to some images")
     # Kept as typed: the JSON output echoes each query exactly as given.
-    query.add_argument("images", nargs="+", help="query image files")
+    query.add_argument("images", nargs="+", help="query image, video or animation files")
     query.add_argument("--index", type=Path, required=True, help="index folder")
     query.add_argument("--top", type=int, default=5, help="results per query (default 5)")
     query.add_argument(
@@ -244,6 +244,7 @@ def _print_matches(query: str, matches: list[Match], *, as_json: bool) -> None:
                 "score": round(m.score, 4),
                 "verified": m.verified,
                 "inliers": m.inliers,
+                **_times(m),
                 **_origin(m),
             }
             for m in matches
@@ -255,10 +256,23 @@ def _print_matches(query: str, matches: list[Match], *, as_json: bool) -> None:
         print("  (no similar photos)")
     for rank, m in enumerate(matches, start=1):
         mark = "same picture" + (", mirrored" if m.mirrored else "") if m.verified else ""
-        print(f"  {rank:>2}. {m.score * 100:5.1f}%  {m.inliers:>4} inliers  {mark:<22} {m.path}")
+        times = _times(m)
+        at = "".join(
+            f"  ({label} {times[key]:.2f} s)"
+            for key, label in (("frame_seconds", "at"), ("query_seconds", "query frame at"))
+            if key in times
+        )
+        print(f"  {rank:>2}. {m.score * 100:5.1f}%  {m.inliers:>4} inliers  {mark:<22} "
+              f"{m.path}{at}")
         link = _origin(m).get("link")
         if link is not None:
             print(f"      {link}")
+
+
+def _times(match: Match) -> dict[str, float]:
+    """Where in a moving picture found, and in a moving query, the matching frames are."""
+    times = {"frame_seconds": match.frame_seconds, "query_seconds": match.query_seconds}
+    return {key: round(value, 3) for key, value in times.items() if value is not None}
 
 
 def _origin(match: Match) -> dict[str, int | str]:

@@ -11,19 +11,42 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from indexer.errors import IndexerError
+import numpy as np
+import numpy.typing as npt
+
+from indexer.errors import (
+    CorruptImageError,
+    IndexerError,
+    NoFeaturesError,
+    UnsupportedFormatError,
+)
 from indexer.features import LocalFeatures, extract_features
 from indexer.framing import find_inner_photos
 from indexer.images import WorkingImage, load_working_image, read_image_file
+from indexer.moving import (
+    MovingPicture,
+    frame_indices,
+    moving_format,
+    open_moving,
+    working_frames,
+)
 from indexer.regions import Region
 from indexer.settings import EngineSettings
 
 
 @dataclass(frozen=True, slots=True)
-class Analysis:
-    """What the engine needs to know about one image."""
+class VideoFrame:
+    """One described frame of a moving picture."""
 
+    seconds: float  # from the start
     features: LocalFeatures
+
+
+@dataclass(frozen=True, slots=True)
+class Analysis:
+    """What the engine needs to know about one image (or one moving picture)."""
+
+    features: LocalFeatures  # a moving picture's: its first described frame's
     content_hash: str
     width: int  # original size, after EXIF orientation
     height: int
@@ -33,6 +56,16 @@ class Analysis:
     # meme's caption bars, a page, a collage), the likeliest first, to be
     # searched on their own if the whole image fails.
     frames: tuple[Region, ...] = ()
+    # A moving picture only: its frames described so far, in time order (the
+    # first is ``features``), and the indices of the frames still to describe
+    # (:func:`analyze_video_frame`): a query describes the next only while
+    # nothing verifies.
+    video_frames: tuple[VideoFrame, ...] = ()
+    frames_left: tuple[int, ...] = ()
+
+    @property
+    def moving(self) -> bool:
+        return bool(self.video_frames)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +82,17 @@ class FileAnalysis:
 def analyze_bytes(data: bytes, settings: EngineSettings, *, for_query: bool = False) -> Analysis:
     """Decode ``data`` and extract its features.
 
+    A moving picture is described by several frames (see :mod:`indexer.moving`); for a
+    query, only the first of them is described here, the rest are left to
+    :func:`analyze_video_frame`.
+
     Raises:
         ImageError: the bytes are not a usable image (each subclass says why).
     """
+    moving = moving_format(data)
+    if moving is not None:
+        return _analyze_moving(open_moving(data, moving, settings.video_limits), settings,
+                               for_query=for_query)
     image = _working_image(data, settings)
     features = extract_features(
         image.gray,
@@ -66,6 +107,87 @@ def analyze_bytes(data: bytes, settings: EngineSettings, *, for_query: bool = Fa
         file_size=len(data),
         format=image.format,
         frames=tuple(find_inner_photos(image.gray)) if for_query else (),
+    )
+
+
+def _analyze_moving(
+    picture: MovingPicture, settings: EngineSettings, *, for_query: bool
+) -> Analysis:
+    """Describe a moving picture: for the index up to ``video_frames`` distinct frames (out
+    of twice as many looked at); for a query, the first frame that can be described, with
+    the rest of ``query_video_frames`` left for later."""
+    if for_query:
+        indices = frame_indices(picture, settings.query_video_frames)
+    else:
+        indices = frame_indices(picture, 2 * settings.video_frames)
+    described: list[VideoFrame] = []
+    tried = 0
+    for index, gray in working_frames(
+        picture,
+        indices,
+        working_side=settings.working_side,
+        min_side=settings.min_side,
+        limits=settings.video_limits,
+        distinct=not for_query,
+    ):
+        tried = indices.index(index) + 1
+        try:
+            described.append(
+                VideoFrame(picture.time_of(index), _frame_features(gray, settings, for_query))
+            )
+        except NoFeaturesError:
+            continue  # a black or flat frame (a fade): the next may describe the picture
+        if len(described) == (1 if for_query else settings.video_frames):
+            break
+    if not described:
+        raise NoFeaturesError(
+            f"none of {len(indices)} frames of the {picture.format} has enough keypoints",
+            user_message="No frame of this video shows enough detail to search for.",
+        )
+    return Analysis(
+        features=described[0].features,
+        content_hash=hashlib.sha256(picture.data).hexdigest(),
+        width=picture.width,
+        height=picture.height,
+        file_size=len(picture.data),
+        format=picture.format,
+        video_frames=tuple(described),
+        frames_left=tuple(indices[tried:]) if for_query else (),
+    )
+
+
+def analyze_video_frame(source: bytes | Path, index: int, settings: EngineSettings) -> VideoFrame:
+    """Query features of frame ``index`` of a moving picture (see :attr:`Analysis.frames_left`).
+
+    Raises:
+        SourceError: the file cannot be read.
+        ImageError: it is not a usable moving picture, or that frame cannot be decoded or
+            described.
+    """
+    if isinstance(source, Path):
+        source, _ = read_image_file(source, settings.max_file_bytes)
+    moving = moving_format(source)
+    if moving is None:
+        raise UnsupportedFormatError("the source is not a moving picture any more")
+    picture = open_moving(source, moving, settings.video_limits)
+    for _, gray in working_frames(
+        picture,
+        [index],
+        working_side=settings.working_side,
+        min_side=settings.min_side,
+        limits=settings.video_limits,
+    ):
+        return VideoFrame(picture.time_of(index), _frame_features(gray, settings, for_query=True))
+    raise CorruptImageError(f"frame {index} of the {picture.format} cannot be decoded")
+
+
+def _frame_features(
+    gray: npt.NDArray[np.uint8], settings: EngineSettings, for_query: bool
+) -> LocalFeatures:
+    return extract_features(
+        gray,
+        max_keypoints=settings.query_keypoints if for_query else settings.max_keypoints,
+        params=settings.query_kaze if for_query else settings.kaze,
     )
 
 

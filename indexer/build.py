@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from indexer.analysis import FileAnalysis, analyze_folder_file
-from indexer.catalog import GLOBAL_SCOPE, Catalog, NewImage, RemovedSource
+from indexer.catalog import GLOBAL_SCOPE, Catalog, NewFrame, NewImage, RemovedSource
 from indexer.errors import IndexerError, SourceError
 from indexer.progress import progress_bar
 from indexer.search import SearchService
@@ -34,7 +34,9 @@ COMMIT_EVERY = 64  # files per catalog transaction: what a crash can cost at mos
 IMAGE_SUFFIXES = frozenset(
     # HEIC and AVIF are listed so that they are reported as unsupported, not ignored.
     {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif",
-     ".heic", ".heif", ".avif"}
+     ".heic", ".heif", ".avif",
+     # Videos and animations, searched by a few of their frames (indexer/moving.py).
+     ".mp4", ".m4v", ".mov", ".webm"}
 )
 
 
@@ -327,6 +329,10 @@ async def _commit_batch(
             width=r.analysis.width,
             height=r.analysis.height,
             features=r.analysis.features,
+            frame_seconds=r.analysis.video_frames[0].seconds if r.analysis.moving else None,
+            later_frames=[
+                NewFrame(frame.seconds, frame.features) for frame in r.analysis.video_frames[1:]
+            ],
         )
         for r in batch
         if r.analysis is not None

@@ -134,14 +134,25 @@ MIGRATIONS: tuple[str, ...] = (
         removed_at REAL NOT NULL
     );
     """,
+    # Moving pictures (videos, animations): the image row is the file, described by its
+    # first sampled frame (frame_seconds says when it is); every further frame is a row of
+    # its own, searchable like any image, tied to it by video_id and removed with it.
+    # Frame rows are not images of the collection: counts, paths and hashes skip them.
+    """
+    ALTER TABLE images ADD COLUMN video_id INTEGER REFERENCES images (id) ON DELETE CASCADE;
+    ALTER TABLE images ADD COLUMN frame_seconds REAL;
+    CREATE INDEX IF NOT EXISTS images_by_video ON images (video_id) WHERE video_id IS NOT NULL;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _SQLITE_FULL = 13
 
 _IMAGE_COLUMNS = (
     "id, content_hash, scope, path, file_size, width, height, added_at, added_by, "
-    "origin_chat_id, origin_message_id, telegram_file_id"
+    "origin_chat_id, origin_message_id, telegram_file_id, video_id, frame_seconds"
 )
+# The rows that are images of the collection, not further frames of a moving picture.
+_WHOLE = "video_id IS NULL"
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +171,24 @@ class ImageRecord:
     origin_chat_id: int | None
     origin_message_id: int | None
     telegram_file_id: str | None
+    # A moving picture's row has the time of the frame it is described by; a further
+    # frame's row also names the moving picture's row (``video_id``).
+    video_id: int | None = None
+    frame_seconds: float | None = None
+
+    @property
+    def moving(self) -> bool:
+        """Whether this is (a frame of) a video or an animation."""
+        return self.frame_seconds is not None
+
+
+@dataclass(frozen=True, slots=True)
+class NewFrame:
+    """A further frame of a moving picture to insert (see :attr:`NewImage.later_frames`)."""
+
+    seconds: float
+    features: LocalFeatures
+    vector: FloatArray | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +210,9 @@ class NewImage:
     origin_message_id: int | None = None
     telegram_file_id: str | None = None
     added_at: float | None = None  # when it was posted, for a photo imported later; else now
+    # A moving picture: when the frame ``features`` describe is, and its further frames.
+    frame_seconds: float | None = None
+    later_frames: Sequence[NewFrame] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,9 +300,21 @@ class Catalog:
             for number in range(version, SCHEMA_VERSION):
                 await self._db.execute("BEGIN IMMEDIATE")
                 for statement in _statements(MIGRATIONS[number]):
-                    await self._db.execute(statement)
+                    if not await self._column_exists(statement):
+                        await self._db.execute(statement)
                 await self._db.execute(f"PRAGMA user_version = {number + 1}")
                 await self._db.execute("COMMIT")
+
+    async def _column_exists(self, statement: str) -> bool:
+        """Whether ``statement`` adds a column that is already there: SQLite has no ADD
+        COLUMN IF NOT EXISTS, and a catalog whose version number was lowered by hand must
+        upgrade again."""
+        words = statement.split()
+        if [w.upper() for w in words[:2]] != ["ALTER", "TABLE"] or len(words) < 6:
+            return False
+        table, column = words[2], words[5]
+        rows = await self._db.execute_fetchall(f"PRAGMA table_info({table})")
+        return any(row[1] == column for row in rows)
 
     async def _limit_size(self, max_bytes: int) -> None:
         # max_page_count holds for this connection only, which is the engine's one
@@ -311,7 +355,8 @@ class Catalog:
                 cursor = await self._db.execute(
                     "INSERT INTO images (content_hash, scope, path, file_size, file_mtime_ns, "
                     "width, height, added_at, added_by, origin_chat_id, origin_message_id, "
-                    "telegram_file_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "telegram_file_id, frame_seconds) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         image.content_hash,
                         image.scope,
@@ -325,27 +370,64 @@ class Catalog:
                         image.origin_chat_id,
                         image.origin_message_id,
                         image.telegram_file_id,
+                        image.frame_seconds,
                     ),
                 )
                 image_id = int(cursor.lastrowid or 0)
                 ids.append(image_id)
-                features = image.features
-                await self._db.execute(
-                    "INSERT INTO features (image_id, keypoints, width, height, data) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (image_id, len(features), features.width, features.height,
-                     pack_features(features)),
+                await self._insert_described(
+                    image_id, image.features, image.vector, image.codebook_id
                 )
-                if image.vector is not None and image.codebook_id is not None:
-                    await self._db.execute(
-                        "INSERT INTO vectors (image_id, codebook, vector) VALUES (?, ?, ?)",
-                        (image_id, image.codebook_id, _pack_vector(image.vector)),
+                for frame in image.later_frames:
+                    cursor = await self._db.execute(
+                        "INSERT INTO images (content_hash, scope, path, file_size, "
+                        "file_mtime_ns, width, height, added_at, added_by, video_id, "
+                        "frame_seconds) SELECT content_hash, scope, ?, file_size, "
+                        "file_mtime_ns, width, height, added_at, added_by, id, ? "
+                        "FROM images WHERE id = ?",
+                        (frame_path(image.path, frame.seconds), frame.seconds, image_id),
+                    )
+                    await self._insert_described(
+                        int(cursor.lastrowid or 0), frame.features, frame.vector,
+                        image.codebook_id,
                     )
                 await self._db.execute("DELETE FROM failures WHERE path = ?", (image.path,))
         return ids
 
+    async def _insert_described(
+        self,
+        image_id: int,
+        features: LocalFeatures,
+        vector: FloatArray | None,
+        codebook_id: str | None,
+    ) -> None:
+        await self._db.execute(
+            "INSERT INTO features (image_id, keypoints, width, height, data) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (image_id, len(features), features.width, features.height, pack_features(features)),
+        )
+        if vector is not None and codebook_id is not None:
+            await self._db.execute(
+                "INSERT INTO vectors (image_id, codebook, vector) VALUES (?, ?, ?)",
+                (image_id, codebook_id, _pack_vector(vector)),
+            )
+
+    async def frame_ids(self, video_ids: Sequence[int]) -> list[int]:
+        """The ids of the further frames of these moving pictures."""
+        found: list[int] = []
+        async with _translated_errors():
+            for chunk in _chunks(video_ids, 500):
+                rows = await self._db.execute_fetchall(
+                    f"SELECT id FROM images WHERE video_id IN ({','.join('?' * len(chunk))}) "
+                    "ORDER BY id",
+                    chunk,
+                )
+                found.extend(int(row[0]) for row in rows)
+        return found
+
     async def delete_images(self, ids: Iterable[int], *, on_purpose: bool = False) -> list[int]:
-        """Remove images (features and vectors go with them); returns the ids that existed.
+        """Remove images (features and vectors go with them); returns the ids that existed,
+        with those of the further frames of the moving pictures among them.
 
         ``on_purpose``: someone removed them, rather than their files vanishing. Those of
         the offline collection are then remembered (:meth:`removed_under`), so that the
@@ -359,6 +441,7 @@ class Catalog:
                     f"SELECT id FROM images WHERE id IN ({','.join('?' * len(chunk))})", chunk
                 )
                 existing.extend(int(row[0]) for row in rows)
+            frames = await self.frame_ids(existing)
             if on_purpose:
                 await self._db.executemany(
                     "INSERT OR REPLACE INTO removed_sources "
@@ -368,7 +451,7 @@ class Catalog:
                     [(time.time(), i, GLOBAL_SCOPE) for i in existing],
                 )
             await self._db.executemany("DELETE FROM images WHERE id = ?", [(i,) for i in existing])
-        return existing
+        return sorted({*existing, *frames})
 
     async def get(self, image_id: int) -> ImageRecord:
         """The image with this id.
@@ -401,7 +484,8 @@ class Catalog:
         """An image with exactly these bytes visible from ``scopes``, if there is one."""
         async with _translated_errors():
             rows = await self._db.execute_fetchall(
-                f"SELECT {_IMAGE_COLUMNS} FROM images WHERE content_hash = ? AND scope IN "
+                f"SELECT {_IMAGE_COLUMNS} FROM images "
+                f"WHERE {_WHOLE} AND content_hash = ? AND scope IN "
                 f"({','.join('?' * len(scopes))}) ORDER BY id LIMIT 1",
                 (content_hash, *scopes),
             )
@@ -410,7 +494,8 @@ class Catalog:
     async def find_by_path(self, path: str) -> list[ImageRecord]:
         async with _translated_errors():
             rows = await self._db.execute_fetchall(
-                f"SELECT {_IMAGE_COLUMNS} FROM images WHERE path = ? ORDER BY id", (path,)
+                f"SELECT {_IMAGE_COLUMNS} FROM images WHERE {_WHOLE} AND path = ? ORDER BY id",
+                (path,),
             )
         return [_record(row) for row in rows]
 
@@ -431,8 +516,10 @@ class Catalog:
 
     async def count(self, scope: int | None = None) -> int:
         if scope is None:
-            return await self._scalar("SELECT count(*) FROM images")
-        return await self._scalar("SELECT count(*) FROM images WHERE scope = ?", (scope,))
+            return await self._scalar(f"SELECT count(*) FROM images WHERE {_WHOLE}")
+        return await self._scalar(
+            f"SELECT count(*) FROM images WHERE {_WHOLE} AND scope = ?", (scope,)
+        )
 
     async def max_id(self) -> int:
         return await self._scalar("SELECT coalesce(max(id), 0) FROM images")
@@ -467,7 +554,7 @@ class Catalog:
                 states[str(path)] = SourceState(None, int(size), int(mtime))
             rows = await self._db.execute_fetchall(
                 "SELECT path, id, file_size, file_mtime_ns FROM images "
-                "WHERE path >= ? AND path < ? AND scope = ?",
+                f"WHERE {_WHOLE} AND path >= ? AND path < ? AND scope = ?",
                 (low, high, GLOBAL_SCOPE),
             )
             for path, image_id, size, mtime in rows:
@@ -886,7 +973,8 @@ class ChatRecords:
         rows = await self._rows(
             "SELECT i.id AS id FROM images i LEFT JOIN sightings s ON s.chat_id = i.scope "
             "AND s.message_id = i.origin_message_id "
-            "WHERE i.scope = ? AND coalesce(s.posted_at, i.added_at) < ? ORDER BY i.id",
+            "WHERE i.video_id IS NULL AND i.scope = ? AND coalesce(s.posted_at, i.added_at) < ? "
+            "ORDER BY i.id",
             (chat_id, cutoff),
         )
         return [int(row["id"]) for row in rows]
@@ -1000,7 +1088,15 @@ def _record(row: Iterable[Any]) -> ImageRecord:
         origin_chat_id=values[9],
         origin_message_id=values[10],
         telegram_file_id=values[11],
+        video_id=None if values[12] is None else int(values[12]),
+        frame_seconds=None if values[13] is None else float(values[13]),
     )
+
+
+def frame_path(path: str, seconds: float) -> str:
+    """The path recorded for a further frame of the moving picture at ``path``: a W3C Media
+    Fragments time (``clip.mp4#t=1.500``), which no file of a folder scan is named."""
+    return f"{path}#t={seconds:.3f}"
 
 
 def _pack_vector(vector: FloatArray) -> bytes:

@@ -1,13 +1,18 @@
-"""KAZE local features, and the few OpenCV geometry calls the engine needs.
+"""KAZE local features, and the few other OpenCV calls the engine needs.
 
-This is the only module that imports OpenCV: extraction, the mirror trick and
-homography estimation all live here, so the rest of the engine deals in numpy
-arrays only.
+This is the only module that imports OpenCV: extraction, the mirror trick,
+homography estimation and the reading of video frames (``VideoCapture``, whose
+wheel bundles FFmpeg) all live here, so the rest of the engine deals in numpy
+arrays only. What to read of a video, and its limits, are
+:mod:`indexer.moving`'s.
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
+from types import TracebackType
+from typing import Self
 
 import cv2
 import numpy as np
@@ -237,3 +242,70 @@ def unpack_features(blob: bytes, *, count: int, width: int, height: int) -> Loca
         width=width,
         height=height,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class VideoHeader:
+    """What a video's container says of it, before any frame is decoded."""
+
+    width: int
+    height: int
+    frame_count: int  # 0 or less: the container does not say
+    fps: float
+
+
+class VideoFrames:
+    """The frames of a video held in memory, decoded one at a time on request.
+
+    Use as a context manager; :attr:`opened` is false when FFmpeg cannot read
+    the data (not a video, or damaged beyond its header).
+    """
+
+    def __init__(self, data: bytes) -> None:
+        # OpenCV 4.14 reads a Python binary stream directly (no temporary file);
+        # its type stubs only know the IStreamReader form of that overload. The
+        # binding keeps no reference to the stream: this one must outlive the
+        # capture, or FFmpeg reads freed memory (a segfault on release).
+        self._stream = io.BytesIO(data)
+        self._capture = cv2.VideoCapture(
+            self._stream, cv2.CAP_FFMPEG, []  # type: ignore[call-overload]
+        )
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._capture.release()
+
+    @property
+    def opened(self) -> bool:
+        return bool(self._capture.isOpened())
+
+    def header(self) -> VideoHeader:
+        capture = self._capture
+        return VideoHeader(
+            width=int(capture.get(cv2.CAP_PROP_FRAME_WIDTH)),
+            height=int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+            frame_count=int(max(-1.0, min(capture.get(cv2.CAP_PROP_FRAME_COUNT), 2.0**31))),
+            fps=float(capture.get(cv2.CAP_PROP_FPS)),
+        )
+
+    def gray_frame(self, index: int, size: tuple[int, int]) -> npt.NDArray[np.uint8] | None:
+        """Frame ``index`` as grey pixels of ``size`` (width, height), or ``None`` when
+        it cannot be decoded (past the real end, or damaged)."""
+        self._capture.set(cv2.CAP_PROP_POS_FRAMES, float(index))
+        read, frame = self._capture.read()
+        if not read or frame is None or frame.size == 0:
+            return None
+        gray = frame if frame.ndim == 2 else cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
+        if (gray.shape[1], gray.shape[0]) != size:
+            enlarging = size[0] > gray.shape[1]
+            gray = cv2.resize(
+                gray, size, interpolation=cv2.INTER_CUBIC if enlarging else cv2.INTER_AREA
+            )
+        return np.ascontiguousarray(gray, dtype=np.uint8)

@@ -47,6 +47,7 @@ from indexer.regions import Region
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_PIXELS",
+    "ISO_IMAGE_BRANDS",
     "MIN_DESCRIBABLE_SIDE",
     "NEUTRAL_BACKGROUND",
     "SUPPORTED_FORMATS",
@@ -57,6 +58,7 @@ __all__ = [
     "load_working_image",
     "open_picture",
     "read_image_file",
+    "working_size",
 ]
 
 DEFAULT_MAX_BYTES: Final = 50 * 2**20
@@ -105,6 +107,8 @@ _HEIF_BRANDS: Final = frozenset(
     {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs", b"mif1", b"msf1"}
 )
 _AVIF_BRANDS: Final = frozenset({b"avif", b"avis"})
+# ISO media files whose major brand says "still image": every other brand is a video.
+ISO_IMAGE_BRANDS: Final = _HEIF_BRANDS | _AVIF_BRANDS
 
 # Formats people actually send that we can name but not decode, by magic bytes.
 _NAMED_UNSUPPORTED_PREFIXES: Final = (
@@ -217,7 +221,7 @@ def load_working_image(
     with pillow_errors(picture_format), _opened(data, picture_format, max_pixels) as picture:
         stored_width, stored_height = picture.size
         if crop is None:
-            size = _working_size(stored_width, stored_height, working_side, min_side)
+            size = working_size(stored_width, stored_height, working_side, min_side)
             gray, orientation = _render(picture, size, "L")
         else:
             gray, orientation = _render_crop(picture, crop, working_side, min_side)
@@ -359,7 +363,13 @@ def _opened(data: bytes, picture_format: str, max_pixels: int) -> Iterator[Raste
         yield picture
 
 
-def _working_size(width: int, height: int, working_side: int, min_side: int) -> tuple[int, int]:
+def working_size(width: int, height: int, working_side: int, min_side: int) -> tuple[int, int]:
+    """The size a picture of ``width`` x ``height`` is described at (see
+    :func:`load_working_image`).
+
+    Raises:
+        ImageTooSmallError: a side is too small to describe, before or after scaling.
+    """
     longest = max(width, height)
     if longest > working_side:
         target = working_side
@@ -391,7 +401,7 @@ def _render_crop(
         width, height = height, width
     crop_width = max(1, round((crop.right - crop.left) * width))
     crop_height = max(1, round((crop.bottom - crop.top) * height))
-    wanted = _working_size(crop_width, crop_height, working_side, min_side)
+    wanted = working_size(crop_width, crop_height, working_side, min_side)
     # Shrink the whole picture while decoding (cheap for JPEG), never enlarge it:
     # a small crop is enlarged alone afterwards.
     scale = min(1.0, wanted[0] / crop_width)
@@ -405,7 +415,7 @@ def _render_crop(
     )
     part = upright.cropped(box)
     # Sized again from the pixels actually cut, which keeps the aspect exact.
-    size = _working_size(part.width, part.height, working_side, min_side)
+    size = working_size(part.width, part.height, working_side, min_side)
     if part.size != size:
         part = part.resized(size, _resampling(enlarging=size[0] > part.width))
     return part, orientation

@@ -23,6 +23,9 @@ _EXTENSIONS = {
     "BMP": "bmp",
     "TIFF": "tif",
     "GIF": "gif",
+    "MP4": "mp4",
+    "MOV": "mov",
+    "WEBM": "webm",
 }
 
 

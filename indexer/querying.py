@@ -11,6 +11,7 @@ as in a screenshot) and verify more.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -21,7 +22,14 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from indexer.analysis import Analysis, analyze_bytes, analyze_framed, analyze_path
+from indexer.analysis import (
+    Analysis,
+    VideoFrame,
+    analyze_bytes,
+    analyze_framed,
+    analyze_path,
+    analyze_video_frame,
+)
 from indexer.catalog import GLOBAL_SCOPE, Catalog, ImageRecord
 from indexer.errors import ImageError
 from indexer.features import LocalFeatures
@@ -50,6 +58,10 @@ class Match:
     inliers: int
     mirrored: bool  # matched as a mirror image of the query
     similarity: float  # cosine similarity of the global vectors
+    # A moving picture found: seconds from its start to the frame that matched best.
+    frame_seconds: float | None = None
+    # A moving query: seconds from its start to its frame that found this image.
+    query_seconds: float | None = None
 
 
 @dataclass(slots=True)
@@ -149,6 +161,17 @@ def _keep_stronger(into: dict[int, Verification], verdicts: dict[int, Verificati
             into[image_id] = verdict
 
 
+def _keep_better(best: dict[int, Match], match: Match) -> None:
+    """Add ``match`` to ``best`` (by image id) unless that image has a better one."""
+    kept = best.get(match.image.id)
+    if kept is None or (match.score, match.inliers) > (kept.score, kept.inliers):
+        best[match.image.id] = match
+
+
+def _best_first(matches: dict[int, Match]) -> list[Match]:
+    return sorted(matches.values(), key=lambda m: (m.score, m.inliers), reverse=True)
+
+
 def match_score(verification: Verification, similarity: float) -> float:
     """A score in [0, 1]: verified matches above 0.5 and growing with inliers,
     unverified ones below 0.5 by global similarity."""
@@ -193,6 +216,9 @@ class QueryPipeline:
         started = time.perf_counter()
         analysis = await self.pool.run(_analyze, source, self.settings)
         timings.add("analyze", time.perf_counter() - started)
+        if analysis.moving:
+            return await self._search_moving(source, analysis, scope=scope, top=top,
+                                             timings=timings)
         inner = [
             _inner_loader(self.pool, source, frame, self.settings) for frame in analysis.frames
         ]
@@ -217,7 +243,9 @@ class QueryPipeline:
         after the other, only while nothing verifies. With
         ``first_look_only`` only the first batch of candidates is verified: the
         look for a copy of a photo being added, which is the whole photo, not a
-        part of one, and which for a new photo would otherwise take every stage.
+        part of one, and which for a new photo would otherwise take every stage;
+        and the look of each frame of a moving query, whose other frames are the
+        second chance.
         """
         timings = timings if timings is not None else StageTimings()
         # One consistent view of each source for the whole query.
@@ -289,25 +317,81 @@ class QueryPipeline:
         clock = time.perf_counter()
         shown = set(ranked[:top]) | {i for i, v in verdicts.items() if v.verified}
         records = await self.catalog.get_many(sorted(shown))
+        wholes = await self._wholes(records)
         timings.add("catalog", time.perf_counter() - clock)
-        matches = []
+        best: dict[int, Match] = {}
         for image_id, record in records.items():
-            if record.scope not in visible:  # defence in depth: never cross chats
+            # A frame found stands for its moving picture, shown once, by its best frame.
+            whole = wholes.get(record.video_id) if record.video_id is not None else record
+            if whole is None or whole.scope not in visible:  # defence in depth: never cross chats
                 continue
             verdict = verdicts.get(image_id, Verification.rejected())
-            matches.append(
+            _keep_better(
+                best,
                 Match(
-                    image=record,
-                    path=self._locate(record),
+                    image=whole,
+                    path=self._locate(whole),
                     score=match_score(verdict, similarity.get(image_id, 0.0)),
                     verified=verdict.verified,
                     inliers=verdict.inliers,
                     mirrored=verdict.mirrored,
                     similarity=similarity.get(image_id, 0.0),
-                )
+                    frame_seconds=record.frame_seconds,
+                ),
             )
-        matches.sort(key=lambda m: (m.score, m.inliers), reverse=True)
-        return matches[:top]
+        return _best_first(best)[:top]
+
+    async def _wholes(self, records: dict[int, ImageRecord]) -> dict[int, ImageRecord]:
+        """The moving pictures that the frame rows among ``records`` belong to, by id."""
+        wanted = {r.video_id for r in records.values() if r.video_id is not None}
+        wholes = {i: records[i] for i in wanted if i in records}
+        if wanted - wholes.keys():
+            wholes.update(await self.catalog.get_many(sorted(wanted - wholes.keys())))
+        return wholes
+
+    async def _search_moving(
+        self,
+        source: bytes | Path,
+        analysis: Analysis,
+        *,
+        scope: int,
+        top: int,
+        timings: StageTimings,
+    ) -> list[Match]:
+        """Search with each frame of a moving query in turn, until one verifies.
+
+        A frame's first look only: a moving picture is rarely a screenshot, and its
+        other frames are a better second chance than regions of this one. The next
+        frame is described only when needed, so a found video costs one frame.
+        """
+        best: dict[int, Match] = {}
+        frame: VideoFrame | None = analysis.video_frames[0]
+        left = list(analysis.frames_left)
+        while frame is not None:
+            timings.count("video frame")
+            for match in await self.search(
+                frame.features, scope=scope, top=top, timings=timings, first_look_only=True
+            ):
+                _keep_better(best, dataclasses.replace(match, query_seconds=frame.seconds))
+            if any(match.verified for match in best.values()):
+                break
+            frame = await self._next_frame(source, left, timings)
+        return _best_first(best)[:top]
+
+    async def _next_frame(
+        self, source: bytes | Path, left: list[int], timings: StageTimings
+    ) -> VideoFrame | None:
+        """The next frame of ``left`` (taken from it) that can be described, if any."""
+        while left:
+            index = left.pop(0)
+            clock = time.perf_counter()
+            try:
+                return await self.pool.run(analyze_video_frame, source, index, self.settings)
+            except ImageError as error:
+                log.info("frame %d of the query cannot be described: %s", index, error)
+            finally:
+                timings.add("analyze", time.perf_counter() - clock)
+        return None
 
     def candidates(
         self,

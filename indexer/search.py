@@ -13,15 +13,17 @@ a segment, each swapped in atomically.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from indexer.analysis import Analysis, analyze_bytes
+from indexer.analysis import Analysis, analyze_bytes, analyze_video_frame
 from indexer.ann import GenerationStore
-from indexer.catalog import GLOBAL_SCOPE, Catalog, ChatRecords, ImageRecord, NewImage
-from indexer.errors import IndexNotFoundError, NotFoundError
+from indexer.catalog import GLOBAL_SCOPE, Catalog, ChatRecords, ImageRecord, NewFrame, NewImage
+from indexer.errors import ImageError, IndexNotFoundError, NotFoundError
 from indexer.features import LocalFeatures
 from indexer.maintenance import CENTROID_TRAINING_DESCRIPTORS, IndexMaintainer
 from indexer.originals import ORIGINALS_DIR, OriginalStore
@@ -57,6 +59,8 @@ __all__ = [
     "StageTimings",
     "match_score",
 ]
+
+log = logging.getLogger(__name__)
 
 CATALOG_FILE = "catalog.sqlite"
 GENERATIONS_DIR = "generations"
@@ -241,17 +245,20 @@ class SearchService:
             if existing is not None:
                 return AddResult(existing, created=False)
             relative = self._originals.store(data, analysis)
-            stored_features = analysis.features.keep(
-                self.settings.max_keypoints, grid=self.settings.keypoint_grid
-            )
+            # A moving picture is its first frame, and more frames tied to it.
+            described = [
+                features.keep(self.settings.max_keypoints, grid=self.settings.keypoint_grid)
+                for features in [f.features for f in analysis.video_frames] or [analysis.features]
+            ]
             # The write lock keeps this view in place until the add is in its buffer.
             serving = self._maintainer.serving
             generation = serving.generation
-            vector = (
-                generation.codebook.encode(stored_features.descriptors)
-                if generation is not None
-                else None
-            )
+            vectors = [
+                generation.codebook.encode(features.descriptors) if generation else None
+                for features in described
+            ]
+            stored_features, vector = described[0], vectors[0]
+            seconds = [frame.seconds for frame in analysis.video_frames]
             try:
                 [image_id] = await self.catalog.insert_images(
                     [
@@ -271,15 +278,23 @@ class SearchService:
                             origin_message_id=origin_message_id,
                             telegram_file_id=telegram_file_id,
                             added_at=added_at,
+                            frame_seconds=seconds[0] if seconds else None,
+                            later_frames=[
+                                NewFrame(*frame)
+                                for frame in zip(seconds[1:], described[1:], vectors[1:],
+                                                 strict=True)
+                            ],
                         )
                     ]
                 )
+                searchable = [image_id, *await self.catalog.frame_ids([image_id])]
             except BaseException:
                 await self._originals.release(relative)
                 raise
-            if generation is not None and vector is not None:
-                serving.record_added(image_id, scope, vector)
-            self._maintainer.inverted.add(image_id, scope, stored_features)
+            for row_id, features, row_vector in zip(searchable, described, vectors, strict=True):
+                if row_vector is not None:
+                    serving.record_added(row_id, scope, row_vector)
+                self._maintainer.inverted.add(row_id, scope, features)
             record = await self.catalog.get(image_id)
         if generation is None:
             # The first image: train a codebook so search works at once.
@@ -289,12 +304,24 @@ class SearchService:
         return AddResult(record, created=True)
 
     async def analyze(self, data: bytes) -> Analysis:
-        """What :meth:`add` needs to know of ``data`` (in the CPU pool).
+        """What :meth:`add` needs to know of ``data`` (in the CPU pool): of a moving
+        picture, every frame a query would look at.
 
         Raises:
             ImageError: the bytes are not a usable image.
         """
-        return await self.pool.run(analyze_bytes, data, self.settings, for_query=True)
+        analysis = await self.pool.run(analyze_bytes, data, self.settings, for_query=True)
+        if not analysis.frames_left:
+            return analysis
+        more = []
+        for index in analysis.frames_left:
+            try:
+                more.append(await self.pool.run(analyze_video_frame, data, index, self.settings))
+            except ImageError as error:
+                log.info("frame %d of a moving picture cannot be described: %s", index, error)
+        return dataclasses.replace(
+            analysis, video_frames=(*analysis.video_frames, *more), frames_left=()
+        )
 
     async def _find_existing(self, analysis: Analysis, scope: int) -> ImageRecord | None:
         scopes = sorted({GLOBAL_SCOPE, scope})
@@ -321,9 +348,10 @@ class SearchService:
             record = await self.catalog.get(image_id)
             if scope is not None and record.scope != scope:
                 raise NotFoundError(f"no image #{image_id} in this chat")
-            await self.catalog.delete_images([image_id], on_purpose=True)
-            self._maintainer.serving.record_removed(image_id)
-            await self._maintainer.inverted.remove([image_id])
+            removed = await self.catalog.delete_images([image_id], on_purpose=True)
+            for row_id in removed:  # with the further frames of a moving picture
+                self._maintainer.serving.record_removed(row_id)
+            await self._maintainer.inverted.remove(removed)
             await self._originals.release(record.path)
         self._maintainer.maybe_rebuild_in_background()
         return record

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from indexer.features import KazeParams
+from indexer.moving import VideoLimits
 from indexer.segments import VoteParams
 from indexer.verify import VerifyParams
 
@@ -76,6 +77,22 @@ class EngineSettings:
     max_file_bytes: int = 50 * 2**20
     max_pixels: int = 60_000_000
     verify: VerifyParams = field(default_factory=VerifyParams)
+    # -- moving pictures (videos, animations, video stickers; see indexer/moving.py) --
+    video_frames: int = 8  # most frames of one moving picture kept in the index
+    # Frames of a moving query described, one after the other, while none verifies:
+    # each costs about a photo query's extraction (docs/BENCHMARKS.md, "Moving pictures").
+    query_video_frames: int = 3
+    max_video_seconds: float = 600.0
+    max_video_pixels: int = 3840 * 2160
+    video_read_seconds: float = 30.0  # past this, reading one video's frames is given up
+
+    @property
+    def video_limits(self) -> VideoLimits:
+        return VideoLimits(
+            max_seconds=self.max_video_seconds,
+            max_pixels=self.max_video_pixels,
+            read_seconds=self.video_read_seconds,
+        )
 
     def rebuild_threshold(self, indexed: int) -> int:
         """Changes since the last build (adds and removals) that trigger the next

@@ -520,7 +520,7 @@ def _apng(folder: Path) -> Path:
     return _write(folder, "animated.png", apng)
 
 
-@_case("gif_animated", OK, "an animated GIF with two frames (the first one counts)")
+@_case("gif_animated", OK, "an animated GIF with two frames (a moving picture: both count)")
 def _gif(folder: Path) -> Path:
     # Pillow's default median-cut quantizer takes a noticeable fraction of a second.
     first, later = (

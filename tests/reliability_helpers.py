@@ -177,7 +177,7 @@ def catalog_health(index_dir: Path) -> CatalogHealth:
             return connection.execute(sql).fetchone()[0]
 
         return CatalogHealth(
-            images=int(scalar("SELECT count(*) FROM images")),
+            images=int(scalar("SELECT count(*) FROM images WHERE video_id IS NULL")),  # not frames
             integrity=str(scalar("PRAGMA integrity_check")),
             duplicate_paths=[
                 (int(scope), str(path))

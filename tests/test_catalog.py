@@ -14,8 +14,10 @@ import pytest
 
 from indexer.catalog import (
     GLOBAL_SCOPE,
+    MIGRATIONS,
     SCHEMA_VERSION,
     Catalog,
+    NewFrame,
     NewImage,
 )
 from indexer.errors import CatalogError, IndexIncompatibleError, NotFoundError, StorageFullError
@@ -463,3 +465,43 @@ async def test_a_full_disk_leaves_the_catalog_consistent_and_usable(catalog: Cat
     [later] = await catalog.insert_images([new_image(66)])  # the same file, without the limit
     assert await catalog.count() == 2
     assert later > first
+
+
+async def test_a_catalog_from_before_moving_pictures_opens_with_its_images_still(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "catalog.sqlite"
+    connection = sqlite3.connect(path)
+    with connection:
+        for number, script in enumerate(MIGRATIONS[:4], start=1):
+            connection.executescript(script)
+            connection.execute(f"PRAGMA user_version = {number}")
+        connection.execute(
+            "INSERT INTO images (content_hash, scope, path, file_size, width, height, added_at) "
+            "VALUES ('old', 0, '/photos/old.jpg', 10, 640, 480, 1.0)"
+        )
+    connection.close()
+
+    async with await Catalog.open(path) as catalog:
+        [old] = await catalog.find_by_path("/photos/old.jpg")
+        [video_id] = await catalog.insert_images(
+            [
+                replace(
+                    new_image(5, "/photos/clip.mp4"),
+                    frame_seconds=0.5,
+                    later_frames=[NewFrame(1.5, features(6)), NewFrame(2.5, features(7))],
+                )
+            ]
+        )
+        frame_ids = await catalog.frame_ids([video_id])
+        frames = await catalog.get_many(frame_ids)
+        count = await catalog.count()
+        removed = await catalog.delete_images([video_id])
+
+    assert (old.moving, old.video_id, old.frame_seconds) == (False, None, None)
+    assert [frames[i].frame_seconds for i in frame_ids] == [1.5, 2.5]
+    assert {frames[i].video_id for i in frame_ids} == {video_id}
+    assert frames[frame_ids[0]].path == "/photos/clip.mp4#t=1.500"
+    assert count == 2  # the old photo and the video; its frames are not counted
+    assert removed == sorted([video_id, *frame_ids])
+    assert read_only_query(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
