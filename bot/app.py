@@ -33,7 +33,7 @@ from telegram.ext import (
 from bot import handlers, replies, watching
 from bot.access import AccessPolicy
 from bot.context import BotContext, BotData, required
-from bot.incoming import CaptionCommand, MentionsThisBot
+from bot.incoming import PICTURES, WATCHED_PICTURES, CaptionCommand, MentionsThisBot
 from bot.settings import BotSettings
 from bot.watch import RepostWatch
 from indexer import CpuPool, EngineSettings, IndexNotFoundError, SearchService
@@ -118,7 +118,7 @@ def build_application(
 
 def _add_handlers(application: BotApplication, settings: BotSettings) -> None:
     new_message = filters.UpdateType.MESSAGE  # edits of old requests are not new requests
-    image = filters.PHOTO | filters.Document.ALL
+    image = PICTURES
     commanded = CaptionCommand("search") | CaptionCommand("add") | CaptionCommand("remove")
     if settings.access.allowed_chats:
         allowed = filters.Chat(chat_id=settings.access.allowed_chats | settings.access.admins)
@@ -154,7 +154,7 @@ def _add_handlers(application: BotApplication, settings: BotSettings) -> None:
         MessageHandler(
             (filters.UpdateType.MESSAGE | filters.UpdateType.EDITED_MESSAGE)
             & filters.ChatType.GROUPS
-            & (filters.PHOTO | filters.Document.IMAGE)
+            & WATCHED_PICTURES
             & ~commanded,
             watching.watched_photo,
         ),

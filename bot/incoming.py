@@ -20,27 +20,64 @@ _DOWNLOAD_TIMEOUT_S: Final = 60.0  # a 20 MB file over a slow link needs more th
 
 @dataclass(frozen=True, slots=True)
 class Attachment:
-    """A file a message carries that may be an image."""
+    """A file a message carries that may be an image (or a moving picture)."""
 
     file_id: str
+    file_unique_id: str  # the same for the same file, whoever sends it
     file_size: int | None
     is_photo: bool  # a Telegram photo (its file_id can be sent back as a photo), not a document
 
 
-def attached_image(message: Message | None) -> Attachment | None:
-    """The image in ``message``: the largest size of its photo, or its document.
+# Messages carrying a picture the engine may read: photos, moving pictures (GIFs come as MP4
+# animations), stickers (still WebP, video WebM; animated ones are drawings the engine names),
+# and any document, for the engine to judge.
+PICTURES: Final = (
+    filters.PHOTO
+    | filters.ANIMATION
+    | filters.VIDEO
+    | filters.VIDEO_NOTE
+    | filters.Sticker.ALL
+    | filters.Document.ALL
+)
+# What the repost watch looks at in a group: every picture, but only documents that say they
+# are images or videos (members' other files are none of its business).
+WATCHED_PICTURES: Final = (
+    filters.PHOTO
+    | filters.ANIMATION
+    | filters.VIDEO
+    | filters.VIDEO_NOTE
+    | filters.Sticker.STATIC
+    | filters.Sticker.VIDEO
+    | filters.Document.IMAGE
+    | filters.Document.VIDEO
+)
 
-    Any document counts: whether it really is an image is the engine's call, and its answer
-    ("not an image I can read") is more helpful than silence.
+
+def attached_image(message: Message | None) -> Attachment | None:
+    """The image in ``message``: the largest size of its photo, its animation (a GIF, which
+    Telegram sends as MP4), video, video note or sticker, or its document.
+
+    Any document or sticker counts: whether it really is a picture is the engine's call, and
+    its answer ("an animated sticker is a drawing") is more helpful than silence.
     """
     if message is None:
         return None
     if message.photo:
         largest = message.photo[-1]
-        return Attachment(largest.file_id, largest.file_size, is_photo=True)
-    if message.document is not None:
-        document = message.document
-        return Attachment(document.file_id, document.file_size, is_photo=False)
+        return Attachment(
+            largest.file_id, largest.file_unique_id, largest.file_size, is_photo=True
+        )
+    # An animation comes with a document too (Bot API backward compatibility): it is the
+    # animation that is the picture, so it is looked at first.
+    for media in (
+        message.animation,
+        message.video,
+        message.video_note,
+        message.sticker,
+        message.document,
+    ):
+        if media is not None:
+            return Attachment(media.file_id, media.file_unique_id, media.file_size, is_photo=False)
     return None
 
 

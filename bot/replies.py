@@ -85,12 +85,24 @@ def help_text(bot_username: str) -> str:
 
 
 def result_caption(rank: int, match: Match) -> str:
-    """Caption of one result photo: rank, score, verdict, id; then where it comes from."""
+    """Caption of one result: rank, score, verdict, id (and for a video, the time of the frame
+    that matched); then where it comes from."""
     if match.verified:
         verdict = "✅ <b>same picture</b>" + (" (mirrored)" if match.mirrored else "")
     else:
         verdict = "similar"
-    return f"{rank}. {verdict} · {match.score:.0%} · #{match.image.id}\n{_origin(match.image)}"
+    # A video found: where in it the matching frame is.
+    at = "" if match.frame_seconds is None else f" · at {_clock(match.frame_seconds)}"
+    return (
+        f"{rank}. {verdict} · {match.score:.0%} · #{match.image.id}{at}\n"
+        f"{_origin(match.image)}"
+    )
+
+
+def _clock(seconds: float) -> str:
+    """A time into a video as a player shows it: 0:07, 12:34."""
+    whole = int(seconds)
+    return f"{whole // 60}:{whole % 60:02d}"
 
 
 def no_results() -> str:

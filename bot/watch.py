@@ -446,7 +446,9 @@ class RepostWatch:
         """
         settings = await self.settings(photo.chat_id)
         data = await download(
-            self._bot, Attachment(photo.file_id, photo.file_size, is_photo=photo.is_photo)
+            self._bot, Attachment(
+                photo.file_id, photo.file_unique_id, photo.file_size, is_photo=photo.is_photo
+            )
         )
         started = time.perf_counter()
         result = await self.service.add(

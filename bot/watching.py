@@ -149,17 +149,14 @@ async def forget_command(update: Update, context: BotContext) -> None:
 
 
 async def watched_photo(update: Update, context: BotContext) -> None:
-    """Any image posted (or edited in) a group: queued for a check when the watch is on."""
+    """Any image, video, animation or sticker posted (or edited in) a group: queued for a
+    check when the watch is on."""
     message = _message(update)
     settings: ChatSettings = await context.watch.settings(message.chat_id)
     attachment = attached_image(message)
     if not settings.watch or attachment is None:
         return
-    unique_id = (
-        message.photo[-1].file_unique_id
-        if message.photo
-        else (message.document.file_unique_id if message.document is not None else "")
-    )
+    unique_id = attachment.file_unique_id
     if update.edited_message is not None and not await context.watch.needs_check(
         message.chat_id, message.message_id, unique_id
     ):

@@ -120,6 +120,8 @@ _NAMED_UNSUPPORTED_PREFIXES: Final = (
     (b"\x00\x00\x00\x0cJXL ", "a JPEG XL image"),
     (b"\x00\x00\x00\x0cjP  ", "a JPEG 2000 image"),
     (b"\xffO\xffQ", "a JPEG 2000 image"),
+    # Telegram's animated stickers (.tgs) are gzipped Lottie drawings, not pictures.
+    (b"\x1f\x8b", "a compressed file (an animated sticker is one: a drawing, not a picture)"),
 )
 _MARKUP_PREFIXES: Final = (
     (b"<!doctype html", "an HTML page"),

@@ -168,6 +168,27 @@ def _keep_better(best: dict[int, Match], match: Match) -> None:
         best[match.image.id] = match
 
 
+def _first_pictures(ranked: Sequence[int], records: dict[int, ImageRecord], top: int) -> set[int]:
+    """The ids among ``ranked`` that show the first ``top`` distinct pictures, a video's
+    frames counting as one picture (all of its frames ranked there are kept)."""
+    pictures: list[int] = []
+    for image_id in ranked:
+        record = records.get(image_id)
+        if record is None:
+            continue
+        picture = record.video_id if record.video_id is not None else record.id
+        if picture not in pictures:
+            if len(pictures) == top:
+                continue
+            pictures.append(picture)
+    return {
+        image_id
+        for image_id in ranked
+        if image_id in records
+        and (records[image_id].video_id or records[image_id].id) in pictures
+    }
+
+
 def _best_first(matches: dict[int, Match]) -> list[Match]:
     return sorted(matches.values(), key=lambda m: (m.score, m.inliers), reverse=True)
 
@@ -314,13 +335,34 @@ class QueryPipeline:
             verdicts.update(await self._verify(features, extra, timings))
         _keep_stronger(verdicts, framed_verdicts)
 
+        return await self._results(
+            ranked, verdicts, similarity, visible=visible, top=top, timings=timings
+        )
+
+    async def _results(
+        self,
+        ranked: Sequence[int],
+        verdicts: dict[int, Verification],
+        similarity: dict[int, float],
+        *,
+        visible: set[int],
+        top: int,
+        timings: StageTimings,
+    ) -> list[Match]:
+        """The ``top`` best pictures among the first ranked and the verified, best first."""
         clock = time.perf_counter()
-        shown = set(ranked[:top]) | {i for i, v in verdicts.items() if v.verified}
-        records = await self.catalog.get_many(sorted(shown))
+        # Several frames of one video may rank among the first: the first ``top``
+        # pictures are looked for among as many rows as ``top`` videos could fill.
+        looked_at = ranked[: top * max(1, self.settings.video_frames)]
+        verified = {i for i, v in verdicts.items() if v.verified}
+        records = await self.catalog.get_many(sorted({*looked_at, *verified}))
         wholes = await self._wholes(records)
         timings.add("catalog", time.perf_counter() - clock)
+        shown = _first_pictures(looked_at, records, top) | verified
         best: dict[int, Match] = {}
         for image_id, record in records.items():
+            if image_id not in shown:
+                continue
             # A frame found stands for its moving picture, shown once, by its best frame.
             whole = wholes.get(record.video_id) if record.video_id is not None else record
             if whole is None or whole.scope not in visible:  # defence in depth: never cross chats

@@ -9,7 +9,8 @@ What it emulates, in the shapes of the Bot API (``{"ok": true, "result": ...}`` 
 
 * methods getMe, deleteWebhook, getWebhookInfo, getUpdates (offset / limit / long-poll timeout /
   allowed_updates, and a 409 for a competing poll), sendMessage, sendPhoto, sendDocument,
-  sendMediaGroup, sendChatAction, setMyCommands, getMyCommands, deleteMyCommands, getChatMember,
+  sendVideo, sendAnimation, sendMediaGroup (photos with videos, or documents), sendChatAction,
+  setMyCommands, getMyCommands, deleteMyCommands, getChatMember,
   getFile, answerCallbackQuery, editMessageReplyMarkup, editMessageText, deleteMessage,
   deleteMessages, setMessageReaction, and file downloads under ``/file/bot<token>/<file_path>``;
 * updates of kinds message, edited_message and callback_query: a user presses an inline button
@@ -25,7 +26,8 @@ What it emulates, in the shapes of the Bot API (``{"ok": true, "result": ...}`` 
   for a seeded random share of calls; a refused call has no effect.
 
 The test drives the users' side synchronously (``create_user``, ``private_chat``,
-``create_group``, ``user_sends_text`` / ``_photo`` / ``_document`` / ``_album``) and awaits what
+``create_group``, ``user_sends_text`` / ``_photo`` / ``_document`` / ``_album`` / ``_video`` /
+``_animation`` / ``_video_note`` / ``_sticker``) and awaits what
 the bot did (``wait_for``, ``wait_for_messages``), with every call to the API recorded in
 ``calls`` and every message or chat action the bot produced recorded in ``outbox``.
 """
@@ -35,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import datetime as dtm
 import hashlib
 import io
@@ -49,6 +52,7 @@ from http import HTTPStatus
 from types import TracebackType
 from typing import Any, Literal, Self
 
+import cv2
 from aiohttp import BodyPartReader, web
 from PIL import Image, UnidentifiedImageError
 from telegram.ext import Application
@@ -723,6 +727,7 @@ class _StoredFile:
     height: int | None = None
     file_name: str | None = None
     mime_type: str | None = None
+    duration: int | None = None  # whole seconds, for videos and animations
 
 
 @dataclass(frozen=True)
@@ -756,6 +761,23 @@ def _photo_variants(data: bytes) -> list[_PhotoVariant]:
         variants.append(_PhotoVariant(buffer.getvalue(), *thumbnail.size))
     variants.append(_PhotoVariant(data, width, height))
     return variants
+
+
+def _video_facts(data: bytes) -> tuple[int, int, int]:
+    """Width, height and whole seconds of a video, as Telegram reports them (zeros for bytes
+    no decoder reads: Telegram, too, keeps such an upload as a file of unknown size)."""
+    stream = io.BytesIO(data)  # must outlive the capture, which reads it
+    capture = cv2.VideoCapture(stream, cv2.CAP_FFMPEG, [])
+    try:
+        if not capture.isOpened():
+            return 0, 0, 0
+        fps = capture.get(cv2.CAP_PROP_FPS)
+        frames = capture.get(cv2.CAP_PROP_FRAME_COUNT)
+        seconds = round(frames / fps) if fps > 0 and frames > 0 else 0
+        width = int(capture.get(cv2.CAP_PROP_FRAME_WIDTH))
+        return width, int(capture.get(cv2.CAP_PROP_FRAME_HEIGHT)), seconds
+    finally:
+        capture.release()
 
 
 def _short_hash(*parts: object, size: int = 9) -> str:
@@ -964,6 +986,8 @@ class TelegramEmulator:
             "sendMessage": self._send_message,
             "sendPhoto": self._send_photo,
             "sendDocument": self._send_document,
+            "sendVideo": self._send_video,
+            "sendAnimation": self._send_animation,
             "sendMediaGroup": self._send_media_group,
             "sendChatAction": self._send_chat_action,
             "setMyCommands": self._set_my_commands,
@@ -1395,6 +1419,103 @@ class TelegramEmulator:
         content.update(self._user_caption(caption))
         return self._user_message(chat, user, content, reply_to, None)
 
+    def user_sends_video(
+        self,
+        chat: EmulatedChat,
+        user: EmulatedUser,
+        data: bytes,
+        *,
+        caption: str | None = None,
+        reply_to: Mapping[str, Any] | int | None = None,
+    ) -> JsonDict:
+        """The user posts a video (an MP4, as Telegram clients send them)."""
+        stored = self._store_moving(data, kind="video", file_name="video.mp4")
+        content: JsonDict = {"video": self._media_api(stored, self._mint_file_id("BAAC"))}
+        content.update(self._user_caption(caption))
+        return self._user_message(chat, user, content, reply_to, None)
+
+    def user_sends_animation(
+        self,
+        chat: EmulatedChat,
+        user: EmulatedUser,
+        data: bytes,
+        *,
+        caption: str | None = None,
+        reply_to: Mapping[str, Any] | int | None = None,
+    ) -> JsonDict:
+        """The user posts a GIF, which Telegram turns into a silent MP4 "animation". As in
+        the Bot API, the message carries it twice: as ``animation`` and, for backward
+        compatibility, as ``document``."""
+        stored = self._store_moving(data, kind="animation", file_name="animation.gif.mp4")
+        file_id = self._mint_file_id("CgAC")
+        content: JsonDict = {
+            "animation": self._media_api(stored, file_id),
+            "document": self._document_api(stored, file_id),
+        }
+        content.update(self._user_caption(caption))
+        return self._user_message(chat, user, content, reply_to, None)
+
+    def user_sends_video_note(
+        self,
+        chat: EmulatedChat,
+        user: EmulatedUser,
+        data: bytes,
+        *,
+        reply_to: Mapping[str, Any] | int | None = None,
+    ) -> JsonDict:
+        """The user posts a video note (a round video message: square, no caption)."""
+        stored = self._store_moving(data, kind="video_note", file_name=None)
+        file_id = self._mint_file_id("DQAC")
+        self._files_by_id[file_id] = stored
+        note: JsonDict = {
+            "file_id": file_id,
+            "file_unique_id": stored.file_unique_id,
+            "length": stored.width or 0,
+            "duration": stored.duration or 0,
+            "file_size": stored.file_size,
+        }
+        return self._user_message(chat, user, {"video_note": note}, reply_to, None)
+
+    def user_sends_sticker(
+        self,
+        chat: EmulatedChat,
+        user: EmulatedUser,
+        data: bytes,
+        *,
+        kind: Literal["static", "video", "animated"],
+        emoji: str = "🙂",
+        reply_to: Mapping[str, Any] | int | None = None,
+    ) -> JsonDict:
+        """The user posts a sticker: a still WebP, a video WebM, or an animated (Lottie, .tgs)
+        one; stickers carry no caption."""
+        if kind == "static":
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+            stored = self._store_file(
+                data, folder="stickers", suffix=".webp", kind="sticker",
+                width=width, height=height,
+            )
+        elif kind == "video":
+            stored = self._store_moving(data, kind="sticker", file_name=None, suffix=".webm")
+        else:
+            stored = self._store_file(
+                data, folder="stickers", suffix=".tgs", kind="sticker", width=512, height=512
+            )
+        file_id = self._mint_file_id("CAAC")
+        self._files_by_id[file_id] = stored
+        sticker: JsonDict = {
+            "file_id": file_id,
+            "file_unique_id": stored.file_unique_id,
+            "type": "regular",
+            "width": stored.width or 0,
+            "height": stored.height or 0,
+            "is_animated": kind == "animated",
+            "is_video": kind == "video",
+            "emoji": emoji,
+            "file_size": stored.file_size,
+        }
+        return self._user_message(chat, user, {"sticker": sticker}, reply_to, None)
+
     def user_sends_oversized_document(
         self,
         chat: EmulatedChat,
@@ -1779,6 +1900,27 @@ class TelegramEmulator:
         content.update(self._bot_caption(params))
         return self._bot_posts(chat, params, [content])
 
+    def _send_video(self, params: Mapping[str, Any], files: Mapping[str, UploadedFile]) -> _Handled:
+        chat = self._target_chat(params)
+        content: JsonDict = {"video": self._resolve_moving(params.get("video"), files, "video")}
+        content.update(self._bot_caption(params))
+        return self._bot_posts(chat, params, [content])
+
+    def _send_animation(
+        self, params: Mapping[str, Any], files: Mapping[str, UploadedFile]
+    ) -> _Handled:
+        chat = self._target_chat(params)
+        animation = self._resolve_moving(params.get("animation"), files, "animation")
+        # As for users' animations, the document field repeats it (backward compatibility).
+        document = {
+            key: animation[key]
+            for key in ("file_name", "mime_type", "file_id", "file_unique_id", "file_size")
+            if key in animation
+        }
+        content: JsonDict = {"animation": animation, "document": document}
+        content.update(self._bot_caption(params))
+        return self._bot_posts(chat, params, [content])
+
     def _send_media_group(
         self, params: Mapping[str, Any], files: Mapping[str, UploadedFile]
     ) -> _Handled:
@@ -1795,11 +1937,7 @@ class TelegramEmulator:
         if len(media) < MIN_ALBUM_ITEMS:
             # The documented contract is 2-10 items; the emulator holds bots to it.
             raise _bad_request(f"wrong number of messages to send as an album: {len(media)}")
-        kinds = {item.get("type") if isinstance(item, dict) else None for item in media}
-        if not kinds <= {"photo", "document"}:
-            raise _bad_request("can't parse InputMedia: only photo and document are emulated")
-        if len(kinds) > 1:
-            raise _bad_request("document can't be mixed with other media types")
+        _check_album_kinds({item.get("type") if isinstance(item, dict) else None for item in media})
         contents: list[JsonDict] = []
         for item in media:
             if not item.get("media"):
@@ -1807,6 +1945,8 @@ class TelegramEmulator:
             content: JsonDict = {}
             if item["type"] == "photo":
                 content["photo"] = self._resolve_photo(item["media"], files, "media")
+            elif item["type"] == "video":
+                content["video"] = self._resolve_moving(item["media"], files, "media")
             else:
                 content["document"] = self._resolve_document(item["media"], files, "media")
             content.update(self._bot_caption(item))
@@ -2318,6 +2458,60 @@ class TelegramEmulator:
             )
         return photo
 
+    def _store_moving(
+        self, data: bytes, *, kind: str, file_name: str | None, suffix: str = ".mp4"
+    ) -> _StoredFile:
+        width, height, seconds = _video_facts(data)
+        stored = self._store_file(
+            data,
+            folder="videos" if kind != "sticker" else "stickers",
+            suffix=suffix,
+            kind=kind,
+            width=width,
+            height=height,
+            file_name=file_name,
+            mime_type="video/webm" if suffix == ".webm" else "video/mp4",
+        )
+        if stored.duration is None:
+            stored = dataclasses.replace(stored, duration=seconds)
+            self._files_by_path[stored.file_path] = stored
+            self._files_by_unique_id[stored.file_unique_id] = stored
+        return stored
+
+    def _media_api(self, stored: _StoredFile, file_id: str) -> JsonDict:
+        """A Video or Animation object (the two have the same fields)."""
+        self._files_by_id[file_id] = stored
+        media: JsonDict = {
+            "file_id": file_id,
+            "file_unique_id": stored.file_unique_id,
+            "width": stored.width or 0,
+            "height": stored.height or 0,
+            "duration": stored.duration or 0,
+        }
+        if stored.file_name is not None:
+            media["file_name"] = stored.file_name
+        if stored.mime_type is not None:
+            media["mime_type"] = stored.mime_type
+        media["file_size"] = stored.file_size
+        return media
+
+    def _resolve_moving(
+        self, value: Any, files: Mapping[str, UploadedFile], field_name: str
+    ) -> JsonDict:
+        """The Video or Animation object of a video a bot sends (an upload or a file_id)."""
+        source = self._uploaded_or_reference(value, files, field_name, field_name)
+        if isinstance(source, _StoredFile):
+            if source.file_unique_id in self._photo_sets:
+                raise _bad_request("type of file mismatch")
+            return self._media_api(source, self._mint_file_id("BAAC"))
+        if not source.data:
+            raise _bad_request("file must be non-empty")
+        suffix = _suffix(source.filename or "") or ".mp4"
+        stored = self._store_moving(
+            source.data, kind="video", file_name=source.filename, suffix=suffix
+        )
+        return self._media_api(stored, self._mint_file_id("BAAC"))
+
     def _document_api(self, stored: _StoredFile, file_id: str) -> JsonDict:
         self._files_by_id[file_id] = stored
         document: JsonDict = {}
@@ -2397,6 +2591,16 @@ class TelegramEmulator:
         if canonical is None:
             raise ValueError(f"{method!r} is not a method this emulator answers")
         return canonical
+
+
+def _check_album_kinds(kinds: set[Any]) -> None:
+    """sendMediaGroup takes audio, document, photo and video items; documents only alone."""
+    if "animation" in kinds:
+        raise _bad_request("can't parse InputMedia: animations can't be sent in an album")
+    if not kinds <= {"photo", "video", "document"}:
+        raise _bad_request("can't parse InputMedia: only photo, video and document are emulated")
+    if "document" in kinds and len(kinds) > 1:
+        raise _bad_request("document can't be mixed with other media types")
 
 
 def _suffix(file_name: str) -> str:
