@@ -58,16 +58,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
-import dask.config
 import numpy as np
 import psutil
-from distributed import Client, LocalCluster
+from distributed import Client
 
 from bench.common import list_photos, machine_info, markdown_table, median, write_json
 from indexer.analysis import analyze_bytes
 from indexer.build import COMMIT_EVERY, DaskOptions, build_index
 from indexer.catalog import GLOBAL_SCOPE, Catalog, NewImage
-from indexer.distributed import QUIET_CLUSTER_CONFIG
+from indexer.distributed import QUIET_CLUSTER_CONFIG, local_cluster
 from indexer.features import LocalFeatures
 from indexer.search import CATALOG_FILE, SearchService
 from indexer.settings import EngineSettings
@@ -109,15 +108,12 @@ def repeat_order(repeat: int) -> list[Mode]:
 @contextlib.asynccontextmanager
 async def cluster_for(mode: Mode) -> AsyncIterator[DaskOptions | None]:
     """The Dask options a mode's build runs with, and for ``dask_defaults`` its LocalCluster,
-    started as ``local:N`` starts one but with Dask's default configuration."""
+    started as ``local:N`` starts one but with Dask's default settings."""
     if not mode.dask_defaults or mode.dask is None:
         yield mode.dask
         return
-    async with LocalCluster(
-        n_workers=mode.processes, threads_per_worker=1, processes=True,
-        dashboard_address="127.0.0.1:0", asynchronous=True,
-    ) as cluster:  # fmt: skip
-        yield replace(mode.dask, address=cluster.scheduler_address)
+    async with local_cluster(mode.processes, config={}) as address:
+        yield replace(mode.dask, address=address)
 
 
 def linked_photos(photos: Sequence[Path], folder: Path) -> Path:
@@ -180,15 +176,14 @@ async def throughput(photos: Path, count: int, repeats: int, scratch: Path) -> d
 async def idle_cost(workers: int, seconds: float, *, quiet: bool) -> float:
     """CPU seconds that a LocalCluster of ``workers`` processes and a connected client use
     in ``seconds`` of doing nothing, with the settings ``local:N`` uses or Dask's own."""
-    with dask.config.set(QUIET_CLUSTER_CONFIG if quiet else {}):
-        async with LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True,
-            dashboard_address="127.0.0.1:0", asynchronous=True,
-        ) as cluster, Client(cluster.scheduler_address, asynchronous=True) as client:  # fmt: skip
-            await client.wait_for_workers(workers)
-            await asyncio.sleep(IDLE_SETTLE_S)  # past the workers' start
-            with TreeCpu() as cpu:
-                await asyncio.sleep(seconds)
+    async with (
+        local_cluster(workers, QUIET_CLUSTER_CONFIG if quiet else {}) as address,
+        Client(address, asynchronous=True) as client,
+    ):
+        await client.wait_for_workers(workers)
+        await asyncio.sleep(IDLE_SETTLE_S)  # past the workers' start
+        with TreeCpu() as cpu:
+            await asyncio.sleep(seconds)
     return cpu.seconds
 
 

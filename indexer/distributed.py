@@ -26,7 +26,7 @@ import contextlib
 import datetime
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -297,19 +297,7 @@ async def connect(options: DaskOptions, root: str) -> AsyncIterator[ClusterSessi
     address = options.address
     async with contextlib.AsyncExitStack() as stack:
         if address.startswith(LOCAL_CLUSTER_PREFIX):
-            # Read when the scheduler, the nannies and the workers start; the nannies pass
-            # them on to the worker processes.
-            stack.enter_context(dask.config.set(QUIET_CLUSTER_CONFIG))
-            cluster = await stack.enter_async_context(
-                LocalCluster(
-                    n_workers=_local_workers(address),
-                    threads_per_worker=1,
-                    processes=True,
-                    dashboard_address="127.0.0.1:0",
-                    asynchronous=True,
-                )
-            )
-            address = cluster.scheduler_address
+            address = await stack.enter_async_context(local_cluster(_local_workers(address)))
         elif "://" not in address:
             raise ClusterError(
                 f"--dask {address!r}: give a scheduler as tcp://HOST:PORT, or local:N"
@@ -328,6 +316,25 @@ async def connect(options: DaskOptions, root: str) -> AsyncIterator[ClusterSessi
             ) from error
         log.info("extracting on %d Dask workers at %s", len(await client.nthreads()), address)
         yield ClusterSession(client, options, root)
+
+
+@contextlib.asynccontextmanager
+async def local_cluster(
+    workers: int, config: Mapping[str, object] = QUIET_CLUSTER_CONFIG
+) -> AsyncIterator[str]:
+    """A LocalCluster of ``workers`` single-threaded processes on loopback, run with
+    ``config`` (Dask's own settings where it is empty); yields its scheduler's address."""
+    # Read when the scheduler, the nannies and the workers start; the nannies pass them on
+    # to the worker processes they start, again after a worker dies.
+    with dask.config.set(config):
+        async with LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address="127.0.0.1:0",
+            asynchronous=True,
+        ) as cluster:
+            yield cluster.scheduler_address
 
 
 def _local_workers(address: str) -> int:
