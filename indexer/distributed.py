@@ -63,10 +63,11 @@ CONNECT_TIMEOUT_S = 30.0
 # scheduler, nanny and worker checks its event loop every 20 ms and its process's CPU,
 # memory and I/O every 0.5 s, the nanny and the worker check the worker's memory every
 # 0.1 s, and the worker samples its threads' stacks every 10 ms. An idle LocalCluster of one
-# worker spends 1.7 CPU seconds every 30 s on that; with these settings 0.2 (measured with
-# bench/cluster.py, docs/BENCHMARKS.md). A build's tasks are alike and fed two per thread,
-# so work stealing and the active memory manager have nothing to do. docs/CLUSTER.md gives
-# the same settings for a scheduler and workers started by hand.
+# worker spends 1.26 CPU seconds every 20 s on that, 0.26 with these settings; a build on
+# `local:2` used 22% more CPU than a local build, and 2% more with them (bench/cluster.py,
+# docs/BENCHMARKS.md). A build's tasks are alike and fed two per thread, so work stealing
+# and the active memory manager have nothing to do. docs/CLUSTER.md gives the same
+# settings for a scheduler and workers started by hand.
 QUIET_CLUSTER_CONFIG: dict[str, object] = {
     "distributed.admin.tick.interval": "1s",
     "distributed.admin.tick.cycle": "5s",
