@@ -21,7 +21,7 @@ from indexer.errors import (
     UnsupportedFormatError,
 )
 from indexer.features import LocalFeatures, extract_features
-from indexer.framing import find_inner_photos
+from indexer.framing import find_frame_marks, find_framed_photo, find_inner_photos
 from indexer.images import WorkingImage, load_working_image, read_image_file
 from indexer.moving import (
     MovingPicture,
@@ -56,6 +56,10 @@ class Analysis:
     # meme's caption bars, a page, a collage), the likeliest first, to be
     # searched on their own if the whole image fails.
     frames: tuple[Region, ...] = ()
+    # Queries only: which keypoints of ``features`` are marks on the frame around
+    # a framed photo (a status bar's clock, an icon). Two phones' frames alike
+    # match as readily as two copies of a photo: a verdict must not rest on them.
+    frame_marks: npt.NDArray[np.bool_] | None = None
     # A moving picture only: its frames described so far, in time order (the
     # first is ``features``), and the indices of the frames still to describe
     # (:func:`analyze_video_frame`): a query describes the next only while
@@ -99,6 +103,7 @@ def analyze_bytes(data: bytes, settings: EngineSettings, *, for_query: bool = Fa
         max_keypoints=settings.query_keypoints if for_query else settings.max_keypoints,
         params=settings.query_kaze if for_query else settings.kaze,
     )
+    framed = find_framed_photo(image.gray) if for_query else None
     return Analysis(
         features=features,
         content_hash=hashlib.sha256(data).hexdigest(),
@@ -106,7 +111,8 @@ def analyze_bytes(data: bytes, settings: EngineSettings, *, for_query: bool = Fa
         height=image.height,
         file_size=len(data),
         format=image.format,
-        frames=tuple(find_inner_photos(image.gray)) if for_query else (),
+        frames=tuple(find_inner_photos(image.gray, framed)) if for_query else (),
+        frame_marks=find_frame_marks(image.gray, features.points, framed) if for_query else None,
     )
 
 

@@ -45,11 +45,10 @@ MAX_INNER_PHOTOS = 9
 SAME_REGION_IOU = 0.7
 
 
-def find_inner_photos(gray: npt.NDArray[np.uint8]) -> list[Region]:
-    """Photos shown inside ``gray``, the likeliest first: the framed photo (see
-    :func:`find_framed_photo`), then pictures on a page or in a collage (see
-    :func:`find_embedded_photos`). Empty for most photos."""
-    framed = find_framed_photo(gray)
+def find_inner_photos(gray: npt.NDArray[np.uint8], framed: Region | None) -> list[Region]:
+    """Photos shown inside ``gray``, the likeliest first: ``framed``, the framed
+    photo :func:`find_framed_photo` found, then pictures on a page or in a
+    collage (see :func:`find_embedded_photos`). Empty for most photos."""
     found = [] if framed is None else [framed]
     for region in find_embedded_photos(gray, limit=MAX_INNER_PHOTOS):
         if all(region.overlap(other) < SAME_REGION_IOU for other in found):
@@ -62,14 +61,10 @@ def find_framed_photo(gray: npt.NDArray[np.uint8]) -> Region | None:
 
     ``None`` is the common answer, not an error: most photos are not framed.
     """
-    if gray.ndim != 2 or min(gray.shape) < MIN_SIDE_PIXELS:
+    background = _frame_background(gray)
+    if background is None:
         return None
     height, width = gray.shape
-    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]]).astype(np.int16)
-    levels, counts = np.unique(border, return_counts=True)
-    background = int(levels[np.argmax(counts)])
-    if np.mean(np.abs(border - background) <= BACKGROUND_TOLERANCE) < MIN_FLAT_BORDER:
-        return None
     content = np.abs(gray.astype(np.int16) - background) > BACKGROUND_TOLERANCE
 
     top, bottom = _longest_run(content.mean(axis=1), max_gap=_gap(height))
@@ -81,6 +76,64 @@ def find_framed_photo(gray: npt.NDArray[np.uint8]) -> Region | None:
     if (bottom - top) * (right - left) > MAX_AREA_SHARE * height * width:
         return None
     return Region(left / width, top / height, right / width, bottom / height)
+
+
+def _frame_background(gray: npt.NDArray[np.uint8]) -> int | None:
+    """The grey level of the flat border a framed photo lies on, or ``None``
+    when the image's outermost pixels are not flat enough to be a frame."""
+    if gray.ndim != 2 or min(gray.shape) < MIN_SIDE_PIXELS:
+        return None
+    border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]]).astype(np.int16)
+    levels, counts = np.unique(border, return_counts=True)
+    background = int(levels[np.argmax(counts)])
+    if np.mean(np.abs(border - background) <= BACKGROUND_TOLERANCE) < MIN_FLAT_BORDER:
+        return None
+    return background
+
+
+# A keypoint outside the framed photo is one of the frame's marks (a status bar's
+# clock, a user name, an icon) when at least this share of the square around it
+# is the frame's background: marks are sparse. The square's side is this share of
+# the image's shorter side, a few lines of an app's interface.
+MIN_BACKGROUND_AROUND_MARK = 0.5
+MARK_SURROUNDINGS_SHARE = 0.2
+
+
+def find_frame_marks(
+    gray: npt.NDArray[np.uint8], points: npt.NDArray[np.float32], framed: Region | None
+) -> npt.NDArray[np.bool_]:
+    """Which ``points`` (x, y pixels of ``gray``) are marks on the frame around
+    ``framed`` (see :func:`find_framed_photo`): outside the photo, and among
+    mostly flat background. All false when nothing is framed.
+
+    Telling the marks apart from the rest makes a wrong ``framed`` harmless: a
+    plain photo whose flat sky or caption bar was taken for the photo's frame
+    has its own texture around the keypoints outside ``framed``, not background.
+    """
+    marks = np.zeros(len(points), dtype=bool)
+    background = _frame_background(gray)
+    if framed is None or background is None or not len(points):
+        return marks
+    height, width = gray.shape
+    x = np.clip(np.rint(points[:, 0]).astype(np.intp), 0, width - 1)
+    y = np.clip(np.rint(points[:, 1]).astype(np.intp), 0, height - 1)
+    outside = ~(
+        (x >= framed.left * width)
+        & (x < framed.right * width)
+        & (y >= framed.top * height)
+        & (y < framed.bottom * height)
+    )
+    flat = np.abs(gray.astype(np.int16) - background) <= BACKGROUND_TOLERANCE
+    # Sums over any rectangle from one cumulative table, clipped at the image's edges.
+    table = np.zeros((height + 1, width + 1), dtype=np.int64)
+    table[1:, 1:] = flat.cumsum(axis=0).cumsum(axis=1)
+    reach = max(1, round(MARK_SURROUNDINGS_SHARE * min(height, width) / 2))
+    left, right = np.maximum(x - reach, 0), np.minimum(x + reach + 1, width)
+    top, bottom = np.maximum(y - reach, 0), np.minimum(y + reach + 1, height)
+    flat_around = table[bottom, right] - table[top, right] - table[bottom, left] + table[top, left]
+    share = flat_around / ((right - left) * (bottom - top))
+    marks[:] = outside & (share >= MIN_BACKGROUND_AROUND_MARK)
+    return marks
 
 
 def _gap(side: int) -> int:

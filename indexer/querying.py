@@ -244,7 +244,12 @@ class QueryPipeline:
             _inner_loader(self.pool, source, frame, self.settings) for frame in analysis.frames
         ]
         return await self.search(
-            analysis.features, scope=scope, top=top, timings=timings, inner=inner
+            analysis.features,
+            scope=scope,
+            top=top,
+            timings=timings,
+            inner=inner,
+            frame_marks=analysis.frame_marks,
         )
 
     async def search(
@@ -255,9 +260,14 @@ class QueryPipeline:
         top: int = 5,
         timings: StageTimings | None = None,
         inner: Sequence[FramedLoader] = (),
+        frame_marks: npt.NDArray[np.bool_] | None = None,
         first_look_only: bool = False,
     ) -> list[Match]:
         """Search with features already extracted (see :meth:`query`).
+
+        ``frame_marks`` are the query's keypoints on a frame around the photo
+        it shows (``Analysis.frame_marks``): no verdict may rest on them alone
+        (see :func:`verify_candidates`).
 
         ``inner`` extract the features of the photos shown inside the query (a
         framed photo, pictures on a page), likeliest first; they are called, one
@@ -292,10 +302,12 @@ class QueryPipeline:
         ranked = look.order(similarity)
         # The original is nearly always first: verify the top two alone, and the
         # rest of the first batch only when they leave doubt.
-        verdicts = await self._verify(features, ranked[:2], timings)
+        verdicts = await self._verify(features, ranked[:2], timings, frame_marks)
         if not any(v.verified and v.inliers >= _CONFIDENT_INLIERS for v in verdicts.values()):
             verdicts.update(
-                await self._verify(features, ranked[2 : self.settings.first_batch], timings)
+                await self._verify(
+                    features, ranked[2 : self.settings.first_batch], timings, frame_marks
+                )
             )
         # An inner photo's verdicts are kept apart: a candidate it rejects may
         # still verify against the whole query, and each has a budget of its own.
@@ -332,7 +344,7 @@ class QueryPipeline:
             timings.add("candidates", time.perf_counter() - clock)
             voted = _alternated([i for i, _ in look.votes], [i for i, _ in mirror_votes])
             extra = [i for i in _alternated(voted, fused) if i not in verdicts][:budget]
-            verdicts.update(await self._verify(features, extra, timings))
+            verdicts.update(await self._verify(features, extra, timings, frame_marks))
         _keep_stronger(verdicts, framed_verdicts)
 
         return await self._results(
@@ -561,7 +573,11 @@ class QueryPipeline:
         return await self._verify(inner, ranked[: self.settings.first_batch], timings)
 
     async def _verify(
-        self, features: LocalFeatures, ids: Sequence[int], timings: StageTimings
+        self,
+        features: LocalFeatures,
+        ids: Sequence[int],
+        timings: StageTimings,
+        frame_marks: npt.NDArray[np.bool_] | None = None,
     ) -> dict[int, Verification]:
         if not ids:
             return {}
@@ -571,7 +587,11 @@ class QueryPipeline:
         present = [i for i in ids if i in stored]
         clock = time.perf_counter()
         verdicts = await self.pool.run(
-            verify_candidates, features, [stored[i] for i in present], params=self.settings.verify
+            verify_candidates,
+            features,
+            [stored[i] for i in present],
+            params=self.settings.verify,
+            frame_marks=frame_marks,
         )
         timings.add("verify", time.perf_counter() - clock)
         return dict(zip(present, verdicts, strict=True))

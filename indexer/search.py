@@ -329,7 +329,11 @@ class SearchService:
         if same_bytes is not None:
             return same_bytes
         for match in await self.pipeline.search(
-            analysis.features, scope=scope, top=1, first_look_only=True
+            analysis.features,
+            scope=scope,
+            top=1,
+            frame_marks=analysis.frame_marks,
+            first_look_only=True,
         ):
             if match.verified:
                 return match.image

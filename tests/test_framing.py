@@ -12,16 +12,19 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
 
+from indexer.features import extract_features
 from indexer.framing import (
     MAX_AREA_SHARE,
     MAX_PICTURE_AREA,
     MIN_PICTURE_AREA,
     find_embedded_photos,
+    find_frame_marks,
     find_framed_photo,
     find_inner_photos,
 )
 from indexer.images import load_working_image
 from indexer.regions import Region
+from indexer.verify import verify_candidates
 from testsupport.edits import compose_collage, compose_page
 
 Gray = npt.NDArray[np.uint8]
@@ -90,6 +93,56 @@ def test_text_lines_on_a_page_are_not_a_photo() -> None:
     assert find_framed_photo(page) is None
 
 
+# -- marks on a frame: a status bar, an app's icons ---------------------------------------
+
+
+def keypoints_of(gray: Gray) -> npt.NDArray[np.float32]:
+    return extract_features(gray, max_keypoints=1000).points
+
+
+def test_the_marks_on_a_screenshots_frame_are_its_keypoints_outside_the_photo() -> None:
+    gray = working_gray(screenshotted(photo_array("coffee")))
+    framed = find_framed_photo(gray)
+    assert framed is not None
+    points = keypoints_of(gray)
+
+    marks = find_frame_marks(gray, points, framed)
+
+    height, width = gray.shape
+    x, y = points[:, 0] / width, points[:, 1] / height
+    in_photo = (x >= framed.left) & (x < framed.right) & (y >= framed.top) & (y < framed.bottom)
+    assert not marks[in_photo].any()
+    # The clock, the user name, the icons and the caption: nearly all that lies around the photo.
+    assert marks[~in_photo].mean() > 0.8, marks[~in_photo].mean()
+
+
+def test_a_photo_taken_for_the_frame_keeps_its_verdict() -> None:
+    # Two photos on white, the lower one taller: the lower one is taken for the framed
+    # photo, and the upper one, outside it, is mostly texture, not marks.
+    upper = working_gray(photo_array("astronaut"))[100:260, 100:420]
+    page = np.full((600, 400), 250, np.uint8)
+    page[40:200, 40:360] = upper
+    page[260:560, 40:360] = working_gray(photo_array("coffee"))[50:350, 100:420]
+    framed = find_framed_photo(page)
+    assert framed is not None
+    assert framed.top > 0.4
+    query = extract_features(page, max_keypoints=1000)
+    marks = find_frame_marks(page, query.points, framed)
+    assert marks.any()  # only near the upper photo's edges, where the page shows around them
+
+    verdicts = verify_candidates(
+        query, [extract_features(upper, max_keypoints=1000)], frame_marks=marks
+    )
+
+    assert verdicts[0].verified
+
+
+def test_without_a_framed_photo_nothing_is_a_mark() -> None:
+    gray = working_gray(photo_array("rocket"))
+
+    assert not find_frame_marks(gray, keypoints_of(gray), None).any()
+
+
 @settings(max_examples=60, deadline=None)
 @given(FEW_LEVEL_PICTURES)
 def test_any_frame_found_is_a_large_part_inside_the_picture(gray: Gray) -> None:
@@ -153,7 +206,8 @@ def test_a_photo_on_a_tilted_page_is_found() -> None:
         moved[:, 0].max() / width, moved[:, 1].max() / height,
     )
 
-    found = find_inner_photos(working_gray(page.image))
+    gray = working_gray(page.image)
+    found = find_inner_photos(gray, find_framed_photo(gray))
 
     assert max((region.overlap(target) for region in found), default=0.0) > 0.7, found
 

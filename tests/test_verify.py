@@ -11,16 +11,19 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 import pytest
-from conftest import photo_array
+from conftest import jpeg_bytes, photo_array
 from engine_fixtures import rotated
 
+from indexer.analysis import Analysis, analyze_bytes
 from indexer.features import DESCRIPTOR_SIZE, LocalFeatures, extract_features
+from indexer.settings import EngineSettings
 from indexer.verify import (
     Verification,
     VerifyParams,
     batched_mutual_ratio_matches,
     verify_candidates,
 )
+from testsupport.edits import EDITS_BY_NAME
 
 FloatArray = npt.NDArray[np.float32]
 WIDTH, HEIGHT = 640, 480
@@ -283,3 +286,37 @@ def test_different_photos_are_not_verified(astronaut: LocalFeatures, other: str)
     verdict = verdict_for(features_of(photo_array(other), keypoints=1000), astronaut)
 
     assert not verdict.verified
+
+
+# -- the frame around a photo --------------------------------------------------------------
+
+
+def analysis_of(image: npt.NDArray[np.uint8], *, for_query: bool) -> Analysis:
+    return analyze_bytes(jpeg_bytes(image, 90), EngineSettings(), for_query=for_query)
+
+
+@pytest.mark.parametrize(("photo", "other"), [("astronaut", "coffee"), ("rocket", "chelsea")])
+def test_screenshots_of_different_photos_are_not_the_same_picture(photo: str, other: str) -> None:
+    screenshot = EDITS_BY_NAME["screenshot"]
+    query = analysis_of(screenshot.edit(photo_array(photo), 1), for_query=True)
+
+    def added(image: npt.NDArray[np.uint8]) -> LocalFeatures:
+        """The features the bot stores of a photo it adds (a query's)."""
+        return analysis_of(image, for_query=True).features
+
+    # Seeds 1 and 4 draw the same phone: status bar, app bar and buttons alike.
+    other_screenshot = added(screenshot.edit(photo_array(other), 4))
+    copies = [added(screenshot.edit(photo_array(photo), 3)), added(photo_array(photo))]
+    # Those alone make the two screenshots match: what the photo's frame must not decide.
+    (by_the_frame,) = verify_candidates(query.features, [other_screenshot])
+    assert by_the_frame.verified
+    unchecked = verify_candidates(query.features, copies)
+    assert unchecked[0].verified
+
+    verdicts = verify_candidates(
+        query.features, [other_screenshot, *copies], frame_marks=query.frame_marks
+    )
+
+    assert not verdicts[0].verified
+    # What verifies on the photo itself still does.
+    assert [v.verified for v in verdicts[1:]] == [v.verified for v in unchecked]
