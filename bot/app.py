@@ -13,13 +13,14 @@ import logging
 from pathlib import Path
 from typing import Any, Final, TypeAlias
 
-from telegram import BotCommand, LinkPreviewOptions
+from telegram import BotCommand, LinkPreviewOptions, Update
 from telegram.constants import ParseMode
 from telegram.error import NetworkError, TelegramError
 from telegram.ext import (
     AIORateLimiter,
     Application,
     ApplicationBuilder,
+    BaseHandler,
     CallbackQueryHandler,
     CommandHandler,
     ContextTypes,
@@ -29,11 +30,13 @@ from telegram.ext import (
     MessageHandler,
     filters,
 )
+from telegram.request import HTTPXRequest
 
 from bot import handlers, replies, watching
 from bot.access import AccessPolicy
 from bot.context import BotContext, BotData, required
 from bot.incoming import PICTURES, WATCHED_PICTURES, CaptionCommand, MentionsThisBot
+from bot.intake import AcknowledgingRequest, UpdateIntake
 from bot.settings import BotSettings
 from bot.watch import RepostWatch
 from indexer import CpuPool, EngineSettings, IndexNotFoundError, SearchService
@@ -53,7 +56,8 @@ BotApplication: TypeAlias = Application[
 
 
 class PatientApplication(BotApplication):
-    """The bot's Application: says once, in one line, that Telegram cannot be reached yet.
+    """The bot's Application: says once, in one line, that Telegram cannot be reached yet, and
+    settles each update it processes for :class:`bot.intake.UpdateIntake`.
 
     ``run_polling(bootstrap_retries=-1)`` makes PTB retry :meth:`initialize` (its first
     call to Telegram) with growing pauses, up to 30 s apart, but it logs the failures only
@@ -61,6 +65,22 @@ class PatientApplication(BotApplication):
     """
 
     _told_unreachable = False
+    intake: UpdateIntake | None = None  # set by build_application
+    # Handlers whose work must be stored before Telegram may forget the update: the watch's.
+    durable_handlers: tuple[BaseHandler[Any, Any, Any], ...] = ()
+
+    async def process_update(self, update: object) -> None:
+        """Process ``update``, settling it when it may be acknowledged: at once, or after its
+        durable handler ran (see :mod:`bot.intake`)."""
+        if self.intake is None or not isinstance(update, Update):
+            await super().process_update(update)
+            return
+        if not any(handler.check_update(update) for handler in self.durable_handlers):
+            self.intake.settled(update.update_id)
+        try:
+            await super().process_update(update)
+        finally:
+            self.intake.settled(update.update_id)
 
     async def initialize(self) -> None:
         try:
@@ -86,10 +106,13 @@ def build_application(
     ``engine_settings`` apply to a new index (an existing one keeps the settings it was built
     with); the default suits real collections.
     """
+    intake = UpdateIntake()
     builder = (
         ApplicationBuilder()
         .application_class(PatientApplication)
         .token(settings.telegram.token.reveal())
+        # PTB's own getUpdates request (one connection), held until the updates are taken in.
+        .get_updates_request(AcknowledgingRequest(HTTPXRequest(connection_pool_size=1), intake))
         .context_types(ContextTypes(context=BotContext, bot_data=BotData))
         .defaults(
             Defaults(
@@ -109,14 +132,20 @@ def build_application(
         builder = builder.base_url(settings.telegram.api_base_url).base_file_url(
             settings.telegram.api_file_url
         )
-    application: BotApplication = builder.build()
+    application = builder.build()
+    assert isinstance(application, PatientApplication)  # noqa: S101 - the class set above
     application.bot_data.settings = settings
     application.bot_data.access = AccessPolicy(settings.access)
-    _add_handlers(application, settings)
+    application.intake = intake
+    application.durable_handlers = _add_handlers(application, settings)
     return application
 
 
-def _add_handlers(application: BotApplication, settings: BotSettings) -> None:
+def _add_handlers(
+    application: BotApplication, settings: BotSettings
+) -> tuple[BaseHandler[Any, Any, Any], ...]:
+    """Register every handler; returns those whose work must be stored before an update is
+    acknowledged (see :mod:`bot.intake`)."""
     new_message = filters.UpdateType.MESSAGE  # edits of old requests are not new requests
     image = PICTURES
     commanded = CaptionCommand("search") | CaptionCommand("add") | CaptionCommand("remove")
@@ -150,17 +179,16 @@ def _add_handlers(application: BotApplication, settings: BotSettings) -> None:
     # The watch sees every image of a group (new or with its photo edited) in a group of its
     # own, so that a photo mentioning the bot is both searched and watched. Photos sent with a
     # command are the command's: /add keeps them, and a later copy links to them.
-    application.add_handler(
-        MessageHandler(
-            (filters.UpdateType.MESSAGE | filters.UpdateType.EDITED_MESSAGE)
-            & filters.ChatType.GROUPS
-            & WATCHED_PICTURES
-            & ~commanded,
-            watching.watched_photo,
-        ),
-        group=1,
+    watch_intake = MessageHandler(
+        (filters.UpdateType.MESSAGE | filters.UpdateType.EDITED_MESSAGE)
+        & filters.ChatType.GROUPS
+        & WATCHED_PICTURES
+        & ~commanded,
+        watching.watched_photo,
     )
+    application.add_handler(watch_intake, group=1)
     application.add_error_handler(handlers.on_error)
+    return (watch_intake,)
 
 
 async def _open_engine(

@@ -686,6 +686,17 @@ async def test_the_bot_says_the_disk_is_full_saves_nothing_and_a_later_retry_wor
 # --- the bot killed while it checks a watched group's photos ----------------------------------
 
 
+ACK_WINDOW_S = 2.0
+
+
+def fetched(call: BotCall, message: dict[str, Any]) -> bool:
+    """Whether ``call`` is a getUpdates that gave the bot ``message``."""
+    return call.method == "getUpdates" and any(
+        (update.get("message") or {}).get("message_id") == message["message_id"]
+        for update in call.result or []
+    )
+
+
 def watched_state(index: Path, chat_id: int, message_id: int) -> tuple[int, int]:
     """(rows in the watch inbox, sightings) of one message, read from outside the bot."""
     with contextlib.closing(sqlite3.connect(index / CATALOG_FILE, timeout=30)) as connection:
@@ -710,11 +721,23 @@ async def kill_bot_during_watched_add(
     data: bytes,
     how: str,
 ) -> tuple[str, dict[str, Any]]:
-    """Post ``data`` in a watched group and SIGKILL the bot: as soon as the photo is in the
+    """Post ``data`` in a watched group and SIGKILL the bot: after it got the update while its
+    inbox row waits for the catalog's write lock (``"fetched"``), as soon as the photo is in the
     watch's inbox (``"received"``), as it fetches the photo (``"downloaded"``), or while the
     add waits for the catalog's write lock after writing the original (``"file-written"``)."""
     target = f"{ORIGINALS_DIR}/{sha256(data)[:2]}/{sha256(data)}.jpg"
     deadline = time.monotonic() + PROCESS_DEADLINE_S
+    if how == "fetched":
+        with CatalogWriteLock(index):
+            request = emu.user_sends_photo(group, user, data)
+            await emu.wait_for(lambda calls: any(fetched(call, request) for call in calls))
+            # Time enough for PTB to ask for the next updates, which tells Telegram this one
+            # arrived: the bot must hold that back until the photo is in its inbox.
+            await asyncio.sleep(ACK_WINDOW_S)
+            unacknowledged = emu.pending_update_count
+            await bot.kill()
+        assert unacknowledged >= 1, "Telegram was told the photo arrived before it was stored"
+        return "killed while the photo it got waited to enter the inbox", request
     if how == "downloaded":
         downloads = len(emu.calls_of("getFile"))
         request = emu.user_sends_photo(group, user, data)
@@ -746,7 +769,7 @@ async def test_a_bot_killed_during_watched_adds_loses_no_photo_and_links_reposts
     group = emu.create_group("Watched", [alice], chat_type="supergroup")
     emu.set_member_status(group, alice, "administrator")
     emu.set_member_status(group, emu.bot_user, "administrator")  # it sees every photo
-    kill_points = ["received", "downloaded", "file-written"]
+    kill_points = ["fetched", "received", "downloaded", "file-written"]
     seeds = [700 + number for number in range(len(kill_points))]
     pictures = [drawing(seed) for seed in seeds]
     problems: list[str] = []
