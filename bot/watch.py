@@ -20,7 +20,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final, Literal, TypeVar, cast, get_args
 
@@ -35,6 +35,7 @@ from indexer import (
     GLOBAL_SCOPE,
     ImageError,
     ImageRecord,
+    IndexerError,
     NotFoundError,
     SearchService,
     message_link,
@@ -451,6 +452,7 @@ class RepostWatch:
             )
         )
         started = time.perf_counter()
+        analysis = await self.service.analyze(data)
         result = await self.service.add(
             data,
             scope=photo.chat_id,
@@ -458,10 +460,20 @@ class RepostWatch:
             origin_chat_id=photo.chat_id,
             origin_message_id=photo.message_id,
             telegram_file_id=photo.file_id if photo.is_photo else None,
+            analysis=analysis,
         )
+        image = result.image
+        apart = [] if result.created else await self.records.pictures_apart_from(
+            photo.chat_id, image.id
+        )
+        if apart:
+            # The chat said some photos taken for this picture are pictures of their own:
+            # this photo is the one of them it shares the most with.
+            closest = await self.service.closest_picture(analysis, [image.id, *apart])
+            if closest is not None and closest != image.id:
+                image = await self.service.get(closest)
         self.figures.add_time(self.figures.engine_s, time.perf_counter() - started)
         self.figures.checked += 1
-        image = result.image
         first, times_seen = await self._history(photo, image, settings)
         dismissed = first is not None and await self.records.is_dismissed(
             photo.chat_id, image.id, photo.file_unique_id
@@ -605,13 +617,50 @@ class RepostWatch:
             rows = [] if row is None or row["dismissed"] else [row]
         return [Sighting.from_row(row) for row in rows]
 
-    async def dismiss(self, sightings: Sequence[Sighting]) -> None:
-        """ "Not a repost": these pairs of pictures are never called a repost again."""
-        if sightings:
-            await self.records.dismiss(
-                sightings[0].chat_id,
-                [(s.message_id, s.image_id, s.file_unique_id) for s in sightings],
+    async def dismiss(
+        self, sightings: Sequence[Sighting], files: Mapping[int, Attachment]
+    ) -> None:
+        """ "Not a repost": each photo becomes a picture of its own, kept apart from the one
+        it was taken for, so that neither it nor another copy of it is called a repost of that
+        one again (a later copy of it is a repost of it). ``files`` are the photos at hand, by
+        message id; a photo not among them, or that cannot be fetched again, is remembered by
+        its file alone."""
+        for sighting in sightings:
+            file = files.get(sighting.message_id)
+            own = None if file is None else await self._own_picture(sighting, file)
+            if own is None:
+                await self.records.dismiss(
+                    sighting.chat_id,
+                    [(sighting.message_id, sighting.image_id, sighting.file_unique_id)],
+                )
+            else:
+                await self.records.keep_apart(
+                    sighting.chat_id, sighting.message_id, sighting.image_id, own
+                )
+
+    async def _own_picture(self, sighting: Sighting, file: Attachment) -> int | None:
+        """The photo of ``sighting`` added as a picture apart from the one it was taken for;
+        None when it cannot be (a failed download, the very same bytes)."""
+        try:
+            data = await download(self._bot, file)
+            result = await self.service.add(
+                data,
+                scope=sighting.chat_id,
+                added_by=sighting.sender_name,
+                origin_chat_id=sighting.chat_id,
+                origin_message_id=sighting.message_id,
+                added_at=sighting.posted_at,
+                distinct_from=(sighting.image_id,),
             )
+        except (RefusedError, TelegramError, IndexerError) as error:
+            log.warning(
+                "message %s in %s is remembered as not a repost by its file alone: %s",
+                sighting.message_id,
+                sighting.chat_id,
+                error,
+            )
+            return None
+        return None if result.image.id == sighting.image_id else result.image.id
 
     async def forget_deleted(self, chat_id: int, message_ids: Sequence[int]) -> None:
         await self.records.delete_sightings(chat_id, message_ids)

@@ -110,7 +110,11 @@ async def repost_button(update: Update, context: BotContext) -> None:
         if not is_manager and all(s.sender_id != user.id for s in sightings):
             await query.answer(replies.only_admins_or_poster(), show_alert=True)
             return
-        await context.watch.dismiss(sightings)
+        # The answer replies to the (first) repost: its file is at hand to keep it apart.
+        replied = answer.reply_to_message
+        attachment = attached_image(replied)
+        files = {} if replied is None or attachment is None else {replied.message_id: attachment}
+        await context.watch.dismiss(sightings, files)
         await _remove_answer(answer)
         await query.answer(replies.not_a_repost_noted())
         return

@@ -143,6 +143,16 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE images ADD COLUMN frame_seconds REAL;
     CREATE INDEX IF NOT EXISTS images_by_video ON images (video_id) WHERE video_id IS NOT NULL;
     """,
+    # "Not a repost" keeps the two pictures apart: the dismissed photo becomes a picture of
+    # its own (other_id), and a later photo taken for image_id is the one it matches better.
+    """
+    CREATE TABLE IF NOT EXISTS pictures_apart (
+        chat_id INTEGER NOT NULL,
+        image_id INTEGER NOT NULL REFERENCES images (id) ON DELETE CASCADE,
+        other_id INTEGER NOT NULL REFERENCES images (id) ON DELETE CASCADE,
+        PRIMARY KEY (chat_id, image_id, other_id)
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 _SQLITE_FULL = 13
@@ -960,6 +970,34 @@ class ChatRecords:
                 "VALUES (?, ?, ?)",
                 [(chat_id, image_id, unique_id) for _, image_id, unique_id in pairs],
             )
+
+    async def keep_apart(
+        self, chat_id: int, message_id: int, image_id: int, other_id: int
+    ) -> None:
+        """ "Not a repost", once the photo of message ``message_id`` is a picture of its own
+        (``other_id``): its sighting moves to that picture, and the chat keeps the two
+        pictures apart (see :meth:`pictures_apart_from`)."""
+        async with _translated_errors(), self._transaction():
+            await self._db.execute(
+                "UPDATE sightings SET image_id = ?, answer_message_id = NULL, dismissed = 0 "
+                "WHERE chat_id = ? AND message_id = ?",
+                (other_id, chat_id, message_id),
+            )
+            await self._db.execute(
+                "INSERT OR IGNORE INTO pictures_apart (chat_id, image_id, other_id) "
+                "VALUES (?, ?, ?)",
+                (chat_id, image_id, other_id),
+            )
+
+    async def pictures_apart_from(self, chat_id: int, image_id: int) -> list[int]:
+        """The pictures the chat said are not ``image_id``, though photos of them were taken
+        for it."""
+        rows = await self._rows(
+            "SELECT other_id FROM pictures_apart WHERE chat_id = ? AND image_id = ? "
+            "ORDER BY other_id",
+            (chat_id, image_id),
+        )
+        return [int(row["other_id"]) for row in rows]
 
     async def delete_sightings(self, chat_id: int, message_ids: Sequence[int]) -> None:
         async with _translated_errors(), self._transaction():

@@ -572,6 +572,10 @@ class QueryPipeline:
         ranked = look.order(_best_similarity(look.rankings))
         return await self._verify(inner, ranked[: self.settings.first_batch], timings)
 
+    async def verdicts(self, analysis: Analysis, ids: Sequence[int]) -> dict[int, Verification]:
+        """The verdicts of these images alone against an analysed query (absent ones left out)."""
+        return await self._verify(analysis.features, ids, StageTimings(), analysis.frame_marks)
+
     async def _verify(
         self,
         features: LocalFeatures,

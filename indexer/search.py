@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -223,12 +223,15 @@ class SearchService:
         telegram_file_id: str | None = None,
         added_at: float | None = None,
         analysis: Analysis | None = None,
+        distinct_from: Collection[int] = (),
     ) -> AddResult:
         """Keep ``data`` under the index folder and make it searchable at once.
 
         If the collection already has the same picture (identical bytes, or a
         verified match) visible from ``scope``, nothing is added and that image
-        is returned with ``created=False``.
+        is returned with ``created=False``. ``distinct_from`` are images the
+        caller knows ``data`` is not (a chat said "not a repost"): they are never
+        returned as its verified copy (identical bytes still are).
 
         ``added_at`` is when the photo was posted, when that was not now (an
         imported chat history). ``analysis`` is :meth:`analyze` of ``data``, for
@@ -241,7 +244,7 @@ class SearchService:
         if analysis is None:
             analysis = await self.analyze(data)
         async with self._maintainer.write_lock:
-            existing = await self._find_existing(analysis, scope)
+            existing = await self._find_existing(analysis, scope, distinct_from)
             if existing is not None:
                 return AddResult(existing, created=False)
             relative = self._originals.store(data, analysis)
@@ -323,21 +326,31 @@ class SearchService:
             analysis, video_frames=(*analysis.video_frames, *more), frames_left=()
         )
 
-    async def _find_existing(self, analysis: Analysis, scope: int) -> ImageRecord | None:
+    async def _find_existing(
+        self, analysis: Analysis, scope: int, distinct_from: Collection[int]
+    ) -> ImageRecord | None:
         scopes = sorted({GLOBAL_SCOPE, scope})
         same_bytes = await self.catalog.find_by_hash(analysis.content_hash, scopes)
-        if same_bytes is not None:
+        if same_bytes is not None:  # identical bytes are the same picture, whatever was said
             return same_bytes
         for match in await self.pipeline.search(
             analysis.features,
             scope=scope,
-            top=1,
+            top=1 + len(distinct_from),
             frame_marks=analysis.frame_marks,
             first_look_only=True,
         ):
-            if match.verified:
+            if match.verified and match.image.id not in distinct_from:
                 return match.image
         return None
+
+    async def closest_picture(self, analysis: Analysis, image_ids: Sequence[int]) -> int | None:
+        """Of ``image_ids``, the one ``analysis``'s photo verifies as the same picture with
+        the most inliers; None if it verifies as none. For pictures a chat keeps apart: a
+        photo matching both is the one it shares more with."""
+        verdicts = await self.pipeline.verdicts(analysis, image_ids)
+        verified = [(v.inliers, image_id) for image_id, v in verdicts.items() if v.verified]
+        return max(verified)[1] if verified else None
 
     async def remove(self, image_id: int, *, scope: int | None = None) -> ImageRecord:
         """Remove an image. With ``scope``, only an image of that scope may be removed.

@@ -190,9 +190,11 @@ async def test_buttons_settings_restart_retention_and_forget_in_a_public_group(
         await emu.wait_for(lambda _: denied in emu.callback_answers, timeout=REPLY_DEADLINE_S)
         accepted = emu.user_presses_button(group, carol, answer, not_a_repost)
         await emu.wait_for(lambda _: accepted in emu.callback_answers, timeout=REPLY_DEADLINE_S)
-        # The same file again: that pair is not called a repost again.
-        emu.user_sends_photo(group, carol, edited_photo("horse"))
-        again = emu.user_sends_photo(group, dave, edited_photo("horse", angle=-5.0))
+        # Carol's photo is now a picture of its own, kept apart from Bob's: another copy of it
+        # (another file) is a repost of hers, not of Bob's, and a copy of Bob's is his.
+        copy_of_carols = emu.user_sends_photo(group, dave, edited_photo("horse", quality=70))
+        [carols_again] = await emu.wait_for_messages(group, 1, timeout=REPLY_DEADLINE_S)
+        again = emu.user_sends_photo(group, dave, png_bytes("horse"))
         [second] = await emu.wait_for_messages(group, 1, timeout=REPLY_DEADLINE_S)
 
         delete = f"{DELETE_REPOST}:{again['message_id']}"
@@ -205,6 +207,9 @@ async def test_buttons_settings_restart_retention_and_forget_in_a_public_group(
         emu.set_member_status(group, emu.bot_user, "administrator")
         deleted = emu.user_presses_button(group, alice, second, delete)
         await emu.wait_for(lambda _: deleted in emu.callback_answers, timeout=REPLY_DEADLINE_S)
+        # Carol takes her picture out of the history (below, Bob's goes too).
+        emu.user_sends_text(group, carol, "/forget", reply_to=repost)
+        [carols_forgotten] = await emu.wait_for_messages(group, 1, timeout=REPLY_DEADLINE_S)
 
         emu.user_sends_text(group, alice, "/settings")
         [panel] = await emu.wait_for_messages(group, 1, timeout=REPLY_DEADLINE_S)
@@ -225,13 +230,18 @@ async def test_buttons_settings_restart_retention_and_forget_in_a_public_group(
     assert emu.callback_answers[denied]["text"] == replies.only_admins_or_poster()
     assert emu.callback_answers[accepted]["text"] == replies.not_a_repost_noted()
     assert (group.id, answer.message_id) in emu.deleted
+    assert carols_again.reply_to_message_id == copy_of_carols["message_id"]
+    assert link_of(carols_again) == f"https://t.me/photoclub/{repost['message_id']}"
     assert second.reply_to_message_id == again["message_id"]
+    assert link_of(second) == f"https://t.me/photoclub/{original['message_id']}"
     assert second.text is not None
     assert second.text.endswith("Seen twice.")
     assert emu.callback_answers[not_admin]["text"] == replies.only_admins_here()
     assert emu.callback_answers[no_right]["text"] == replies.cannot_delete()
     assert emu.callback_answers[deleted]["text"] == replies.repost_deleted()
     assert {(group.id, again["message_id"]), (group.id, second.message_id)} <= emu.deleted
+    assert carols_forgotten.text is not None
+    assert carols_forgotten.text.startswith("🧹 Forgotten")
     assert emu.callback_answers[stranger]["text"] == replies.only_admins_here()
     keyboard = emu.current_message(group, panel.message_id)
     assert keyboard is not None
