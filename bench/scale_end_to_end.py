@@ -272,7 +272,7 @@ async def build_distractor_index(config: Config, base: Path, target: Path,
     from indexer.ann import GenerationStore
     from indexer.catalog import GLOBAL_SCOPE, Catalog, NewImage
     from indexer.features import LocalFeatures, dequantize_descriptors
-    from indexer.inverted_file import POSTINGS_DIR
+    from indexer.inverted_file import POSTINGS_DIR, InvertedFile
     from indexer.postings import PostingLists
     from indexer.search import CATALOG_FILE, GENERATIONS_DIR
     from indexer.segments import Segment, SegmentSet, SegmentStore
@@ -291,10 +291,17 @@ async def build_distractor_index(config: Config, base: Path, target: Path,
         codebook = generation.codebook
         codebook_id = codebook.id  # a property that hashes the codebook's 4 MB: once
         generation.unload()
+        # The base's images must all be in committed segments: the distractors'
+        # commit raises the ceiling over every id, and an image below it is never
+        # read from the catalog again.
+        inverted = InvertedFile(target, catalog, settings, asyncio.Lock())
+        await inverted.load()
+        await inverted.rebuild()
+        await inverted.close()
         store = SegmentStore(target / POSTINGS_DIR)
         existing = store.load()
         assert existing is not None, "the base index has no inverted file"
-        assert not len(existing.open.lists)
+        assert existing.ceiling == await catalog.max_id(), "the base's inverted file lags"
         vocabulary = existing.vocabulary
 
         quantized, starts, stats["pool_seconds"] = descriptor_pool(config, unrelated, settings)

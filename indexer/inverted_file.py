@@ -88,6 +88,8 @@ class InvertedFile:
             return
         await asyncio.to_thread(self.store.remove_stale)
         self._current = await self._with_catalog_images(loaded, after_id=loaded.ceiling)
+        if len(self._current.open.lists) >= self.settings.seal_after:
+            self._start_upkeep()
 
     async def close(self) -> None:
         """Wait for background upkeep, then serve nothing."""
@@ -188,9 +190,23 @@ class InvertedFile:
                 await self._reindex(await self._train(total))
             else:
                 await self._forget_removed()
+                await self._catch_up()
                 await self._seal()
             await self._merge_while_planned()
             await asyncio.to_thread(self.store.remove_stale)
+
+    async def _catch_up(self) -> None:
+        """Take into the open set the catalog's images that reached it without an
+        :meth:`add` (a folder build inserts them directly), so that the seal after
+        this writes them instead of every start-up reading them again."""
+        # Under the write lock: an add landing meanwhile would be read twice.
+        async with self._write_lock:
+            current = self._current
+            if current is None:
+                return
+            open_ids = np.asarray(current.open.lists.ids)
+            after = max(current.ceiling, int(open_ids[-1]) if len(open_ids) else 0)
+            self._current = await self._with_catalog_images(current, after_id=after)
 
     def _should_retrain(self, vocabulary: Vocabulary, total: int) -> bool:
         wanted = min(total, self.settings.training_images)

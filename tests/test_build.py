@@ -27,7 +27,9 @@ from indexer.ann import GenerationStore
 from indexer.build import IMAGE_SUFFIXES, BuildReport, build_index
 from indexer.catalog import Catalog
 from indexer.errors import SourceError
+from indexer.inverted_file import POSTINGS_DIR
 from indexer.search import CATALOG_FILE, GENERATIONS_DIR, Match
+from indexer.segments import SegmentStore
 from testsupport.engine import opened_service
 
 # --- a folder of bad inputs -------------------------------------------------------------------
@@ -254,6 +256,22 @@ def test_a_second_folder_adds_to_the_index_and_leaves_the_first_alone(history: H
     assert (second.added, second.removed, second.unchanged, second.images) == (2, 0, 0, 5)
     assert (first_again.added, first_again.removed, first_again.unchanged) == (0, 0, 3)
     assert first_again.images == 5
+
+
+async def test_photos_added_by_a_later_build_are_sealed_into_the_inverted_file(
+    history: History,
+) -> None:
+    # Committed, not only held in memory: otherwise every start-up reads and
+    # assigns them again, which for a large folder added later takes minutes.
+    committed = SegmentStore(history.index / POSTINGS_DIR).load()
+    async with await Catalog.open(history.index / CATALOG_FILE) as catalog:
+        newest = await catalog.max_id()
+        held = set((await catalog.ids()).tolist())
+
+    assert committed is not None
+    assert committed.ceiling == newest
+    sealed = {int(i) for s in committed.sealed for i in s.lists.ids} - committed.tombstones
+    assert sealed == held
 
 
 async def best_match(index: Path, query: bytes) -> Match:
