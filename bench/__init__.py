@@ -7,9 +7,8 @@ Benchmarks that measure the engine as its callers use it import only its public 
 ``indexer``, and time it through its own figures (``StageTimings``, ``BuildReport``).
 Those that measure one part at a scale no caller reaches (synthetic indexes of a million
 images in ``scale``/``scale_end_to_end``, the voting kernel in ``voting`` and
-``vote_budget``, the stages of
-one extraction in ``speed``'s worker profile, segment merges in ``adds``) import that
-part's module, and say so where they do.
+``vote_budget``, the stages of one extraction in ``speed``'s worker profile, segment merges
+in ``adds``) import that part's module, and say so where they do.
 """
 
 # The engine is imported before numpy so that its single-threaded BLAS setting
