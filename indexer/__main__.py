@@ -22,6 +22,7 @@ from indexer.catalog import GLOBAL_SCOPE
 from indexer.contact_sheet import SheetEntry, render_contact_sheet
 from indexer.errors import IndexerError
 from indexer.search import Match, SearchService
+from indexer.settings import EngineSettings
 from indexer.telegram_ids import message_link
 
 EXIT_OK = 0
@@ -223,7 +224,7 @@ async def _query(arguments: argparse.Namespace) -> int:
                 continue
             _print_matches(image, matches, as_json=arguments.json)
             if arguments.sheet is not None and position == 0:
-                _write_sheet(arguments.sheet, Path(image), matches)
+                _write_sheet(arguments.sheet, Path(image), matches, service.settings)
     finally:
         await service.close()
     return EXIT_PARTIAL if failures else EXIT_OK
@@ -290,16 +291,27 @@ def _origin(match: Match) -> dict[str, int | str]:
     return origin
 
 
-def _write_sheet(target: Path, query: Path, matches: list[Match]) -> None:
+def _write_sheet(
+    target: Path, query: Path, matches: list[Match], settings: EngineSettings
+) -> None:
     entries = [
         SheetEntry(
             image=m.path,
             label=f"#{rank} {m.path.name}\n{m.score * 100:.0f}%" + (" same" if m.verified else ""),
             highlighted=m.verified,
+            seconds=m.frame_seconds,
         )
         for rank, m in enumerate(matches, start=1)
     ]
-    target.write_bytes(render_contact_sheet(query, entries))
+    # A moving query is shown by the frame that found its first result.
+    query_seconds = matches[0].query_seconds if matches else None
+    sheet = render_contact_sheet(query, entries, query_seconds=query_seconds, settings=settings)
+    try:
+        target.write_bytes(sheet)
+    except OSError as error:
+        raise IndexerError(
+            f"cannot write the contact sheet to {target}: {error.strerror or error}"
+        ) from error
     print(f"contact sheet written to {target}", file=sys.stderr)
 
 

@@ -2,8 +2,9 @@
 
 The CLI writes one with ``python -m indexer query --sheet``, to look at what a
 search found. The pixels come from :mod:`indexer.images` (the one decoder of
-untrusted files); this module only lays them out and draws frames and labels,
-on a :class:`~indexer.pictures.Canvas`.
+untrusted files) and, for a video or an animation, from :mod:`indexer.moving`,
+which reads the one frame the search matched; this module only lays them out and
+draws frames and labels, on a :class:`~indexer.pictures.Canvas`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import numpy as np
 import numpy.typing as npt
 
 from indexer.errors import IndexerError
-from indexer.images import MIN_DESCRIBABLE_SIDE, decode_rgb, open_picture
+from indexer.images import MIN_DESCRIBABLE_SIDE, decode_rgb, open_picture, read_image_file
+from indexer.moving import frame_indices, moving_format, open_moving, shown_frame
 from indexer.pictures import Canvas, Font
+from indexer.settings import EngineSettings
 
 __all__ = ["SheetEntry", "render_contact_sheet"]
 
@@ -38,6 +41,7 @@ _SHEET_UNAVAILABLE_LABEL: Final = "(image unavailable)"
 # DejaVu covers Cyrillic, Greek and most accented Latin file names; the
 # built-in fallback font only covers ASCII.
 _SHEET_FONT_FILE: Final = "DejaVuSans.ttf"
+_DEFAULT_SETTINGS: Final = EngineSettings()
 
 _CellKind = Literal["query", "highlighted", "plain"]
 _Thumbnail = npt.NDArray[np.uint8]
@@ -46,39 +50,55 @@ _Thumbnail = npt.NDArray[np.uint8]
 @dataclass(frozen=True, slots=True)
 class SheetEntry:
     """One result cell of a contact sheet: the picture, its caption (lines
-    separated by ``\\n``) and whether to mark it (e.g. geometrically verified)."""
+    separated by ``\\n``) and whether to mark it (e.g. geometrically verified).
+    For a moving picture, ``seconds`` is the time of the frame to show (the one
+    that matched); without it, the first frame a query looks at is shown."""
 
     image: Path
     label: str
     highlighted: bool
+    seconds: float | None = None
 
 
 def render_contact_sheet(
-    query: Path | bytes, results: Sequence[SheetEntry], *, thumb_side: int = 256
+    query: Path | bytes,
+    results: Sequence[SheetEntry],
+    *,
+    query_seconds: float | None = None,
+    thumb_side: int = 256,
+    settings: EngineSettings = _DEFAULT_SETTINGS,
 ) -> bytes:
     """Draw the query and its results as a grid of labelled thumbnails; return PNG bytes.
 
     The query comes first, framed in blue; highlighted results get a green
-    frame and a tick.  A result that cannot be decoded any more (deleted,
-    damaged) is drawn as a labelled grey placeholder rather than failing the
-    whole sheet.
+    frame and a tick.  A video or an animation is drawn as one of its frames,
+    its time added to the label's last line: a result's at
+    :attr:`SheetEntry.seconds`, the query's at ``query_seconds`` (the frame that
+    found the first result), or else the first frame a query looks at.  A result
+    that cannot be decoded any more (deleted, damaged) is drawn as a labelled grey
+    placeholder rather than failing the whole sheet.  ``settings`` gives the
+    limits files are read within.
 
-    Raises the errors of :func:`indexer.images.open_picture` when the query itself cannot be
-    used, and ValueError when ``thumb_side`` is too small to draw.
+    Raises the errors of :func:`indexer.images.open_picture` and
+    :func:`indexer.moving.open_moving` when the query itself cannot be drawn, and
+    ValueError when ``thumb_side`` is too small to draw.
     """
     if thumb_side < 4 * MIN_DESCRIBABLE_SIDE:
         raise ValueError(f"thumb_side must be at least {4 * MIN_DESCRIBABLE_SIDE}")
     font = _sheet_font(max(11, thumb_side // 18))
     line_height = _line_height(font)
+    query_thumbnail, shown_seconds = _thumbnail(query, query_seconds, thumb_side, settings)
     cells: list[tuple[_Thumbnail | None, str, _CellKind]] = [
-        (_thumbnail(query, thumb_side), _SHEET_QUERY_LABEL, "query")
+        (query_thumbnail, _timed(_SHEET_QUERY_LABEL, shown_seconds), "query")
     ]
     for entry in results:
+        kind: _CellKind = "highlighted" if entry.highlighted else "plain"
         try:
-            thumbnail: _Thumbnail | None = _thumbnail(entry.image, thumb_side)
+            pixels, shown_seconds = _thumbnail(entry.image, entry.seconds, thumb_side, settings)
         except IndexerError:
-            thumbnail = None
-        cells.append((thumbnail, entry.label, "highlighted" if entry.highlighted else "plain"))
+            cells.append((None, entry.label, kind))
+            continue
+        cells.append((pixels, _timed(entry.label, shown_seconds), kind))
 
     columns = min(_SHEET_COLUMNS, len(cells))
     rows = math.ceil(len(cells) / columns)
@@ -106,9 +126,29 @@ def render_contact_sheet(
     return sheet.png()
 
 
-def _thumbnail(source: Path | bytes, side: int) -> _Thumbnail:
-    """Upright RGB pixels fitting in side x side (never enlarged)."""
-    return decode_rgb(open_picture(source), max_side=side)
+def _thumbnail(
+    source: Path | bytes, seconds: float | None, side: int, settings: EngineSettings
+) -> tuple[_Thumbnail, float | None]:
+    """Upright RGB pixels fitting in side x side (never enlarged), and for a moving
+    picture the time of the frame they show: the one nearest ``seconds``, or without
+    it the first frame a query describes."""
+    data = source if isinstance(source, bytes) else read_image_file(
+        source, settings.max_file_bytes
+    )[0]
+    moving = moving_format(data)
+    if moving is None:
+        return decode_rgb(open_picture(data), max_side=side), None
+    picture = open_moving(data, moving, settings.video_limits)
+    if seconds is None:
+        seconds = picture.time_of(frame_indices(picture, settings.query_video_frames)[0])
+    return shown_frame(picture, seconds, max_side=side)
+
+
+def _timed(label: str, seconds: float | None) -> str:
+    """``label`` with the time of the frame shown added to its last line."""
+    if seconds is None:
+        return label
+    return f"{label}, at {seconds:.2f} s"
 
 
 def _draw_cell(

@@ -298,9 +298,8 @@ class VideoFrames:
     def gray_frame(self, index: int, size: tuple[int, int]) -> npt.NDArray[np.uint8] | None:
         """Frame ``index`` as grey pixels of ``size`` (width, height), or ``None`` when
         it cannot be decoded (past the real end, or damaged)."""
-        self._capture.set(cv2.CAP_PROP_POS_FRAMES, float(index))
-        read, frame = self._capture.read()
-        if not read or frame is None or frame.size == 0:
+        frame = self._frame(index)
+        if frame is None:
             return None
         gray = frame if frame.ndim == 2 else cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY)
         if (gray.shape[1], gray.shape[0]) != size:
@@ -309,3 +308,26 @@ class VideoFrames:
                 gray, size, interpolation=cv2.INTER_CUBIC if enlarging else cv2.INTER_AREA
             )
         return np.ascontiguousarray(gray, dtype=np.uint8)
+
+    def rgb_frame(self, index: int, max_side: int) -> npt.NDArray[np.uint8] | None:
+        """Frame ``index`` as RGB pixels (height x width x 3) for showing to people, its
+        longest side shrunk to ``max_side`` if it is longer (never enlarged), or ``None``
+        when it cannot be decoded (past the real end, or damaged)."""
+        frame = self._frame(index)
+        if frame is None:
+            return None
+        rgb = cv2.cvtColor(frame, cv2.COLOR_GRAY2RGB if frame.ndim == 2 else cv2.COLOR_BGR2RGB)
+        height, width = rgb.shape[:2]
+        if max(width, height) > max_side:
+            scale = max_side / max(width, height)
+            size = (max(1, int(width * scale)), max(1, int(height * scale)))
+            rgb = cv2.resize(rgb, size, interpolation=cv2.INTER_AREA)
+        return np.ascontiguousarray(rgb, dtype=np.uint8)
+
+    def _frame(self, index: int) -> npt.NDArray[np.uint8] | None:
+        """Frame ``index`` as OpenCV decodes it (BGR, or grey), or ``None``."""
+        self._capture.set(cv2.CAP_PROP_POS_FRAMES, float(index))
+        read, frame = self._capture.read()
+        if not read or frame is None or frame.size == 0:
+            return None
+        return np.asarray(frame, dtype=np.uint8)

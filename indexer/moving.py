@@ -33,6 +33,7 @@ __all__ = [
     "frame_indices",
     "moving_format",
     "open_moving",
+    "shown_frame",
     "working_frames",
 ]
 
@@ -185,6 +186,28 @@ def working_frames(
                     continue
                 last = thumbnail
             yield index, gray
+
+
+def shown_frame(
+    picture: MovingPicture, seconds: float, *, max_side: int
+) -> tuple[npt.NDArray[np.uint8], float]:
+    """The frame of ``picture`` nearest ``seconds`` from its start (the last one when
+    later) as RGB pixels fitting in ``max_side`` x ``max_side``, and its own time: to
+    show people which frame a search looked at.
+
+    Raises:
+        CorruptImageError: that frame cannot be decoded.
+    """
+    index = min(picture.frame_count - 1, max(0, round(seconds * picture.fps)))
+    with VideoFrames(picture.data) as frames:
+        rgb = frames.rgb_frame(index, max_side)
+    if rgb is None:
+        raise CorruptImageError(
+            f"frame {index} ({seconds:.2f} s) of the {picture.format} cannot be decoded",
+            user_message=f"This {_NAMES.get(picture.format, 'video')} is damaged: its frame "
+            f"at {seconds:.2f} s cannot be read.",
+        )
+    return rgb, picture.time_of(index)
 
 
 def _thumbnail(gray: npt.NDArray[np.uint8]) -> npt.NDArray[np.float32]:

@@ -13,9 +13,13 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
 import pytest
+from bad_inputs import correlation
 from conftest import jpeg_bytes, photo_array
 from engine_fixtures import TEST_SETTINGS, copy_of_shared_index, run_build, stem
+from PIL import Image
 
 from indexer.__main__ import main
 from indexer.analysis import analyze_bytes
@@ -236,6 +240,111 @@ def test_build_indexes_videos_and_animations_and_names_what_it_cannot_read(
     # A second build finds nothing changed: frames are not taken for vanished files.
     again = run_build(folder, index)
     assert (again.added, again.removed, again.unchanged) == (0, 0, 5)
+
+
+# --- the contact sheet of a moving query or result ---------------------------------------------
+
+SHEET_THUMB = 256  # the CLI's thumbnail side
+SHEET_PADDING = 12  # around each cell (contact_sheet's)
+SHEET_FRAME = (256, 192)  # a 320 x 240 frame in a 256-pixel cell
+
+
+@pytest.fixture(scope="module")
+def video_folder_index(tmp_path_factory: pytest.TempPathFactory, photos_dir: Path) -> Path:
+    """An index of a folder holding a photo (the astronaut) and a video (of the horse)."""
+    folder = tmp_path_factory.mktemp("sheet-photos")
+    shutil.copyfile(photos_dir / f"{INDEXED}.jpg", folder / f"{INDEXED}.jpg")
+    shutil.copyfile(photos_dir / "coffee.jpg", folder / "coffee.jpg")
+    horse = pan_and_zoom(photo_array(UNINDEXED), frames=FRAMES)
+    (folder / f"{UNINDEXED}.mp4").write_bytes(video_bytes(horse, fps=FPS))
+    index = tmp_path_factory.mktemp("sheet-index") / "index"
+    report = run_build(folder, index)
+    assert (report.added, report.failed) == (3, [])
+    return index
+
+
+def query_with_sheet(
+    query: Path, index: Path, sheet: Path, capsys: pytest.CaptureFixture[str]
+) -> tuple[dict[str, object], npt.NDArray[np.uint8], str]:
+    """Run the CLI's query with ``--json --top 1 --sheet``: its one result, the sheet's
+    pixels and its standard error."""
+    assert main(["query", str(query), "--index", str(index), "--json", "--top", "1",
+                 "--sheet", str(sheet)]) == 0
+    output = capsys.readouterr()
+    [result] = json.loads(output.out)["results"]
+    with Image.open(sheet) as decoded:
+        assert decoded.format == "PNG"
+        pixels = np.asarray(decoded.convert("L"))
+    # The query and one result: two cells side by side.
+    assert pixels.shape[1] == 2 * (SHEET_THUMB + SHEET_PADDING) + SHEET_PADDING
+    return result, pixels, output.err
+
+
+def frame_shown(
+    sheet: npt.NDArray[np.uint8], cell: int, frames: list[npt.NDArray[np.uint8]]
+) -> int:
+    """Which of ``frames`` (320 x 240, RGB) cell ``cell`` of the sheet shows: the most alike."""
+    left = SHEET_PADDING + cell * (SHEET_THUMB + SHEET_PADDING)
+    left += (SHEET_THUMB - SHEET_FRAME[0]) // 2
+    top = SHEET_PADDING + (SHEET_THUMB - SHEET_FRAME[1]) // 2
+    # Inside the coloured frame drawn around the query and verified results.
+    shown = sheet[top + 8 : top + SHEET_FRAME[1] - 8, left + 8 : left + SHEET_FRAME[0] - 8]
+    likeness = []
+    for frame in frames:
+        expected = np.asarray(Image.fromarray(frame).convert("L").resize(SHEET_FRAME))
+        likeness.append(correlation(shown, expected[8:-8, 8:-8]))
+    return int(np.argmax(likeness))
+
+
+def test_the_sheet_of_a_photo_query_shows_the_frame_of_the_video_found(
+    video_folder_index: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    frames = list(pan_and_zoom(photo_array(UNINDEXED), frames=FRAMES))
+    still = tmp_path / "still.jpg"
+    still.write_bytes(jpeg_bytes(frames[FRAMES // 2]))
+    sheet = tmp_path / "sheet.png"
+
+    result, pixels, errors = query_with_sheet(still, video_folder_index, sheet, capsys)
+
+    assert Path(str(result["path"])).name == f"{UNINDEXED}.mp4"
+    assert result["verified"] is True
+    assert isinstance(result["frame_seconds"], float)
+    assert abs(frame_shown(pixels, 0, frames) - FRAMES // 2) <= 1
+    assert abs(frame_shown(pixels, 1, frames) - round(result["frame_seconds"] * FPS)) <= 1
+    assert errors == f"contact sheet written to {sheet}\n"
+
+
+def test_the_sheet_of_a_video_query_shows_its_frame_that_found_the_photo(
+    video_folder_index: Path, clip: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    frames = list(pan_and_zoom(photo_array(INDEXED), frames=FRAMES))
+    query = tmp_path / "clip.mp4"
+    query.write_bytes(clip)
+    sheet = tmp_path / "sheet.png"
+
+    result, pixels, errors = query_with_sheet(query, video_folder_index, sheet, capsys)
+
+    assert Path(str(result["path"])).name == f"{INDEXED}.jpg"
+    assert result["verified"] is True
+    assert isinstance(result["query_seconds"], float)
+    assert abs(frame_shown(pixels, 0, frames) - round(result["query_seconds"] * FPS)) <= 1
+    assert errors == f"contact sheet written to {sheet}\n"
+
+
+def test_a_sheet_that_cannot_be_written_is_one_error_line(
+    video_folder_index: Path, clip: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    query = tmp_path / "clip.mp4"
+    query.write_bytes(clip)
+    sheet = tmp_path / "no such folder" / "sheet.png"
+
+    code = main(["query", str(query), "--index", str(video_folder_index), "--json",
+                 "--sheet", str(sheet)])
+
+    assert code == 1
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: cannot write the contact sheet to {sheet}: ")
+    assert not sheet.parent.exists()
 
 
 # --- what is refused ----------------------------------------------------------------------------
