@@ -291,8 +291,12 @@ def _popcount(value: np.uint32) -> int:  # pragma: no cover - compiled
     return int((((value + (value >> 4)) & 0x0F0F0F0F) * 0x01010101) & 0xFFFFFFFF) >> 24
 
 
+# Postings whose distances are computed at a time, before any of them is scored.
+_DISTANCE_BLOCK = 4096
+
+
 @numba.njit(cache=True, nogil=True)
-def _vote_kernel(  # noqa: PLR0917 - numba kernels take positional arrays
+def _vote_kernel(  # noqa: PLR0917, PLR0912 - numba kernels take positional arrays
     # (compiled; tested against brute-force voting)
     begin: IdArray,
     end: IdArray,
@@ -307,40 +311,73 @@ def _vote_kernel(  # noqa: PLR0917 - numba kernels take positional arrays
     max_hamming: np.int64,
     hamming_weights: FloatArray,
 ) -> tuple[UintArray, FloatArray]:
-    doc_count = len(scopes)
-    scores = np.zeros(doc_count, np.float32)
-    # The last query word (+1) that matched each doc; zero: none yet.
-    voter = np.zeros(doc_count, np.int32)
-    best = np.empty(doc_count, np.float32)
-    touched = np.empty(doc_count, np.uint32)
+    scores = np.zeros(len(scopes), np.float32)
+    touched = np.empty(len(scopes), np.uint32)
     touched_count = 0
+    distances = np.empty(_DISTANCE_BLOCK, np.uint32)
     for word in range(len(begin)):
         weight = query_weights[word]
         if weight <= 0.0:
             continue
         first, last = query_starts[word], query_starts[word + 1]
-        for posting in range(begin[word], end[word]):
-            stored = signatures[posting]
-            distance = 33  # more bits than a signature has: no match yet
-            for entry in range(first, last):
-                distance = min(distance, _popcount(query_signatures[entry] ^ stored))
-            if distance > max_hamming:
-                continue
-            doc = docs[posting]
-            doc_scope = scopes[doc]
-            if (doc_scope != 0 and doc_scope != scope) or deleted[doc]:  # noqa: PLR1714 - plain
-                # comparisons compile to two instructions in numba
-                continue
-            value = weight * hamming_weights[distance]
-            if voter[doc] != word + 1:
-                if voter[doc] == 0:
-                    touched[touched_count] = doc
-                    touched_count += 1
-                voter[doc] = word + 1
-                best[doc] = value
-                scores[doc] += value
-            elif value > best[doc]:
-                scores[doc] += value - best[doc]
-                best[doc] = value
-    found = touched[:touched_count].copy()
-    return found, scores[found]
+        # A word's postings are sorted by doc, so a doc's postings on it are
+        # adjacent: its best match is held until the next doc comes, and one
+        # write per doc and word reaches the scores. Per-doc bookkeeping arrays
+        # cost a cache miss each at a million images.
+        held_doc = -1
+        held_value = np.float32(0.0)
+        start, stop = begin[word], end[word]
+        while start < stop:
+            count = min(stop - start, _DISTANCE_BLOCK)
+            # Distances first, in a loop with no branch, which the compiler
+            # vectorises; then the few postings within reach are scored.
+            wanted = query_signatures[first]
+            for i in range(count):
+                distances[i] = _popcount(wanted ^ signatures[start + i])
+            for entry in range(first + 1, last):
+                wanted = query_signatures[entry]
+                for i in range(count):
+                    distances[i] = min(distances[i], _popcount(wanted ^ signatures[start + i]))
+            for i in range(count):
+                distance = distances[i]
+                if distance > max_hamming:
+                    continue
+                value = weight * hamming_weights[distance]
+                if value <= 0.0:  # a match worth nothing is no vote
+                    continue
+                doc = int(docs[start + i])
+                if doc == held_doc:
+                    held_value = max(held_value, value)
+                    continue
+                if held_doc >= 0:
+                    touched_count = _credit(scores, touched, touched_count, held_doc, held_value)
+                held_doc, held_value = doc, value
+            start += count
+        if held_doc >= 0:
+            touched_count = _credit(scores, touched, touched_count, held_doc, held_value)
+    # Scope and tombstones are checked once per doc voted for, not per posting.
+    found = np.empty(touched_count, np.uint32)
+    found_scores = np.empty(touched_count, np.float32)
+    kept = 0
+    for i in range(touched_count):
+        doc = touched[i]
+        doc_scope = scopes[doc]
+        if (doc_scope != 0 and doc_scope != scope) or deleted[doc]:  # noqa: PLR1714 - plain
+            # comparisons compile to two instructions in numba
+            continue
+        found[kept] = doc
+        found_scores[kept] = scores[doc]
+        kept += 1
+    return found[:kept].copy(), found_scores[:kept].copy()
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _credit(  # pragma: no cover - compiled
+    scores: FloatArray, touched: UintArray, touched_count: int, doc: int, value: np.float32
+) -> int:
+    """Add ``value`` to ``doc``'s score, noting a doc seen for the first time."""
+    if scores[doc] == 0.0:  # no vote yet: every vote is worth more than 0
+        touched[touched_count] = doc
+        touched_count += 1
+    scores[doc] += value
+    return touched_count

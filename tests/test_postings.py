@@ -431,3 +431,36 @@ def test_a_burst_of_one_texture_counts_once_on_both_sides(vocabulary: Vocabulary
     scores = voted(lists, query, max_hamming=32, scope=0)
 
     assert scores[2] > 3 * scores[1]
+
+
+@pytest.mark.parametrize("max_hamming", [14, 32])
+def test_voting_on_lists_longer_than_the_kernels_block_equals_brute_force(
+    max_hamming: int,
+) -> None:
+    """Thousands of images on the same few words, each with three postings on one
+    word: the kernel scores a list block by block (4,096 postings, not a multiple of
+    three) and holds each image's best match across the blocks' boundaries."""
+    rng = np.random.default_rng(15)
+    images = {}
+    for image_id in range(1, 6_001):
+        words = np.array([7, 7, 7, int(rng.integers(0, 3))], dtype=np.uint32)
+        signatures = rng.integers(0, 2**32, len(words), dtype=np.uint64).astype(np.uint32)
+        images[image_id] = (words, signatures, 0)
+    lists = lists_of(images)
+    query_entries = np.array([7, 7, 1], dtype=np.uint32)
+    query_signatures = rng.integers(0, 2**32, 3, dtype=np.uint64).astype(np.uint32)
+    query = dataclasses.replace(
+        QueryWords.of(query_entries, query_signatures),
+        weights=np.array([1.5, 2.0], dtype=np.float32),
+    )
+    entries = (query_entries, query_signatures, {1: 1.5, 7: 2.0})
+
+    assert np.diff(lists.starts).max() > 4096  # one list spans several blocks
+    expected = brute_force_scores(
+        images, entries, max_hamming=max_hamming, scope=0, removed=set()
+    )
+    got = voted(lists, query, max_hamming=max_hamming, scope=0)
+
+    assert got.keys() == expected.keys()
+    for image_id, score in expected.items():
+        assert got[image_id] == pytest.approx(score, rel=1e-5)
