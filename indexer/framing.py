@@ -13,6 +13,8 @@ millisecond or two for 640 px.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import numpy.typing as npt
 
@@ -49,8 +51,11 @@ def find_inner_photos(gray: npt.NDArray[np.uint8], framed: Region | None) -> lis
     """Photos shown inside ``gray``, the likeliest first: ``framed``, the framed
     photo :func:`find_framed_photo` found, then pictures on a page or in a
     collage (see :func:`find_embedded_photos`). Empty for most photos."""
-    found = [] if framed is None else [framed]
-    for region in find_embedded_photos(gray, limit=MAX_INNER_PHOTOS):
+    embedded = find_embedded_photos(gray, limit=MAX_INNER_PHOTOS)
+    # The "framed photo" of a collage may be a block of its cells on the gutters'
+    # colour; searched as one photo it finds nothing its cells would not.
+    found = [] if framed is None or _holds_several(framed, embedded) else [framed]
+    for region in embedded:
         if all(region.overlap(other) < SAME_REGION_IOU for other in found):
             found.append(region)
     return found[:MAX_INNER_PHOTOS]
@@ -184,6 +189,8 @@ MAX_PICTURE_AREA = 0.8
 # ... and their shorter side at least this share of the image's shorter side:
 # a web page's menu bar is dense but too thin to be a photo.
 MIN_PICTURE_SIDE = 0.12
+# A picture this much inside a larger block is one of the block's parts.
+HELD_SHARE = 0.9
 
 
 def find_embedded_photos(gray: npt.NDArray[np.uint8], *, limit: int = 2) -> list[Region]:
@@ -205,8 +212,21 @@ def find_embedded_photos(gray: npt.NDArray[np.uint8], *, limit: int = 2) -> list
         for area, region in _pictures_on(gray, background):
             if all(region.overlap(other) < SAME_REGION_IOU for _, other in found):
                 found.append((area, region))
+    # A block holding two or more of the pictures found is their collage, seen
+    # on a grey level that its gutters differ from: as the largest, it would
+    # take the place of a real cell under the limit.
+    pictures = [region for _, region in found]
+    found = [(area, region) for area, region in found if not _holds_several(region, pictures)]
     found.sort(key=lambda item: item[0], reverse=True)
     return [region for _, region in found[:limit]]
+
+
+def _holds_several(region: Region, pictures: Sequence[Region]) -> bool:
+    """Whether ``region`` holds two or more of the other ``pictures``."""
+    held = (
+        other is not region and region.share_inside(other) >= HELD_SHARE for other in pictures
+    )
+    return sum(held) >= 2
 
 
 def _pictures_on(gray: npt.NDArray[np.uint8], background: int) -> list[tuple[float, Region]]:

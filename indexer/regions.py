@@ -32,6 +32,14 @@ class Region:
         shared = width * height
         return shared / (self.area + other.area - shared)
 
+    def share_inside(self, other: Region) -> float:
+        """How much of ``other``'s area lies inside this region: 1 when it holds all of it."""
+        width = min(self.right, other.right) - max(self.left, other.left)
+        height = min(self.bottom, other.bottom) - max(self.top, other.top)
+        if width <= 0 or height <= 0 or other.area <= 0:
+            return 0.0
+        return width * height / other.area
+
 
 def region_grid(scales: Sequence[float] = (0.5, 0.7)) -> list[Region]:
     """Overlapping square-ish windows at each scale, 3x3 positions per scale.

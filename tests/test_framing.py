@@ -260,6 +260,36 @@ def test_every_cell_of_a_grid_with_thin_gutters_is_found_apart(gutter_colour: in
     assert len(found) <= 9
 
 
+def test_a_block_of_collage_cells_does_not_crowd_out_a_cell() -> None:
+    # Narrow photos in the top row leave its rows mostly gutter, so the lower two
+    # rows look like one photo on a black frame. Searched as a photo it would find
+    # nothing its cells do not, and it took the place of the smallest cell.
+    cell_width, cell_height, gutter = 200, 150, 4
+    grid = np.zeros((3 * cell_height + 4 * gutter, 3 * cell_width + 4 * gutter, 3), np.uint8)
+    names = ("astronaut", "coffee", "chelsea", "rocket", "camera", "brick", "coins", "grass",
+             "clock")
+    cells = []
+    for number, name in enumerate(names):
+        row, column = divmod(number, 3)
+        width = 80 if row == 0 else 120 if number == 8 else cell_width
+        top = gutter + row * (cell_height + gutter)
+        left = gutter + column * (cell_width + gutter) + (cell_width - width) // 2
+        grid[top : top + cell_height, left : left + width] = np.asarray(
+            Image.fromarray(photo_array(name)).convert("RGB").resize((width, cell_height))
+        )
+        cells.append(flat_box((left, top, left + width, top + cell_height), grid))
+    gray = working_gray(grid)
+    block = find_framed_photo(gray)
+    assert block is not None
+    assert block.share_inside(cells[4]) > 0.9  # the block this test is about
+
+    found = find_inner_photos(gray, block)
+
+    matched = [max((region.overlap(cell) for region in found), default=0.0) for cell in cells]
+    assert all(share > 0.8 for share in matched), matched  # the smallest cell too
+    assert all(region.overlap(block) < 0.7 for region in found)
+
+
 @pytest.mark.parametrize("photo", [p for p in QUERY_PHOTOS if p != "rocket"])
 def test_a_photo_alone_has_no_embedded_pictures(photo: str) -> None:
     assert find_embedded_photos(working_gray(photo_array(photo))) == []
