@@ -622,7 +622,9 @@ def profile_first_look(index_dir: Path, queries: Sequence[Any], limit: int) -> d
         "distinct_words_voting": float(np.median(distinct_words)),
         "segments": len(segments),
         "stop_list_length": stop,
-        "note": "both orientations, as the engine's first look; Annoy at search_k "
+        "note": "both orientations encoded, searched in Annoy and voted; the engine's first "
+                "look votes with the query as sent only (the mirror image votes in the second "
+                f"look), so its vote is about half of this one; Annoy at search_k "
                 f"{settings.search_k}, depth {depth}",
     }
 
