@@ -22,10 +22,10 @@ one at a time, each answered (or not) before the next:
    shows the photo alone (composites would also show other history photos). An answer counts
    as right only if its link points at the original's message.
 
-The history is added as an import adds one (``SearchService.add`` looking for an earlier copy
-with its first look only), not as the watch checks a photo (every look). With ``--history``,
-it is seeded once into that folder and copied for each run, so that runs of two versions of
-the watch start from the same history (and the second skips the seeding).
+With ``--history``, the history is seeded once into that folder and copied for each run, so
+that runs of two versions of the watch start from the same history (and the second skips the
+seeding). The engine's time is also given apart for the first post of a picture (new to the
+chat) and for copies of one posted before.
 """
 
 from __future__ import annotations
