@@ -293,9 +293,7 @@ class QueryPipeline:
         # Deep enough to take part in the regional look's fusion below; only the
         # first batch of it is verified before that.
         depth = max(top, self.settings.verify_limit)
-        look = await asyncio.to_thread(
-            self.candidates, serving, segments, oriented, scope=scope, count=depth
-        )
+        look = await self.first_look(serving, segments, oriented, scope=scope, count=depth)
         timings.add("candidates", time.perf_counter() - clock)
         rankings = look.rankings
         similarity = _best_similarity(rankings)
@@ -328,7 +326,11 @@ class QueryPipeline:
             v.verified for v in (*verdicts.values(), *framed_verdicts.values())
         ):
             clock = time.perf_counter()
-            regional = await asyncio.to_thread(self.regional_candidates, serving, oriented, visible)
+            # Side by side, as in the first look: windows in Annoy, the mirror image's vote.
+            regional, mirror_votes = await asyncio.gather(
+                asyncio.to_thread(self.regional_candidates, serving, oriented, visible),
+                asyncio.to_thread(self.votes, segments, oriented[1], scope=scope),
+            )
             timings.add("candidates", time.perf_counter() - clock)
             timings.count("regional look")
             _best_similarity(regional, similarity)
@@ -339,9 +341,6 @@ class QueryPipeline:
             # The votes take turns with the windows: among 70 rankings of windows
             # their one ranking would be outvoted, yet a photo shown small on a
             # page is found by its votes (4th to 10th) and by no window.
-            clock = time.perf_counter()
-            mirror_votes = await asyncio.to_thread(self.votes, segments, oriented[1], scope=scope)
-            timings.add("candidates", time.perf_counter() - clock)
             voted = _alternated([i for i, _ in look.votes], [i for i, _ in mirror_votes])
             extra = [i for i in _alternated(voted, fused) if i not in verdicts][:budget]
             verdicts.update(await self._verify(features, extra, timings, frame_marks))
@@ -447,7 +446,7 @@ class QueryPipeline:
                 timings.add("analyze", time.perf_counter() - clock)
         return None
 
-    def candidates(
+    async def first_look(
         self,
         serving: ServingView,
         segments: SegmentSet | None,
@@ -458,18 +457,35 @@ class QueryPipeline:
     ) -> FirstLook:
         """The first candidates of a query: the nearest global vectors of each
         orientation, and the images that the query's local features vote for in
-        the inverted file. Blocking (CPU work): run it on a thread.
+        the inverted file.
+
+        The two share nothing and release the GIL, so they run side by side on
+        two threads: a query waits for the longer of them, the vote, not for both.
 
         Only the query as sent votes here (``oriented[0]``): a mirrored copy is
         found by its mirrored global vector, nearly always, and voting costs
         most of this stage, so the mirror image votes only in the second look
         (:meth:`votes`).
         """
+        rankings, votes = await asyncio.gather(
+            asyncio.to_thread(self.nearest_vectors, serving, oriented, scope=scope, count=count),
+            asyncio.to_thread(self.votes, segments, oriented[0], scope=scope),
+        )
+        return FirstLook(rankings, votes)
+
+    def nearest_vectors(
+        self,
+        serving: ServingView,
+        oriented: Sequence[LocalFeatures],
+        *,
+        scope: int,
+        count: int,
+    ) -> list[Ranking]:
+        """The nearest global vectors of each orientation. Blocking: run it on a thread."""
         assert serving.generation is not None  # noqa: S101 - checked by the caller
         vectors = [serving.generation.codebook.encode(f.descriptors) for f in oriented]
         visible = {GLOBAL_SCOPE, scope}
-        rankings = self._nearest(serving, vectors, visible, count, self.settings.search_k)
-        return FirstLook(rankings, self.votes(segments, oriented[0], scope=scope))
+        return self._nearest(serving, vectors, visible, count, self.settings.search_k)
 
     def votes(
         self, segments: SegmentSet | None, features: LocalFeatures, *, scope: int
@@ -559,8 +575,7 @@ class QueryPipeline:
             return {}
         timings.add("analyze", time.perf_counter() - clock)
         clock = time.perf_counter()
-        look = await asyncio.to_thread(
-            self.candidates,
+        look = await self.first_look(
             serving,
             segments,
             (inner, inner.mirrored()),
