@@ -24,12 +24,14 @@ install new ones.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
 import shutil
 import time
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,7 @@ from indexer.vocabulary import Assignment, Vocabulary
 log = logging.getLogger(__name__)
 
 IdArray = npt.NDArray[np.int64]
+FloatArray = npt.NDArray[np.float32]
 
 SEGMENTS_FORMAT = 1
 COMMIT_FILE = "SEGMENTS.json"
@@ -187,37 +190,63 @@ class SegmentSet:
         )
 
     def vote(
-        self, oriented: Sequence[LocalFeatures], *, scope: int, count: int, params: VoteParams
+        self,
+        oriented: Sequence[LocalFeatures],
+        *,
+        scope: int,
+        count: int,
+        params: VoteParams,
+        threads: Executor | None = None,
     ) -> Ranking:
         """The ``count`` images with the most votes from any of ``oriented`` (the
-        query and its mirror image), best first, with their scores."""
+        query and its mirror image), best first, with their scores.
+
+        With ``threads``, the segments are voted on side by side, as a search
+        engine searches its segments: the kernel releases the GIL.
+        """
         if count <= 0 or not any(len(s.lists) for s in self.segments):
             return []
-        hamming_weights = params.hamming_weights
         best: dict[int, float] = {}
         for features in oriented:
             query = self.weighted_query(features, params)
-            for segment, (begin, end) in zip(query.segments, query.ranges, strict=True):
-                votes = vote(
-                    segment.lists,
-                    begin,
-                    end,
-                    query.words,
-                    max_hamming=params.max_hamming,
-                    hamming_weights=hamming_weights,
-                    scope=scope,
-                    deleted=segment.deleted,
-                )
-                if not len(votes.docs):
-                    continue
-                keep = min(count, len(votes.docs))
-                top = np.argpartition(-votes.scores, keep - 1)[:keep]
-                ids = np.asarray(segment.lists.ids)[votes.docs[top]]
-                for image_id, score in zip(ids.tolist(), votes.scores[top].tolist(), strict=True):
+            top_of = functools.partial(
+                _top_votes, query=query.words, params=params, scope=scope, count=count
+            )
+            parts = list(zip(query.segments, query.ranges, strict=True))
+            for ids, scores in (threads.map if threads else map)(top_of, parts):
+                for image_id, score in zip(ids.tolist(), scores.tolist(), strict=True):
                     if score > best.get(image_id, 0.0):
                         best[image_id] = score
         ordered = sorted(best.items(), key=lambda item: item[1], reverse=True)
         return ordered[:count]
+
+
+def _top_votes(
+    part: tuple[Segment, tuple[IdArray, IdArray]],
+    *,
+    query: QueryWords,
+    params: VoteParams,
+    scope: int,
+    count: int,
+) -> tuple[IdArray, FloatArray]:
+    """The ids and scores of the ``count`` images of one segment with the most votes
+    (unordered); ``part`` is the segment and where the query's words lie in it."""
+    segment, (begin, end) = part
+    votes = vote(
+        segment.lists,
+        begin,
+        end,
+        query,
+        max_hamming=params.max_hamming,
+        hamming_weights=params.hamming_weights,
+        scope=scope,
+        deleted=segment.deleted,
+    )
+    keep = min(count, len(votes.docs))
+    if not keep:
+        return np.empty(0, np.int64), np.empty(0, np.float32)
+    top = np.argpartition(-votes.scores, keep - 1)[:keep]
+    return np.asarray(segment.lists.ids)[votes.docs[top]], votes.scores[top]
 
 
 # -- the folder ---------------------------------------------------------------------

@@ -7,6 +7,7 @@ every stored descriptor's word and signature directly, with no posting lists.
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -377,6 +378,38 @@ def test_a_segment_set_survives_sealing_committing_and_reloading(
     assert all(
         i != 5 for i, _ in reloaded.vote(removed_query, scope=0, count=20, params=VoteParams())
     )
+
+
+def test_segments_voted_on_side_by_side_rank_as_one_after_the_other(
+    vocabulary: Vocabulary,
+) -> None:
+    rng = np.random.default_rng(16)
+    descriptors = {i: unit_rows(rng, 40) for i in range(1, 61)}
+    segments = []
+    for first in (1, 21, 41):  # three sealed segments of 20 images
+        ids = list(range(first, first + 20))
+        lists = PostingLists.build(
+            ids,
+            [0] * 20,
+            [vocabulary.assign(descriptors[i]).words[:, 0] for i in ids],
+            [vocabulary.assign(descriptors[i]).signatures[:, 0] for i in ids],
+        )
+        segments.append(Segment(f"s{first}", lists))
+    segment_set = SegmentSet(
+        vocabulary, tuple(segments), Segment(None, PostingLists.empty()), ceiling=60
+    ).without_images([44])
+    queries = [[features_of(descriptors[i][:25], seed=i)] for i in (3, 30, 44, 59)]
+
+    with ThreadPoolExecutor(max_workers=3) as threads:
+        for query in queries:
+            alone = segment_set.vote(query, scope=0, count=10, params=VoteParams())
+            side_by_side = segment_set.vote(
+                query, scope=0, count=10, params=VoteParams(), threads=threads
+            )
+            assert side_by_side == alone
+            assert all(image_id != 44 for image_id, _ in side_by_side)
+    firsts = [segment_set.vote(q, scope=0, count=1, params=VoteParams()) for q in queries[:2]]
+    assert [ranking[0][0] for ranking in firsts] == [3, 30]  # each image votes for itself
 
 
 def test_stale_and_abandoned_files_are_removed_but_committed_ones_kept(
