@@ -103,6 +103,38 @@ def test_a_mirrored_copy_is_verified_through_the_mirrored_pass() -> None:
     assert verdict.mirrored
 
 
+@pytest.mark.parametrize(
+    ("shared", "verified"),
+    [(PARAMS.min_mirrored_inliers - 4, False), (PARAMS.min_mirrored_inliers + 4, True)],
+)
+def test_a_mirrored_match_needs_more_inliers_than_a_direct_one(
+    shared: int, verified: bool
+) -> None:
+    """Enough for a direct verdict, but too few for a mirrored one: faces and other
+    nearly symmetric things line up with their kind through a mirror."""
+    query = synthetic_features(12)
+    mirrored = moved(query.mirrored(), similarity(-10, 1.1, (5, 5)))
+    unrelated = synthetic_features(13, count=shared)
+    candidate = LocalFeatures(
+        np.vstack([mirrored.points[:shared], unrelated.points]),
+        np.vstack([mirrored.descriptors[:shared], unrelated.descriptors]),
+        WIDTH,
+        HEIGHT,
+    )
+    direct = LocalFeatures(
+        np.vstack([query.points[:shared] + 5, unrelated.points]),
+        np.vstack([query.descriptors[:shared], unrelated.descriptors]),
+        WIDTH,
+        HEIGHT,
+    )
+
+    verdict = verdict_for(query, candidate)
+
+    assert verdict.mirrored
+    assert verdict.verified is verified
+    assert verdict_for(query, direct).verified  # the same count verifies unmirrored
+
+
 def test_a_reflection_without_mirrored_descriptors_is_not_the_same_picture() -> None:
     """Descriptors unchanged but every point reflected: no real photo does that,
     and the direct pass must not accept a homography that reflects."""
