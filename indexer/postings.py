@@ -329,8 +329,8 @@ def _vote_kernel(  # noqa: PLR0917, PLR0912 - numba kernels take positional arra
         start, stop = begin[word], end[word]
         while start < stop:
             count = min(stop - start, _DISTANCE_BLOCK)
-            # Distances first, in a loop with no branch, which the compiler
-            # vectorises; then the few postings within reach are scored.
+            # Distances first, in a loop without branches that the compiler can
+            # vectorise; then the postings within reach (about one in ten) are scored.
             wanted = query_signatures[first]
             for i in range(count):
                 distances[i] = _popcount(wanted ^ signatures[start + i])
