@@ -25,20 +25,18 @@ class Region:
 
     def overlap(self, other: Region) -> float:
         """Intersection over union with ``other``: 1 for the same region, 0 apart."""
-        width = min(self.right, other.right) - max(self.left, other.left)
-        height = min(self.bottom, other.bottom) - max(self.top, other.top)
-        if width <= 0 or height <= 0:
-            return 0.0
-        shared = width * height
-        return shared / (self.area + other.area - shared)
+        shared = self._shared_area(other)
+        return shared / (self.area + other.area - shared) if shared > 0 else 0.0
 
     def share_inside(self, other: Region) -> float:
         """How much of ``other``'s area lies inside this region: 1 when it holds all of it."""
+        shared = self._shared_area(other)
+        return shared / other.area if shared > 0 else 0.0
+
+    def _shared_area(self, other: Region) -> float:
         width = min(self.right, other.right) - max(self.left, other.left)
         height = min(self.bottom, other.bottom) - max(self.top, other.top)
-        if width <= 0 or height <= 0 or other.area <= 0:
-            return 0.0
-        return width * height / other.area
+        return width * height if width > 0 and height > 0 else 0.0
 
 
 def region_grid(scales: Sequence[float] = (0.5, 0.7)) -> list[Region]:
