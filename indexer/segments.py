@@ -206,11 +206,17 @@ class SegmentSet:
         """
         if count <= 0 or not any(len(s.lists) for s in self.segments):
             return []
+        hamming_weights = params.hamming_weights  # once, not once per segment
         best: dict[int, float] = {}
         for features in oriented:
             query = self.weighted_query(features, params)
             top_of = functools.partial(
-                _top_votes, query=query.words, params=params, scope=scope, count=count
+                _top_votes,
+                query=query.words,
+                params=params,
+                hamming_weights=hamming_weights,
+                scope=scope,
+                count=count,
             )
             parts = list(zip(query.segments, query.ranges, strict=True))
             for ids, scores in (threads.map if threads else map)(top_of, parts):
@@ -226,6 +232,7 @@ def _top_votes(
     *,
     query: QueryWords,
     params: VoteParams,
+    hamming_weights: FloatArray,
     scope: int,
     count: int,
 ) -> tuple[IdArray, FloatArray]:
@@ -238,7 +245,7 @@ def _top_votes(
         end,
         query,
         max_hamming=params.max_hamming,
-        hamming_weights=params.hamming_weights,
+        hamming_weights=hamming_weights,
         scope=scope,
         deleted=segment.deleted,
     )
