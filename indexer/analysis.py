@@ -197,8 +197,12 @@ def _frame_features(
     )
 
 
-def analyze_framed(source: bytes | Path, frame: Region, settings: EngineSettings) -> LocalFeatures:
-    """Query features of the photo inside ``frame`` (see :attr:`Analysis.frames`).
+def analyze_framed(
+    source: bytes | Path, frame: Region, settings: EngineSettings, *, detail: float = 1.0
+) -> LocalFeatures:
+    """Query features of the photo inside ``frame`` (see :attr:`Analysis.frames`),
+    or of the part of a candidate a query shows, at the query's ``detail`` (see
+    :func:`~indexer.images.load_working_image`).
 
     Decoded again from the source rather than cut from the working image: in a
     tall screenshot the photo may be only 150 px wide at working size.
@@ -209,14 +213,14 @@ def analyze_framed(source: bytes | Path, frame: Region, settings: EngineSettings
     """
     if isinstance(source, Path):
         source, _ = read_image_file(source, settings.max_file_bytes)
-    image = _working_image(source, settings, crop=frame)
+    image = _working_image(source, settings, crop=frame, detail=detail)
     return extract_features(
         image.gray, max_keypoints=settings.query_keypoints, params=settings.query_kaze
     )
 
 
 def _working_image(
-    data: bytes, settings: EngineSettings, *, crop: Region | None = None
+    data: bytes, settings: EngineSettings, *, crop: Region | None = None, detail: float = 1.0
 ) -> WorkingImage:
     """The working image the settings ask for: one place for the decoding limits."""
     return load_working_image(
@@ -226,6 +230,7 @@ def _working_image(
         max_bytes=settings.max_file_bytes,
         max_pixels=settings.max_pixels,
         crop=crop,
+        detail=detail,
     )
 
 

@@ -191,6 +191,7 @@ def load_working_image(
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     crop: Region | None = None,
+    detail: float = 1.0,
 ) -> WorkingImage:
     """Decode ``source`` into an upright grayscale working image.
 
@@ -200,6 +201,9 @@ def load_working_image(
     With ``crop`` (fractions of the upright picture), only that part is kept,
     and it is the part that is sized as above: a photo found inside a
     screenshot is described at the resolution the screenshot has for it.
+    With ``detail`` below 1, the crop is first reduced to that share of its
+    pixels a side, as a smaller copy of the picture would show it, and then
+    sized: that part of the picture is described as the copy was.
 
     Raises ValueError for inconsistent arguments, and for the picture:
     SourceError (path missing, unreadable, not a regular file), EmptyImageError,
@@ -214,6 +218,8 @@ def load_working_image(
         raise ValueError("min_side must lie between 0 and working_side")
     if max_pixels < 1:
         raise ValueError("max_pixels must be positive")
+    if not 0 < detail <= 1:
+        raise ValueError("detail must lie in (0, 1]")
     if crop is not None and not (
         0 <= crop.left < crop.right <= 1 and 0 <= crop.top < crop.bottom <= 1
     ):
@@ -226,7 +232,7 @@ def load_working_image(
             size = working_size(stored_width, stored_height, working_side, min_side)
             gray, orientation = _render(picture, size, "L")
         else:
-            gray, orientation = _render_crop(picture, crop, working_side, min_side)
+            gray, orientation = _render_crop(picture, crop, working_side, min_side, detail)
     if orientation in _SIDEWAYS_ORIENTATIONS:
         stored_width, stored_height = stored_height, stored_width
     return WorkingImage(
@@ -393,9 +399,10 @@ def working_size(width: int, height: int, working_side: int, min_side: int) -> t
 
 
 def _render_crop(
-    picture: Raster, crop: Region, working_side: int, min_side: int
+    picture: Raster, crop: Region, working_side: int, min_side: int, detail: float
 ) -> tuple[Raster, int]:
-    """Decode the ``crop`` part of ``picture`` upright, sized like a working image."""
+    """Decode the ``crop`` part of ``picture`` upright, with ``detail`` of its
+    resolution (see :func:`load_working_image`), sized like a working image."""
     width, height = picture.size
     # Read before decoding only to size the decode: should a format reveal its
     # orientation only after loading, the crop is still right, just less sharp.
@@ -416,6 +423,9 @@ def _render_crop(
         max(round(crop.bottom * upright.height), round(crop.top * upright.height) + 1),
     )
     part = upright.cropped(box)
+    reduced = (max(1, round(crop_width * detail)), max(1, round(crop_height * detail)))
+    if reduced[0] < part.width and reduced[1] < part.height:
+        part = part.resized(reduced, _resampling(enlarging=False))
     # Sized again from the pixels actually cut, which keeps the aspect exact.
     size = working_size(part.width, part.height, working_side, min_side)
     if part.size != size:

@@ -5,7 +5,9 @@ mirror image into global vectors, take candidates from the serving view (the
 Annoy generation and the fresh buffer), verify the best few geometrically
 (worker), and only if none verifies, look at a photo framed inside the query,
 then again with regional vectors (the photo may be a small part of the query,
-as in a screenshot) and verify more.
+as in a screenshot) and verify more. When still none verifies, the candidates
+that came closest get a closer look: the part of each that the query shows is
+described again, at the query's own detail, and verified once more.
 """
 
 from __future__ import annotations
@@ -33,13 +35,13 @@ from indexer.analysis import (
     analyze_video_frame,
 )
 from indexer.catalog import GLOBAL_SCOPE, Catalog, ImageRecord
-from indexer.errors import ImageError
+from indexer.errors import ImageError, SourceError
 from indexer.features import LocalFeatures
 from indexer.maintenance import ServingView
 from indexer.regions import Region, region_grid
 from indexer.segments import SegmentSet
 from indexer.settings import EngineSettings
-from indexer.verify import Verification, verify_candidates
+from indexer.verify import Verification, query_footprint, verify_candidates
 from indexer.workers import CpuPool
 
 log = logging.getLogger(__name__)
@@ -258,6 +260,7 @@ class QueryPipeline:
             timings=timings,
             inner=inner,
             frame_marks=analysis.frame_marks,
+            query_size=(analysis.width, analysis.height),
         )
 
     async def search(
@@ -270,6 +273,7 @@ class QueryPipeline:
         inner: Sequence[FramedLoader] = (),
         frame_marks: npt.NDArray[np.bool_] | None = None,
         first_look_only: bool = False,
+        query_size: tuple[int, int] | None = None,
     ) -> list[Match]:
         """Search with features already extracted (see :meth:`query`).
 
@@ -285,6 +289,10 @@ class QueryPipeline:
         part of one, and which for a new photo would otherwise take every stage;
         and the look of each frame of a moving query, whose other frames are the
         second chance.
+
+        ``query_size`` is the size of the picture the features describe, before
+        it was brought to working size: a closer look describes a candidate at
+        that detail (without it, at the candidate's own).
         """
         timings = timings if timings is not None else StageTimings()
         # One consistent view of each source for the whole query.
@@ -352,6 +360,11 @@ class QueryPipeline:
             voted = _alternated([i for i, _ in look.votes], [i for i, _ in mirror_votes])
             extra = [i for i in _alternated(voted, fused) if i not in verdicts][:budget]
             verdicts.update(await self._verify(features, extra, timings, frame_marks))
+            if not any(v.verified for v in (*verdicts.values(), *framed_verdicts.values())):
+                closer = await self._closer_looks(
+                    features, verdicts, query_size, timings, frame_marks
+                )
+                _keep_stronger(verdicts, closer)
         _keep_stronger(verdicts, framed_verdicts)
 
         return await self._results(
@@ -598,6 +611,80 @@ class QueryPipeline:
         _best_similarity(look.rankings, similarity)
         ranked = look.order(_best_similarity(look.rankings))
         return await self._verify(inner, ranked[: self.settings.first_batch], timings)
+
+    async def _closer_looks(
+        self,
+        features: LocalFeatures,
+        verdicts: dict[int, Verification],
+        query_size: tuple[int, int] | None,
+        timings: StageTimings,
+        frame_marks: npt.NDArray[np.bool_] | None,
+    ) -> dict[int, Verification]:
+        """Verdicts of the closest unverified candidates against the part of each
+        that the query shows, described again at the query's detail.
+
+        A deep crop shows a fifth of a photo, where the photo's stored keypoints,
+        the strongest 500 of the whole, are thin: the crop's original got 10
+        inliers and, described again, 154. A thumbnail is blurred where the
+        stored original is sharp, so its part is reduced to the thumbnail's
+        detail first, as the copy was made. The verdict keeps every rule.
+        """
+        settings = self.settings
+        closest = sorted(
+            (
+                image_id
+                for image_id, verdict in verdicts.items()
+                if not verdict.verified
+                and verdict.homography is not None
+                and verdict.inliers >= settings.closer_look_inliers
+            ),
+            key=lambda image_id: -verdicts[image_id].inliers,
+        )[: settings.closer_looks]
+        if not closest:
+            return {}
+        records = await self.catalog.get_many(closest)
+        stored = await self.catalog.features(closest)
+        looked: dict[int, Verification] = {}
+        for image_id in closest:
+            record, candidate = records.get(image_id), stored.get(image_id)
+            if record is None or candidate is None or record.moving:
+                continue  # removed meanwhile, or a frame of a video: no picture to look at
+            footprint = query_footprint(verdicts[image_id], features, candidate)
+            if footprint is None:
+                continue
+            detail = 1.0
+            if query_size is not None:
+                # Source pixels per working pixel, for the candidate and for the query.
+                candidate_pixels = max(record.width, record.height) / max(
+                    candidate.width, candidate.height
+                )
+                query_pixels = max(query_size) / max(features.width, features.height)
+                detail = min(1.0, query_pixels / (footprint.scale * candidate_pixels))
+            clock = time.perf_counter()
+            try:
+                described = await self.pool.run(
+                    analyze_framed,
+                    self._locate(record),
+                    footprint.region,
+                    settings,
+                    detail=detail,
+                )
+            except (SourceError, ImageError) as error:
+                # The file moved or changed since it was indexed: the candidate
+                # keeps the verdict it had.
+                log.info("no closer look at image %d: %s", image_id, error)
+                continue
+            finally:
+                timings.add("closer look", time.perf_counter() - clock)
+            timings.count("closer look")
+            (looked[image_id],) = await self.pool.run(
+                verify_candidates,
+                features,
+                [described],
+                params=settings.verify,
+                frame_marks=frame_marks,
+            )
+        return looked
 
     async def verdicts(self, analysis: Analysis, ids: Sequence[int]) -> dict[int, Verification]:
         """The verdicts of these images alone against an analysed query (absent ones left out)."""

@@ -59,6 +59,11 @@ class EngineSettings:
     first_batch: int = 8  # candidates verified before deciding whether to look further
     verify_limit: int = 48  # most candidates verified for one query
     candidates_per_region: int = 12
+    # Unverified candidates with this many inliers or more, the most first, get a
+    # closer look when nothing verified (indexer/querying.py); unrelated photos
+    # mostly reach 4 or 5 (docs/BENCHMARKS.md, "A closer look").
+    closer_looks: int = 2
+    closer_look_inliers: int = 7
     rebuild_after_fresh: int = 500  # fresh images that trigger a background rebuild
     # ... or a tenth of the index, but never more than this: the fresh buffer is
     # searched exactly, 35 ms a vector at 100k (docs/BENCHMARKS-speed-scale.md).

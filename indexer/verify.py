@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
 from indexer.features import LocalFeatures, find_homography
+from indexer.regions import Region
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -56,6 +57,9 @@ class Verification:
     inliers: int
     verified: bool
     mirrored: bool
+    # The fit behind the inliers: (mirrored) query working pixels to the
+    # candidate's; None when too few matches to fit one.
+    homography: npt.NDArray[np.float64] | None = field(default=None, compare=False)
 
     @classmethod
     def rejected(cls) -> Verification:
@@ -138,7 +142,55 @@ def _verify_pair(
         off_marks = int(np.count_nonzero(~on_marks))
         if off_marks < params.min_inliers and np.mean(on_marks) > MAX_SHARE_ON_FRAME_MARKS:
             verified = False
-    return Verification(inliers=inliers, verified=verified, mirrored=is_mirrored)
+    return Verification(
+        inliers=inliers, verified=verified, mirrored=is_mirrored, homography=homography
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Footprint:
+    """Where a query lies in a candidate, by a verification's fit."""
+
+    region: Region  # the candidate's part under the query, with a margin; fractions
+    scale: float  # candidate working pixels per query working pixel (linear)
+
+
+def query_footprint(
+    verification: Verification,
+    query: LocalFeatures,
+    candidate: LocalFeatures,
+    *,
+    margin: float = 0.05,
+) -> Footprint | None:
+    """The part of ``candidate`` the query shows by ``verification``'s fit, widened
+    by ``margin`` of its size on every side; None without a fit, or when the
+    query's outline does not map to a proper part of the candidate."""
+    if verification.homography is None:
+        return None
+    corners = np.array(
+        [[0, 0, 1], [query.width, 0, 1], [query.width, query.height, 1], [0, query.height, 1]],
+        dtype=np.float64,
+    ).T
+    mapped = verification.homography @ corners
+    if np.any(mapped[2] <= 1e-9):
+        return None  # the outline crosses the horizon: no sane part
+    x, y = mapped[0] / mapped[2], mapped[1] / mapped[2]
+    # Shoelace area of the mapped outline (a convex quadrilateral for a sane fit).
+    area = 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
+    if area <= 0:
+        return None
+    left, right = float(x.min()), float(x.max())
+    top, bottom = float(y.min()), float(y.max())
+    pad_x, pad_y = margin * (right - left), margin * (bottom - top)
+    region = Region(
+        left=max(0.0, (left - pad_x) / candidate.width),
+        top=max(0.0, (top - pad_y) / candidate.height),
+        right=min(1.0, (right + pad_x) / candidate.width),
+        bottom=min(1.0, (bottom + pad_y) / candidate.height),
+    )
+    if region.right <= region.left or region.bottom <= region.top:
+        return None
+    return Footprint(region=region, scale=math.sqrt(area / (query.width * query.height)))
 
 
 # A verdict with more than this share of its inliers on the query's frame marks
