@@ -461,6 +461,7 @@ class RepostWatch:
             origin_message_id=photo.message_id,
             telegram_file_id=photo.file_id if photo.is_photo else None,
             analysis=analysis,
+            every_look=True,  # "Seen before" must not miss what a search would find
         )
         image = result.image
         apart = [] if result.created else await self.records.pictures_apart_from(

@@ -247,10 +247,29 @@ class QueryPipeline:
         started = time.perf_counter()
         analysis = await self.pool.run(_analyze, source, self.settings)
         timings.add("analyze", time.perf_counter() - started)
+        return await self.search_analysis(source, analysis, scope=scope, top=top, timings=timings)
+
+    async def search_analysis(
+        self,
+        source: bytes | Path,
+        analysis: Analysis,
+        *,
+        scope: int = GLOBAL_SCOPE,
+        top: int = 5,
+        timings: StageTimings | None = None,
+        first_look_only: bool = False,
+    ) -> list[Match]:
+        """Search for the image ``analysis`` describes (an analysis made for a query, of
+        ``source``) with every look a query takes: the whole image first, then, while
+        nothing verifies, the photos shown inside it and its regions; a moving picture
+        frame by frame (see :meth:`_search_moving`). With ``first_look_only``, the
+        first batch of candidates of the whole image (a moving picture's first frame)
+        alone."""
+        timings = timings if timings is not None else StageTimings()
         if analysis.moving:
             return await self._search_moving(source, analysis, scope=scope, top=top,
-                                             timings=timings)
-        inner = [
+                                             timings=timings, first_frame_only=first_look_only)
+        inner = [] if first_look_only else [
             _inner_loader(self.pool, source, frame, self.settings) for frame in analysis.frames
         ]
         return await self.search(
@@ -260,6 +279,7 @@ class QueryPipeline:
             timings=timings,
             inner=inner,
             frame_marks=analysis.frame_marks,
+            first_look_only=first_look_only,
             query_size=(analysis.width, analysis.height),
         )
 
@@ -285,10 +305,10 @@ class QueryPipeline:
         framed photo, pictures on a page), likeliest first; they are called, one
         after the other, only while nothing verifies. With
         ``first_look_only`` only the first batch of candidates is verified: the
-        look for a copy of a photo being added, which is the whole photo, not a
-        part of one, and which for a new photo would otherwise take every stage;
-        and the look of each frame of a moving query, whose other frames are the
-        second chance.
+        look for a copy of a photo being added in bulk, for which a new photo
+        would otherwise take every stage (most copies are found in the first
+        batch; the repost watch takes every stage); and the look of each frame
+        of a moving query, whose other frames are the second chance.
 
         ``query_size`` is the size of the picture the features describe, before
         it was brought to working size: a closer look describes a candidate at
@@ -431,6 +451,7 @@ class QueryPipeline:
         scope: int,
         top: int,
         timings: StageTimings,
+        first_frame_only: bool = False,
     ) -> list[Match]:
         """Search with each frame of a moving query in turn, until one verifies.
 
@@ -439,17 +460,20 @@ class QueryPipeline:
         frame is described only when needed, so a found video costs one frame.
         """
         best: dict[int, Match] = {}
-        frame: VideoFrame | None = analysis.video_frames[0]
+        described = list(analysis.video_frames)  # a query's first frame; an add's every one
         left = list(analysis.frames_left)
+        frame: VideoFrame | None = described.pop(0)
         while frame is not None:
             timings.count("video frame")
             for match in await self.search(
                 frame.features, scope=scope, top=top, timings=timings, first_look_only=True
             ):
                 _keep_better(best, dataclasses.replace(match, query_seconds=frame.seconds))
-            if any(match.verified for match in best.values()):
+            if first_frame_only or any(match.verified for match in best.values()):
                 break
-            frame = await self._next_frame(source, left, timings)
+            frame = described.pop(0) if described else await self._next_frame(
+                source, left, timings
+            )
         return _best_first(best)[:top]
 
     async def _next_frame(

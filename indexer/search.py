@@ -224,6 +224,7 @@ class SearchService:
         added_at: float | None = None,
         analysis: Analysis | None = None,
         distinct_from: Collection[int] = (),
+        every_look: bool = False,
     ) -> AddResult:
         """Keep ``data`` under the index folder and make it searchable at once.
 
@@ -232,6 +233,14 @@ class SearchService:
         is returned with ``created=False``. ``distinct_from`` are images the
         caller knows ``data`` is not (a chat said "not a repost"): they are never
         returned as its verified copy (identical bytes still are).
+
+        The copy is looked for with the first look of a query (the candidates
+        most photos are found among), which keeps bulk adds fast. With
+        ``every_look``, when that verifies nothing, the rest of a query's looks
+        follow (the photo shown inside a frame, the regions; a moving picture's
+        later frames), so the copy a query would find is found: for a caller
+        that tells people a photo was seen before. A new photo then costs about
+        a query's time more.
 
         ``added_at`` is when the photo was posted, when that was not now (an
         imported chat history). ``analysis`` is :meth:`analyze` of ``data``, for
@@ -244,7 +253,9 @@ class SearchService:
         if analysis is None:
             analysis = await self.analyze(data)
         async with self._maintainer.write_lock:
-            existing = await self._find_existing(analysis, scope, distinct_from)
+            existing = await self._find_existing(
+                data, analysis, scope, distinct_from, every_look=every_look
+            )
             if existing is not None:
                 return AddResult(existing, created=False)
             relative = self._originals.store(data, analysis)
@@ -327,19 +338,26 @@ class SearchService:
         )
 
     async def _find_existing(
-        self, analysis: Analysis, scope: int, distinct_from: Collection[int]
+        self,
+        data: bytes,
+        analysis: Analysis,
+        scope: int,
+        distinct_from: Collection[int],
+        *,
+        every_look: bool,
     ) -> ImageRecord | None:
         scopes = sorted({GLOBAL_SCOPE, scope})
         same_bytes = await self.catalog.find_by_hash(analysis.content_hash, scopes)
         if same_bytes is not None:  # identical bytes are the same picture, whatever was said
             return same_bytes
-        for match in await self.pipeline.search(
-            analysis.features,
+        matches = await self.pipeline.search_analysis(
+            data,
+            analysis,
             scope=scope,
             top=1 + len(distinct_from),
-            frame_marks=analysis.frame_marks,
-            first_look_only=True,
-        ):
+            first_look_only=not every_look,
+        )
+        for match in matches:
             if match.verified and match.image.id not in distinct_from:
                 return match.image
         return None

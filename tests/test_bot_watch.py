@@ -17,7 +17,7 @@ from bot_fixtures import (
     photo_bytes,
     running,
 )
-from conftest import photo_array
+from conftest import jpeg_bytes, photo_array
 from PIL import Image
 
 from bot import replies
@@ -31,6 +31,7 @@ from bot.watch import (
     next_value,
     with_change,
 )
+from testsupport.edits import compose_page
 from testsupport.engine import copy_index
 from testsupport.telegram_emulator import SentMessage, TelegramEmulator
 
@@ -161,6 +162,43 @@ async def test_a_supergroup_without_privacy_mode_gets_every_kind_of_repost_answe
     # Rocket (new) and coffee (only in the offline collection, which does not count by
     # default) got no answer: every message is accounted for above.
     assert len(emu.messages_sent(group)) == 9
+
+
+# A photo shown small on a page of text: the whole page's first look misses it, and only the
+# look at the photo inside the page finds it (tests/test_search.py shows the same pages).
+async def test_a_photo_shown_small_on_a_page_is_seen_before_and_other_pages_are_not(
+    index_dir: Path,
+) -> None:
+    async with TelegramEmulator(group_privacy=False) as emu:
+        alice = emu.create_user("Alice")
+        bob = emu.create_user("Bob")
+        group = emu.create_group("Reading club", [alice, bob], chat_type="supergroup")
+        emu.set_member_status(group, alice, "administrator")
+        settings = bot_settings(emu, index_dir)
+        async with running(make_bot(settings)) as application:
+            emu.user_sends_text(group, alice, "/watch on")
+            await emu.wait_for_messages(group, 1, timeout=REPLY_DEADLINE_S)
+            original = emu.user_sends_photo(group, bob, photo_bytes("chelsea"))
+            # Another page of text, showing a photo never posted: new, so no answer, though
+            # its text and layout are much like the next page's.
+            emu.user_sends_photo(
+                group, alice, jpeg_bytes(compose_page(photo_array("camera"), 6).image, 85)
+            )
+            page = emu.user_sends_photo(
+                group, alice, jpeg_bytes(compose_page(photo_array("chelsea"), 3).image, 85)
+            )
+            emu.user_sends_photo(group, bob, photo_bytes("moon"))  # new: no answer
+            await idle(application)
+            checked = watch_of(application).figures.checked
+
+    answers = emu.messages_sent(group)[1:]
+    assert checked == 4
+    assert [a.reply_to_message_id for a in answers] == [page["message_id"]]
+    [answer] = answers
+    assert answer.text is not None
+    assert answer.text.startswith(f"{SEEN}: first posted by Bob on ")
+    internal = str(group.id).removeprefix("-100")
+    assert link_of(answer) == f"https://t.me/c/{internal}/{original['message_id']}"
 
 
 async def test_buttons_settings_restart_retention_and_forget_in_a_public_group(

@@ -370,6 +370,20 @@ async def test_adding_a_copy_of_a_collection_photo_returns_the_collection_photo(
     assert (Path(result.image.path).stem, result.image.scope) == ("camera", GLOBAL_SCOPE)
 
 
+async def test_an_add_takes_a_query_s_every_look_for_its_copy_only_when_asked(
+    private_index: Path,
+) -> None:
+    # The page of tests above on which only the look at the photo itself finds it.
+    page = jpeg_bytes(compose_page(photo_array("chelsea"), 3, [photo_array("brick")]).image, 85)
+
+    async with opened_service(private_index) as service:
+        every_look = await service.add(page, scope=CHAT_A, every_look=True)
+        first_look = await service.add(page, scope=CHAT_A)
+
+    assert (every_look.created, Path(every_look.image.path).stem) == (False, "chelsea")
+    assert first_look.created  # bulk adds stay fast: to the first look the page is new
+
+
 async def test_a_removed_photo_is_no_longer_found(private_index: Path) -> None:
     async with opened_service(private_index) as service:
         added = await service.add(jpeg_bytes(photo_array("coins")))
