@@ -167,29 +167,28 @@ async def test_a_supergroup_without_privacy_mode_gets_every_kind_of_repost_answe
 # A photo shown small on a page of text: the whole page's first look misses it, and only the
 # look at the photo inside the page finds it (tests/test_search.py shows the same pages).
 async def test_a_photo_shown_small_on_a_page_is_seen_before_and_other_pages_are_not(
-    index_dir: Path,
+    emu: TelegramEmulator, index_dir: Path
 ) -> None:
-    async with TelegramEmulator(group_privacy=False) as emu:
-        alice = emu.create_user("Alice")
-        bob = emu.create_user("Bob")
-        group = emu.create_group("Reading club", [alice, bob], chat_type="supergroup")
-        emu.set_member_status(group, alice, "administrator")
-        settings = bot_settings(emu, index_dir)
-        async with running(make_bot(settings)) as application:
-            emu.user_sends_text(group, alice, "/watch on")
-            await emu.wait_for_messages(group, 1, timeout=REPLY_DEADLINE_S)
-            original = emu.user_sends_photo(group, bob, photo_bytes("chelsea"))
-            # Another page of text, showing a photo never posted: new, so no answer, though
-            # its text and layout are much like the next page's.
-            emu.user_sends_photo(
-                group, alice, jpeg_bytes(compose_page(photo_array("camera"), 6).image, 85)
-            )
-            page = emu.user_sends_photo(
-                group, alice, jpeg_bytes(compose_page(photo_array("chelsea"), 3).image, 85)
-            )
-            emu.user_sends_photo(group, bob, photo_bytes("moon"))  # new: no answer
-            await idle(application)
-            checked = watch_of(application).figures.checked
+    alice = emu.create_user("Alice")
+    bob = emu.create_user("Bob")
+    group = emu.create_group("Reading club", [alice, bob], chat_type="supergroup")
+    emu.set_member_status(group, alice, "administrator")
+    emu.set_member_status(group, emu.bot_user, "administrator")  # it sees every message
+    async with running(make_bot(bot_settings(emu, index_dir))) as application:
+        emu.user_sends_text(group, alice, "/watch on")
+        await emu.wait_for_messages(group, 1, timeout=REPLY_DEADLINE_S)
+        original = emu.user_sends_photo(group, bob, photo_bytes("chelsea"))
+        # Another page of text, showing a photo never posted: new, so no answer, though its
+        # text and layout are much like the next page's.
+        emu.user_sends_photo(
+            group, alice, jpeg_bytes(compose_page(photo_array("camera"), 6).image, 85)
+        )
+        page = emu.user_sends_photo(
+            group, alice, jpeg_bytes(compose_page(photo_array("chelsea"), 3).image, 85)
+        )
+        emu.user_sends_photo(group, bob, photo_bytes("moon"))  # new: no answer
+        await idle(application)
+        checked = watch_of(application).figures.checked
 
     answers = emu.messages_sent(group)[1:]
     assert checked == 4
