@@ -560,6 +560,30 @@ def test_a_crop_is_taken_from_the_upright_picture(orientation: int) -> None:
     assert correlation(part.gray, luma(upright.crop((480, 0, 960, 320)))) > 0.97
 
 
+def test_a_crop_at_a_quarter_of_the_detail_is_that_part_of_a_quarter_size_copy() -> None:
+    picture = sample_photo("coffee", (800, 600))
+    crop = Region(0.0, 0.0, 0.5, 0.5)  # 400 x 300, shown by a 200 x 150 copy as 100 x 75
+
+    part = load_working_image(
+        photo_jpeg_of(picture), working_side=640, min_side=400, crop=crop, detail=0.25
+    )
+
+    assert part.gray.shape == (300, 400)
+    small_copy = picture.resize((200, 150), Image.Resampling.LANCZOS)
+    blurred = luma(small_copy.crop((0, 0, 100, 75)).resize((400, 300), Image.Resampling.BICUBIC))
+    sharp = luma(picture.crop((0, 0, 400, 300)))
+    assert correlation(part.gray, blurred) > 0.98
+    assert correlation(part.gray, blurred) > correlation(part.gray, sharp)
+
+
+@pytest.mark.parametrize("detail", [0.0, -0.5, 1.5])
+def test_a_detail_outside_zero_to_one_is_refused(detail: float) -> None:
+    with pytest.raises(ValueError, match="detail"):
+        load_working_image(
+            photo_jpeg((400, 300)), working_side=640, crop=Region(0, 0, 1, 1), detail=detail
+        )
+
+
 def test_a_crop_outside_the_picture_is_refused() -> None:
     with pytest.raises(ValueError, match="not a part"):
         load_working_image(photo_jpeg((400, 300)), working_side=640, crop=Region(0.5, 0, 1.5, 1))

@@ -31,6 +31,7 @@ from engine_fixtures import (
     copy_of_shared_index,
     edited_jpeg,
     noise_jpeg,
+    run_build,
     shapes_jpeg,
     stem,
 )
@@ -49,7 +50,7 @@ from indexer.errors import (
     StorageFullError,
 )
 from indexer.features import LocalFeatures
-from indexer.search import GENERATIONS_DIR, ORIGINALS_DIR, Match, SearchService
+from indexer.search import GENERATIONS_DIR, ORIGINALS_DIR, Match, SearchService, StageTimings
 from indexer.settings import EngineSettings
 from indexer.workers import CpuPool
 from testsupport.edits import compose_page
@@ -184,6 +185,89 @@ async def test_a_photo_shown_small_on_a_page_of_text_is_found(
         matches = await service.query(jpeg_bytes(page.image, 85), top=3)
 
     assert (stem(matches[0]), matches[0].verified) == (photo, True), describe(matches)
+
+
+# --- a closer look at deep crops ----------------------------------------------------------------
+
+
+def corner_crop(photo: str, horizontal: float, vertical: float, side: float = 0.35) -> bytes:
+    """JPEG of ``side`` of the photo's width and height (an eighth of its area), at
+    native resolution, placed at ``horizontal`` and ``vertical`` (0 to 1) of the rest."""
+    image = photo_array(photo)
+    height, width = image.shape[:2]
+    part_width, part_height = int(width * side), int(height * side)
+    left = int((width - part_width) * horizontal)
+    top = int((height - part_height) * vertical)
+    part = image[top : top + part_height, left : left + part_width]
+    return jpeg_bytes(np.ascontiguousarray(part))
+
+
+# An eighth of the area holds too few of the 500 keypoints stored for the whole
+# photo: 9 to 11 inliers; described again, the same part gives 55 to 180.
+DEEP_CROPS = [("chelsea", 0.9, 0.1), ("astronaut", 0.1, 0.1), ("hubble_deep_field", 0.5, 0.9)]
+
+
+@pytest.mark.parametrize(("photo", "horizontal", "vertical"), DEEP_CROPS)
+async def test_a_deep_crop_is_verified_by_a_closer_look_at_its_original(
+    search_index: Path, photo: str, horizontal: float, vertical: float
+) -> None:
+    crop = corner_crop(photo, horizontal, vertical)
+    without = dataclasses.replace(TEST_SETTINGS, closer_looks=0)
+
+    timings = StageTimings()
+    async with opened_service(search_index) as service:
+        matches = await service.query(crop, top=3, timings=timings)
+    async with opened_service(search_index, settings=without) as service:
+        stored_alone = await service.query(crop, top=3)
+
+    assert (stem(matches[0]), matches[0].verified) == (photo, True), describe(matches)
+    assert timings.counts["closer look"] >= 1
+    assert not any(m.verified for m in stored_alone), describe(stored_alone)
+
+
+async def test_a_closer_look_at_every_candidate_verifies_no_unrelated_photo(
+    search_index: Path,
+) -> None:
+    # Every candidate with a fit gets a closer look, not only the nearly verified.
+    eager = dataclasses.replace(TEST_SETTINGS, closer_look_inliers=0, closer_looks=4)
+    queries = {
+        f"{photo} {part}": data
+        for photo in UNINDEXED_PHOTOS
+        for part, data in (
+            ("whole", jpeg_bytes(photo_array(photo))),
+            ("middle", corner_crop(photo, 0.5, 0.5)),
+            ("corner", corner_crop(photo, 1.0, 0.0)),
+        )
+        if (photo, part) != ("clock", "corner")  # a flat wall: no keypoints at all
+    }
+
+    timings = StageTimings()
+    async with opened_service(search_index, settings=eager) as service:
+        answers = {name: await service.query(data, top=12, timings=timings)
+                   for name, data in queries.items()}
+
+    # Most unrelated candidates have too few matches for a fit to look closer by.
+    assert timings.counts["closer look"] >= 1
+    verified = {name: describe(m) for name, m in answers.items() if any(x.verified for x in m)}
+    assert verified == {}
+
+
+async def test_a_candidate_whose_file_is_gone_keeps_its_verdict_without_a_closer_look(
+    photos_copy: Path, tmp_path: Path
+) -> None:
+    photo, horizontal, vertical = DEEP_CROPS[0]
+    await asyncio.to_thread(run_build, photos_copy, tmp_path / "index")
+    (photos_copy / f"{photo}.jpg").unlink()  # moved away since it was indexed
+
+    timings = StageTimings()
+    async with opened_service(tmp_path / "index") as service:
+        matches = await service.query(
+            corner_crop(photo, horizontal, vertical), top=3, timings=timings
+        )
+
+    assert stem(matches[0]) == photo, describe(matches)
+    assert not matches[0].verified
+    assert "closer look" not in timings.counts
 
 
 # --- bad input ----------------------------------------------------------------------------------

@@ -16,11 +16,13 @@ from engine_fixtures import rotated
 
 from indexer.analysis import Analysis, analyze_bytes
 from indexer.features import DESCRIPTOR_SIZE, LocalFeatures, extract_features
+from indexer.regions import Region
 from indexer.settings import EngineSettings
 from indexer.verify import (
     Verification,
     VerifyParams,
     batched_mutual_ratio_matches,
+    query_footprint,
     verify_candidates,
 )
 from testsupport.edits import EDITS_BY_NAME
@@ -190,6 +192,33 @@ def test_descriptors_that_agree_on_no_geometry_are_not_verified() -> None:
 
     assert not verdict.verified
     assert verdict.inliers < PARAMS.min_inliers
+
+
+@pytest.mark.parametrize(
+    ("margin", "expected"),
+    [(0.0, Region(0.25, 0.25, 0.75, 0.75)), (0.1, Region(0.2, 0.2, 0.8, 0.8))],
+)
+def test_a_query_s_footprint_is_the_part_of_the_candidate_it_shows(
+    margin: float, expected: Region
+) -> None:
+    candidate = synthetic_features(7)
+    # The middle of the candidate, twice as large: a crop to its central quarter.
+    query = moved(candidate, similarity(0.0, 2.0, (0.0, 0.0)))
+
+    verdict = verdict_for(query, candidate)
+    footprint = query_footprint(verdict, query, candidate, margin=margin)
+
+    assert verdict.verified
+    assert footprint is not None
+    for side in ("left", "top", "right", "bottom"):
+        assert getattr(footprint.region, side) == pytest.approx(getattr(expected, side), abs=0.01)
+    assert footprint.scale == pytest.approx(0.5, abs=0.01)  # candidate pixels per query pixel
+
+
+def test_a_verdict_without_a_fit_has_no_footprint() -> None:
+    features = synthetic_features(1)
+
+    assert query_footprint(Verification.rejected(), features, features) is None
 
 
 def test_too_few_matches_are_rejected_without_fitting() -> None:
