@@ -8,6 +8,7 @@ the bot).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,17 @@ class VideoFrame:
 
 
 @dataclass(frozen=True, slots=True)
+class QuerySource:
+    """How a query's picture is stored: its size before it was brought to working
+    size and, for a JPEG, its luminance quantization table. A closer look shows a
+    candidate's part the same way (see :func:`analyze_framed`)."""
+
+    width: int
+    height: int
+    luma_table: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Analysis:
     """What the engine needs to know about one image (or one moving picture)."""
 
@@ -66,10 +78,15 @@ class Analysis:
     # nothing verifies.
     video_frames: tuple[VideoFrame, ...] = ()
     frames_left: tuple[int, ...] = ()
+    luma_table: tuple[int, ...] | None = None  # a JPEG's (see QuerySource)
 
     @property
     def moving(self) -> bool:
         return bool(self.video_frames)
+
+    @property
+    def source(self) -> QuerySource:
+        return QuerySource(self.width, self.height, self.luma_table)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +130,7 @@ def analyze_bytes(data: bytes, settings: EngineSettings, *, for_query: bool = Fa
         format=image.format,
         frames=tuple(find_inner_photos(image.gray, framed)) if for_query else (),
         frame_marks=find_frame_marks(image.gray, features.points, framed) if for_query else None,
+        luma_table=image.luma_table if for_query else None,
     )
 
 
@@ -198,10 +216,16 @@ def _frame_features(
 
 
 def analyze_framed(
-    source: bytes | Path, frame: Region, settings: EngineSettings, *, detail: float = 1.0
+    source: bytes | Path,
+    frame: Region,
+    settings: EngineSettings,
+    *,
+    detail: float = 1.0,
+    luma_table: Sequence[int] | None = None,
 ) -> LocalFeatures:
     """Query features of the photo inside ``frame`` (see :attr:`Analysis.frames`),
-    or of the part of a candidate a query shows, at the query's ``detail`` (see
+    or of the part of a candidate a query shows, made as the query was: at its
+    ``detail``, with its JPEG's ``luma_table`` (see
     :func:`~indexer.images.load_working_image`).
 
     Decoded again from the source rather than cut from the working image: in a
@@ -213,14 +237,19 @@ def analyze_framed(
     """
     if isinstance(source, Path):
         source, _ = read_image_file(source, settings.max_file_bytes)
-    image = _working_image(source, settings, crop=frame, detail=detail)
+    image = _working_image(source, settings, crop=frame, detail=detail, luma_table=luma_table)
     return extract_features(
         image.gray, max_keypoints=settings.query_keypoints, params=settings.query_kaze
     )
 
 
 def _working_image(
-    data: bytes, settings: EngineSettings, *, crop: Region | None = None, detail: float = 1.0
+    data: bytes,
+    settings: EngineSettings,
+    *,
+    crop: Region | None = None,
+    detail: float = 1.0,
+    luma_table: Sequence[int] | None = None,
 ) -> WorkingImage:
     """The working image the settings ask for: one place for the decoding limits."""
     return load_working_image(
@@ -231,6 +260,7 @@ def _working_image(
         max_pixels=settings.max_pixels,
         crop=crop,
         detail=detail,
+        luma_table=luma_table,
     )
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,13 +139,15 @@ class WorkingImage:
 
     ``gray`` is 2-D, C-contiguous uint8, upright (EXIF orientation applied) and
     scaled to the working size; ``width`` and ``height`` are the original size
-    after orientation; ``format`` is Pillow's format name ("JPEG", "PNG", ...).
+    after orientation; ``format`` is Pillow's format name ("JPEG", "PNG", ...);
+    ``luma_table`` is a JPEG's luminance quantization table.
     """
 
     gray: npt.NDArray[np.uint8]
     width: int
     height: int
     format: str
+    luma_table: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +194,7 @@ def load_working_image(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     crop: Region | None = None,
     detail: float = 1.0,
+    luma_table: Sequence[int] | None = None,
 ) -> WorkingImage:
     """Decode ``source`` into an upright grayscale working image.
 
@@ -203,7 +206,9 @@ def load_working_image(
     screenshot is described at the resolution the screenshot has for it.
     With ``detail`` below 1, the crop is first reduced to that share of its
     pixels a side, as a smaller copy of the picture would show it, and then
-    sized: that part of the picture is described as the copy was.
+    sized: that part of the picture is described as the copy was. With
+    ``luma_table`` too, the crop is saved as a JPEG with that table before it
+    is sized, as the copy was: a thumbnail's keypoints sit on its JPEG blocks.
 
     Raises ValueError for inconsistent arguments, and for the picture:
     SourceError (path missing, unreadable, not a regular file), EmptyImageError,
@@ -228,11 +233,14 @@ def load_working_image(
     picture_format = image_format(data)
     with pillow_errors(picture_format), _opened(data, picture_format, max_pixels) as picture:
         stored_width, stored_height = picture.size
+        table = picture.luma_quantization()
         if crop is None:
             size = working_size(stored_width, stored_height, working_side, min_side)
             gray, orientation = _render(picture, size, "L")
         else:
-            gray, orientation = _render_crop(picture, crop, working_side, min_side, detail)
+            gray, orientation = _render_crop(
+                picture, crop, working_side, min_side, detail=detail, luma_table=luma_table
+            )
     if orientation in _SIDEWAYS_ORIENTATIONS:
         stored_width, stored_height = stored_height, stored_width
     return WorkingImage(
@@ -240,6 +248,7 @@ def load_working_image(
         width=stored_width,
         height=stored_height,
         format=picture_format,
+        luma_table=table,
     )
 
 
@@ -399,10 +408,17 @@ def working_size(width: int, height: int, working_side: int, min_side: int) -> t
 
 
 def _render_crop(
-    picture: Raster, crop: Region, working_side: int, min_side: int, detail: float
+    picture: Raster,
+    crop: Region,
+    working_side: int,
+    min_side: int,
+    *,
+    detail: float,
+    luma_table: Sequence[int] | None,
 ) -> tuple[Raster, int]:
     """Decode the ``crop`` part of ``picture`` upright, with ``detail`` of its
-    resolution (see :func:`load_working_image`), sized like a working image."""
+    resolution and the blocks of a JPEG made with ``luma_table`` (see
+    :func:`load_working_image`), sized like a working image."""
     width, height = picture.size
     # Read before decoding only to size the decode: should a format reveal its
     # orientation only after loading, the crop is still right, just less sharp.
@@ -426,6 +442,8 @@ def _render_crop(
     reduced = (max(1, round(crop_width * detail)), max(1, round(crop_height * detail)))
     if reduced[0] < part.width and reduced[1] < part.height:
         part = part.resized(reduced, _resampling(enlarging=False))
+    if luma_table is not None:
+        part = part.jpeg_round_trip(luma_table)
     # Sized again from the pixels actually cut, which keeps the aspect exact.
     size = working_size(part.width, part.height, working_side, min_side)
     if part.size != size:

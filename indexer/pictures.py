@@ -148,6 +148,19 @@ class Raster:
             return 1
         return value if isinstance(value, int) else 1
 
+    def luma_quantization(self) -> tuple[int, ...] | None:
+        """A JPEG's luminance quantization table (64 steps), None for other formats."""
+        tables = getattr(self._image, "quantization", None)
+        return tuple(tables[0]) if tables and 0 in tables else None
+
+    def jpeg_round_trip(self, luma_table: Sequence[int]) -> Raster:
+        """This grey picture saved as a JPEG with ``luma_table`` and decoded again:
+        with the blocks a JPEG copy made with that table has."""
+        output = io.BytesIO()
+        self._image.convert("L").save(output, "JPEG", qtables=[list(luma_table)])
+        output.seek(0)
+        return Raster(Image.open(output, formats=["JPEG"]).convert("L"))
+
     def draft(self, mode: str, size: tuple[int, int]) -> tuple[float, float, float, float] | None:
         """Ask the decoder to decode no larger than needed for ``size`` (only JPEG can,
         by 1/2, 1/4 or 1/8); return the part of the reduced picture the stored

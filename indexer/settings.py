@@ -63,7 +63,7 @@ class EngineSettings:
     # closer look when nothing verified (indexer/querying.py); unrelated photos
     # mostly reach 4 or 5 (docs/BENCHMARKS.md, "A closer look").
     closer_looks: int = 2
-    closer_look_inliers: int = 7
+    closer_look_inliers: int = 6
     rebuild_after_fresh: int = 500  # fresh images that trigger a background rebuild
     # ... or a tenth of the index, but never more than this: the fresh buffer is
     # searched exactly, 35 ms a vector at 100k (docs/BENCHMARKS-speed-scale.md).

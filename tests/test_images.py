@@ -576,6 +576,37 @@ def test_a_crop_at_a_quarter_of_the_detail_is_that_part_of_a_quarter_size_copy()
     assert correlation(part.gray, blurred) > correlation(part.gray, sharp)
 
 
+def test_a_jpeg_s_luminance_table_comes_with_its_working_image() -> None:
+    picture = sample_photo("coffee", (400, 300))
+    jpeg = load_working_image(encoded(picture, "JPEG", quality=15), working_side=640)
+    png = load_working_image(encoded(picture, "PNG"), working_side=640)
+
+    reopened = Image.open(io.BytesIO(encoded(picture, "JPEG", quality=15)))
+    assert jpeg.luma_table == tuple(reopened.quantization[0])
+    assert png.luma_table is None
+
+
+def test_a_crop_made_with_a_jpeg_table_has_the_blocks_of_a_copy_made_with_it() -> None:
+    picture = sample_photo("coffee", (400, 300))
+    copy = Image.open(io.BytesIO(encoded(picture.resize((40, 30)), "JPEG", quality=15)))
+    table = tuple(copy.quantization[0])
+
+    made_alike = load_working_image(
+        photo_jpeg_of(picture), working_side=640, min_side=400,
+        crop=Region(0, 0, 1, 1), detail=0.1, luma_table=table,
+    )
+    reduced_only = load_working_image(
+        photo_jpeg_of(picture), working_side=640, min_side=400, crop=Region(0, 0, 1, 1), detail=0.1
+    )
+
+    described_copy = load_working_image(encoded(copy, "JPEG", quality=95), working_side=640,
+                                        min_side=400)
+    assert made_alike.gray.shape == described_copy.gray.shape == (300, 400)
+    alike = correlation(made_alike.gray, described_copy.gray)
+    assert alike > 0.97
+    assert alike > correlation(reduced_only.gray, described_copy.gray)
+
+
 @pytest.mark.parametrize("detail", [0.0, -0.5, 1.5])
 def test_a_detail_outside_zero_to_one_is_refused(detail: float) -> None:
     with pytest.raises(ValueError, match="detail"):

@@ -225,6 +225,37 @@ async def test_a_deep_crop_is_verified_by_a_closer_look_at_its_original(
     assert not any(m.verified for m in stored_alone), describe(stored_alone)
 
 
+def thumbnail_jpeg(photo: str, side: int, quality: int) -> bytes:
+    """A JPEG copy of the photo, its longest side ``side`` px, at ``quality``."""
+    picture = Image.fromarray(photo_array(photo))
+    picture.thumbnail((side, side), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    picture.save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+# Stored sharp, a 40-48 px q15 copy's keypoints sit on its JPEG blocks: 6 to 11
+# inliers. Its candidate, reduced to the copy's size and saved with its JPEG
+# table, gives 64 to 218.
+THUMBNAILS = [("astronaut", 40, 15), ("coffee", 48, 15), ("chelsea", 40, 15)]
+
+
+@pytest.mark.parametrize(("photo", "side", "quality"), THUMBNAILS)
+async def test_a_tiny_jpeg_copy_is_verified_by_a_candidate_made_alike(
+    search_index: Path, photo: str, side: int, quality: int
+) -> None:
+    thumbnail = thumbnail_jpeg(photo, side, quality)
+    without = dataclasses.replace(TEST_SETTINGS, closer_looks=0)
+
+    async with opened_service(search_index) as service:
+        matches = await service.query(thumbnail, top=3)
+    async with opened_service(search_index, settings=without) as service:
+        stored_alone = await service.query(thumbnail, top=3)
+
+    assert (stem(matches[0]), matches[0].verified) == (photo, True), describe(matches)
+    assert not any(m.verified for m in stored_alone), describe(stored_alone)
+
+
 async def test_a_closer_look_at_every_candidate_verifies_no_unrelated_photo(
     search_index: Path,
 ) -> None:
@@ -237,6 +268,7 @@ async def test_a_closer_look_at_every_candidate_verifies_no_unrelated_photo(
             ("whole", jpeg_bytes(photo_array(photo))),
             ("middle", corner_crop(photo, 0.5, 0.5)),
             ("corner", corner_crop(photo, 1.0, 0.0)),
+            ("thumbnail", thumbnail_jpeg(photo, 40, 15)),
         )
         if (photo, part) != ("clock", "corner")  # a flat wall: no keypoints at all
     }
