@@ -8,7 +8,6 @@ the bot).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from indexer.errors import (
 )
 from indexer.features import LocalFeatures, extract_features
 from indexer.framing import find_frame_marks, find_framed_photo, find_inner_photos
-from indexer.images import WorkingImage, load_working_image, read_image_file
+from indexer.images import CopyMaking, WorkingImage, load_working_image, read_image_file
 from indexer.moving import (
     MovingPicture,
     frame_indices,
@@ -220,13 +219,10 @@ def analyze_framed(
     frame: Region,
     settings: EngineSettings,
     *,
-    detail: float = 1.0,
-    luma_table: Sequence[int] | None = None,
+    made_as: CopyMaking | None = None,
 ) -> LocalFeatures:
     """Query features of the photo inside ``frame`` (see :attr:`Analysis.frames`),
-    or of the part of a candidate a query shows, made as the query was: at its
-    ``detail``, with its JPEG's ``luma_table`` (see
-    :func:`~indexer.images.load_working_image`).
+    or of the part of a candidate a query shows, made ``made_as`` the query was.
 
     Decoded again from the source rather than cut from the working image: in a
     tall screenshot the photo may be only 150 px wide at working size.
@@ -237,7 +233,7 @@ def analyze_framed(
     """
     if isinstance(source, Path):
         source, _ = read_image_file(source, settings.max_file_bytes)
-    image = _working_image(source, settings, crop=frame, detail=detail, luma_table=luma_table)
+    image = _working_image(source, settings, crop=frame, made_as=made_as)
     return extract_features(
         image.gray, max_keypoints=settings.query_keypoints, params=settings.query_kaze
     )
@@ -248,8 +244,7 @@ def _working_image(
     settings: EngineSettings,
     *,
     crop: Region | None = None,
-    detail: float = 1.0,
-    luma_table: Sequence[int] | None = None,
+    made_as: CopyMaking | None = None,
 ) -> WorkingImage:
     """The working image the settings ask for: one place for the decoding limits."""
     return load_working_image(
@@ -259,8 +254,7 @@ def _working_image(
         max_bytes=settings.max_file_bytes,
         max_pixels=settings.max_pixels,
         crop=crop,
-        detail=detail,
-        luma_table=luma_table,
+        made_as=made_as,
     )
 
 

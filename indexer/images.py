@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +151,32 @@ class WorkingImage:
 
 
 @dataclass(frozen=True, slots=True)
+class CopyMaking:
+    """How a copy of a picture was made, to make a part of another the same way.
+
+    ``detail`` below 1 reduces the part to that share of its pixels a side, as a
+    smaller copy shows it; ``luma_table`` then saves it as a JPEG with that
+    luminance quantization table (a thumbnail's keypoints sit on its blocks);
+    ``magnification`` then enlarges it by that factor, as the copy was brought
+    to working size (at most twice the working side; working-image rules when None).
+    """
+
+    detail: float = 1.0
+    luma_table: tuple[int, ...] | None = None
+    magnification: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.detail <= 1:
+            raise ValueError("detail must lie in (0, 1]")
+        if self.magnification is not None and self.magnification <= 0:
+            raise ValueError("magnification must be positive")
+
+
+# A part made as a copy was is described at most this many working sides long.
+_MAX_MADE_AS = 2
+
+
+@dataclass(frozen=True, slots=True)
 class Picture:
     """A picture's bytes, with what its header says; the pixels are decoded on demand
     by :func:`decode_rgb`. ``width`` and ``height`` are as stored (before EXIF orientation)."""
@@ -193,8 +219,7 @@ def load_working_image(
     max_bytes: int = DEFAULT_MAX_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     crop: Region | None = None,
-    detail: float = 1.0,
-    luma_table: Sequence[int] | None = None,
+    made_as: CopyMaking | None = None,
 ) -> WorkingImage:
     """Decode ``source`` into an upright grayscale working image.
 
@@ -204,11 +229,8 @@ def load_working_image(
     With ``crop`` (fractions of the upright picture), only that part is kept,
     and it is the part that is sized as above: a photo found inside a
     screenshot is described at the resolution the screenshot has for it.
-    With ``detail`` below 1, the crop is first reduced to that share of its
-    pixels a side, as a smaller copy of the picture would show it, and then
-    sized: that part of the picture is described as the copy was. With
-    ``luma_table`` too, the crop is saved as a JPEG with that table before it
-    is sized, as the copy was: a thumbnail's keypoints sit on its JPEG blocks.
+    With ``made_as``, the crop is made as a copy of the picture was made (see
+    :class:`CopyMaking`), to be described as that copy was.
 
     Raises ValueError for inconsistent arguments, and for the picture:
     SourceError (path missing, unreadable, not a regular file), EmptyImageError,
@@ -223,8 +245,8 @@ def load_working_image(
         raise ValueError("min_side must lie between 0 and working_side")
     if max_pixels < 1:
         raise ValueError("max_pixels must be positive")
-    if not 0 < detail <= 1:
-        raise ValueError("detail must lie in (0, 1]")
+    if made_as is not None and crop is None:
+        raise ValueError("made_as needs a crop")
     if crop is not None and not (
         0 <= crop.left < crop.right <= 1 and 0 <= crop.top < crop.bottom <= 1
     ):
@@ -239,7 +261,7 @@ def load_working_image(
             gray, orientation = _render(picture, size, "L")
         else:
             gray, orientation = _render_crop(
-                picture, crop, working_side, min_side, detail=detail, luma_table=luma_table
+                picture, crop, working_side, min_side, made_as or CopyMaking()
             )
     if orientation in _SIDEWAYS_ORIENTATIONS:
         stored_width, stored_height = stored_height, stored_width
@@ -408,17 +430,10 @@ def working_size(width: int, height: int, working_side: int, min_side: int) -> t
 
 
 def _render_crop(
-    picture: Raster,
-    crop: Region,
-    working_side: int,
-    min_side: int,
-    *,
-    detail: float,
-    luma_table: Sequence[int] | None,
+    picture: Raster, crop: Region, working_side: int, min_side: int, made_as: CopyMaking
 ) -> tuple[Raster, int]:
-    """Decode the ``crop`` part of ``picture`` upright, with ``detail`` of its
-    resolution and the blocks of a JPEG made with ``luma_table`` (see
-    :func:`load_working_image`), sized like a working image."""
+    """Decode the ``crop`` part of ``picture`` upright, made as ``made_as`` says
+    and sized like a working image (or as ``made_as`` says)."""
     width, height = picture.size
     # Read before decoding only to size the decode: should a format reveal its
     # orientation only after loading, the crop is still right, just less sharp.
@@ -439,13 +454,20 @@ def _render_crop(
         max(round(crop.bottom * upright.height), round(crop.top * upright.height) + 1),
     )
     part = upright.cropped(box)
+    detail = made_as.detail
     reduced = (max(1, round(crop_width * detail)), max(1, round(crop_height * detail)))
     if reduced[0] < part.width and reduced[1] < part.height:
         part = part.resized(reduced, _resampling(enlarging=False))
-    if luma_table is not None:
-        part = part.jpeg_round_trip(luma_table)
+    if made_as.luma_table is not None:
+        part = part.jpeg_round_trip(made_as.luma_table)
     # Sized again from the pixels actually cut, which keeps the aspect exact.
-    size = working_size(part.width, part.height, working_side, min_side)
+    if made_as.magnification is None:
+        size = working_size(part.width, part.height, working_side, min_side)
+    else:
+        longest = round(
+            min(max(part.size) * made_as.magnification, _MAX_MADE_AS * working_side)
+        )
+        size = working_size(part.width, part.height, longest, longest)
     if part.size != size:
         part = part.resized(size, _resampling(enlarging=size[0] > part.width))
     return part, orientation

@@ -38,6 +38,7 @@ from indexer.analysis import (
 from indexer.catalog import GLOBAL_SCOPE, Catalog, ImageRecord
 from indexer.errors import ImageError, SourceError
 from indexer.features import LocalFeatures
+from indexer.images import CopyMaking
 from indexer.maintenance import ServingView
 from indexer.regions import Region, region_grid
 from indexer.segments import SegmentSet
@@ -96,6 +97,7 @@ FramedLoader = Callable[[], Awaitable[LocalFeatures]]
 MIN_REGION_KEYPOINTS = 24
 # A query whose outline covers more of a candidate than this shows all of it.
 _WHOLE = 0.99
+_WHOLE_REGION = Region(0.0, 0.0, 1.0, 1.0)
 # Inliers beyond which a verified first candidate needs no second opinion.
 _CONFIDENT_INLIERS = 30
 # Reciprocal-rank fusion constant: how much a first place outweighs a fifth.
@@ -678,38 +680,14 @@ class QueryPipeline:
             record, candidate = records.get(image_id), stored.get(image_id)
             if record is None or candidate is None or record.moving:
                 continue  # removed meanwhile, or a frame of a video: no picture to look at
-            footprint = query_footprint(verdicts[image_id], features, candidate)
-            if footprint is None:
+            made_as = _made_as(verdicts[image_id], features, candidate, record, query_source)
+            if made_as is None:
                 continue
-            detail = 1.0
-            if query_source is None:
-                pass
-            elif footprint.region.area > _WHOLE:
-                # A copy of the whole: reduced to the copy's very size, so that the
-                # JPEG blocks fall where the copy's fell (a fit of 6 or 7 inliers
-                # misjudges the scale by a fifth).
-                detail = min(
-                    1.0,
-                    max(query_source.width, query_source.height) / max(record.width, record.height),
-                )
-            else:
-                # Source pixels per working pixel, for the candidate and for the query.
-                candidate_pixels = max(record.width, record.height) / max(
-                    candidate.width, candidate.height
-                )
-                query_pixels = max(query_source.width, query_source.height) / max(
-                    features.width, features.height
-                )
-                detail = min(1.0, query_pixels / (footprint.scale * candidate_pixels))
+            region, making = made_as
             clock = time.perf_counter()
             try:
                 described = await self.pool.run(
-                    analyze_framed,
-                    self._locate(record),
-                    footprint.region,
-                    settings,
-                    detail=detail,
-                    luma_table=None if query_source is None else query_source.luma_table,
+                    analyze_framed, self._locate(record), region, settings, made_as=making
                 )
             except (SourceError, ImageError) as error:
                 # The file moved or changed since it was indexed: the candidate
@@ -755,6 +733,46 @@ class QueryPipeline:
         )
         timings.add("verify", time.perf_counter() - clock)
         return dict(zip(present, verdicts, strict=True))
+
+
+def _made_as(
+    verdict: Verification,
+    query: LocalFeatures,
+    candidate: LocalFeatures,
+    record: ImageRecord,
+    query_source: QuerySource | None,
+) -> tuple[Region, CopyMaking] | None:
+    """The part of ``candidate`` a closer look describes, and how to make it as the
+    query was made; None when there is nothing to look at closer."""
+    footprint = query_footprint(verdict, query, candidate)
+    if query_source is None:
+        return None if footprint is None else (footprint.region, CopyMaking())
+    # Source pixels per working pixel, for the candidate and for the query.
+    candidate_pixels = max(record.width, record.height) / max(candidate.width, candidate.height)
+    query_pixels = max(query_source.width, query_source.height) / max(query.width, query.height)
+    magnification = 1 / query_pixels
+    if footprint is None:
+        # A small query, enlarged to be described, with a fit too loose to place
+        # it (a 44 px crop of a 95 px photo: 8 inliers under a wild perspective):
+        # taken for a crop at the candidate's own detail, the whole candidate is
+        # enlarged as the query was (17 inliers). Larger queries fit well enough.
+        if magnification <= 1:
+            return None
+        return _WHOLE_REGION, CopyMaking(
+            luma_table=query_source.luma_table, magnification=magnification
+        )
+    if footprint.region.area > _WHOLE:
+        # A copy of the whole: reduced to the copy's very size, so that the JPEG
+        # blocks fall where the copy's fell (a fit of 6 or 7 inliers misjudges
+        # the scale by a fifth).
+        detail = max(query_source.width, query_source.height) / max(record.width, record.height)
+    else:
+        detail = query_pixels / (footprint.scale * candidate_pixels)
+    return footprint.region, CopyMaking(
+        detail=min(1.0, detail),
+        luma_table=query_source.luma_table,
+        magnification=magnification,
+    )
 
 
 def _inner_loader(

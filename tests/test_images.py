@@ -49,6 +49,7 @@ from indexer.errors import (
 from indexer.images import (
     MIN_DESCRIBABLE_SIDE,
     NEUTRAL_BACKGROUND,
+    CopyMaking,
     WorkingImage,
     image_format,
     load_working_image,
@@ -565,7 +566,8 @@ def test_a_crop_at_a_quarter_of_the_detail_is_that_part_of_a_quarter_size_copy()
     crop = Region(0.0, 0.0, 0.5, 0.5)  # 400 x 300, shown by a 200 x 150 copy as 100 x 75
 
     part = load_working_image(
-        photo_jpeg_of(picture), working_side=640, min_side=400, crop=crop, detail=0.25
+        photo_jpeg_of(picture), working_side=640, min_side=400, crop=crop,
+        made_as=CopyMaking(detail=0.25),
     )
 
     assert part.gray.shape == (300, 400)
@@ -593,10 +595,11 @@ def test_a_crop_made_with_a_jpeg_table_has_the_blocks_of_a_copy_made_with_it() -
 
     made_alike = load_working_image(
         photo_jpeg_of(picture), working_side=640, min_side=400,
-        crop=Region(0, 0, 1, 1), detail=0.1, luma_table=table,
+        crop=Region(0, 0, 1, 1), made_as=CopyMaking(detail=0.1, luma_table=table),
     )
     reduced_only = load_working_image(
-        photo_jpeg_of(picture), working_side=640, min_side=400, crop=Region(0, 0, 1, 1), detail=0.1
+        photo_jpeg_of(picture), working_side=640, min_side=400,
+        crop=Region(0, 0, 1, 1), made_as=CopyMaking(detail=0.1),
     )
 
     described_copy = load_working_image(encoded(copy, "JPEG", quality=95), working_side=640,
@@ -607,12 +610,37 @@ def test_a_crop_made_with_a_jpeg_table_has_the_blocks_of_a_copy_made_with_it() -
     assert alike > correlation(reduced_only.gray, described_copy.gray)
 
 
-@pytest.mark.parametrize("detail", [0.0, -0.5, 1.5])
-def test_a_detail_outside_zero_to_one_is_refused(detail: float) -> None:
-    with pytest.raises(ValueError, match="detail"):
-        load_working_image(
-            photo_jpeg((400, 300)), working_side=640, crop=Region(0, 0, 1, 1), detail=detail
-        )
+@pytest.mark.parametrize(
+    ("magnification", "shape"),
+    [(None, (300, 400)), (3.0, (450, 600)), (0.5, (75, 100)), (20.0, (960, 1280))],
+)
+def test_a_part_made_as_a_copy_is_enlarged_as_the_copy_was(
+    magnification: float | None, shape: tuple[int, int]
+) -> None:
+    picture = sample_photo("coffee", (800, 600))
+    crop = Region(0.0, 0.0, 0.25, 0.25)  # 200 x 150
+
+    part = load_working_image(
+        photo_jpeg_of(picture), working_side=640, min_side=400, crop=crop,
+        made_as=CopyMaking(magnification=magnification),
+    )
+
+    # None: sized as a working image; 20x: at most twice the working side.
+    assert part.gray.shape == shape
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [({"detail": 0.0}, "detail"), ({"detail": 1.5}, "detail"), ({"magnification": 0}, "magn")],
+)
+def test_a_copy_making_out_of_range_is_refused(options: dict[str, float], words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        CopyMaking(**options)
+
+
+def test_a_copy_making_without_a_crop_is_refused() -> None:
+    with pytest.raises(ValueError, match="crop"):
+        load_working_image(photo_jpeg((400, 300)), working_side=640, made_as=CopyMaking())
 
 
 def test_a_crop_outside_the_picture_is_refused() -> None:

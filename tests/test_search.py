@@ -256,6 +256,31 @@ async def test_a_tiny_jpeg_copy_is_verified_by_a_candidate_made_alike(
     assert not any(m.verified for m in stored_alone), describe(stored_alone)
 
 
+@pytest.mark.parametrize(("photo", "horizontal"), [("coins", 0.0), ("moon", 1.0)])
+async def test_a_crop_of_a_small_photo_added_through_the_service_gets_a_closer_look(
+    private_index: Path, photo: str, horizontal: float
+) -> None:
+    # A 100 px photo kept under the index folder; its 45 x 35 px corner is enlarged
+    # nine times to be described, its stored keypoints only a fourth as much.
+    small = Image.fromarray(photo_array(photo))
+    small.thumbnail((100, 100), Image.Resampling.LANCZOS)
+    pixels = np.asarray(small.convert("RGB"))
+    height, width = pixels.shape[:2]
+    part_width, part_height = int(width * 0.45), int(height * 0.45)
+    left = int((width - part_width) * horizontal)
+    corner = jpeg_bytes(np.ascontiguousarray(pixels[:part_height, left : left + part_width]))
+    without = dataclasses.replace(TEST_SETTINGS, closer_looks=0)
+
+    async with opened_service(private_index) as service:
+        added = await service.add(jpeg_bytes(pixels))
+        matches = await service.query(corner, top=3)
+    async with opened_service(private_index, settings=without) as service:
+        stored_alone = await service.query(corner, top=3)
+
+    assert (matches[0].image.id, matches[0].verified) == (added.image.id, True), describe(matches)
+    assert not any(m.verified for m in stored_alone), describe(stored_alone)
+
+
 async def test_a_closer_look_at_every_candidate_verifies_no_unrelated_photo(
     search_index: Path,
 ) -> None:
