@@ -98,6 +98,9 @@ MIN_REGION_KEYPOINTS = 24
 # A query whose outline covers more of a candidate than this shows all of it.
 _WHOLE = 0.99
 _WHOLE_REGION = Region(0.0, 0.0, 1.0, 1.0)
+# A query enlarged this much or more to be described is small enough to be a
+# crop a loose fit cannot place (see _made_as).
+_LOOSE_FIT_MAGNIFICATION = 2.0
 # Inliers beyond which a verified first candidate needs no second opinion.
 _CONFIDENT_INLIERS = 30
 # Reciprocal-rank fusion constant: how much a first place outweighs a fifth.
@@ -654,7 +657,7 @@ class QueryPipeline:
 
         A deep crop shows a fifth of a photo, where the photo's stored keypoints,
         the strongest 500 of the whole, are thin: a crop's original got 10
-        inliers and, described again, 75. A thumbnail is blurred where the
+        inliers and, described again, 286. A thumbnail is blurred where the
         stored original is sharp, and its keypoints sit on its JPEG blocks: so
         the part is reduced to the thumbnail's detail and saved with its JPEG
         table first (a 42 px copy: 6 inliers; 63 once made alike). Unrelated
@@ -680,7 +683,14 @@ class QueryPipeline:
             record, candidate = records.get(image_id), stored.get(image_id)
             if record is None or candidate is None or record.moving:
                 continue  # removed meanwhile, or a frame of a video: no picture to look at
-            made_as = _made_as(verdicts[image_id], features, candidate, record, query_source)
+            made_as = _made_as(
+                verdicts[image_id],
+                features,
+                candidate,
+                record,
+                query_source,
+                working_side=settings.working_side,
+            )
             if made_as is None:
                 continue
             region, making = made_as
@@ -741,6 +751,8 @@ def _made_as(
     candidate: LocalFeatures,
     record: ImageRecord,
     query_source: QuerySource | None,
+    *,
+    working_side: int,
 ) -> tuple[Region, CopyMaking] | None:
     """The part of ``candidate`` a closer look describes, and how to make it as the
     query was made; None when there is nothing to look at closer."""
@@ -755,8 +767,11 @@ def _made_as(
         # A small query, enlarged to be described, with a fit too loose to place
         # it (a 44 px crop of a 95 px photo: 8 inliers under a wild perspective):
         # taken for a crop at the candidate's own detail, the whole candidate is
-        # enlarged as the query was (17 inliers). Larger queries fit well enough.
-        if magnification <= 1:
+        # enlarged as the query was (17 inliers). Only for a query enlarged 2x or
+        # more and a candidate small enough to be enlarged whole: unrelated
+        # queries otherwise took this look for half of their closer looks.
+        enlarged_side = max(record.width, record.height) * magnification
+        if magnification < _LOOSE_FIT_MAGNIFICATION or enlarged_side > 2 * working_side:
             return None
         return _WHOLE_REGION, CopyMaking(
             luma_table=query_source.luma_table, magnification=magnification
