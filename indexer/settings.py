@@ -60,8 +60,9 @@ class EngineSettings:
     verify_limit: int = 48  # most candidates verified for one query
     candidates_per_region: int = 12
     # Unverified candidates with this many inliers or more, the most first, get a
-    # closer look when nothing verified (indexer/querying.py); unrelated photos
-    # mostly reach 4 or 5 (docs/BENCHMARKS.md, "A closer look").
+    # closer look when nothing verified (indexer/querying.py): unrelated photos
+    # mostly reach 4 or 5, the originals of deep crops and thumbnails that fall
+    # short 6 to 11 (docs/BENCHMARKS.md, "A closer look at the closest candidates").
     closer_looks: int = 2
     closer_look_inliers: int = 6
     rebuild_after_fresh: int = 500  # fresh images that trigger a background rebuild
