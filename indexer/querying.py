@@ -101,6 +101,8 @@ _WHOLE_REGION = Region(0.0, 0.0, 1.0, 1.0)
 # A query enlarged this much or more to be described is small enough to be a
 # crop a loose fit cannot place (see _made_as).
 _LOOSE_FIT_MAGNIFICATION = 2.0
+# Aspect ratios this close (relative) are one shape: a 29 px side rounds by 2-3%.
+_SAME_SHAPE = 0.04
 # Inliers beyond which a verified first candidate needs no second opinion.
 _CONFIDENT_INLIERS = 30
 # Reciprocal-rank fusion constant: how much a first place outweighs a fifth.
@@ -763,15 +765,25 @@ def _made_as(
     candidate_pixels = max(record.width, record.height) / max(candidate.width, candidate.height)
     query_pixels = max(query_source.width, query_source.height) / max(query.width, query.height)
     magnification = 1 / query_pixels
+    whole_detail = max(query_source.width, query_source.height) / max(record.width, record.height)
     if footprint is None:
-        # A small query, enlarged to be described, with a fit too loose to place
-        # it (a 44 px crop of a 95 px photo: 8 inliers under a wild perspective):
-        # taken for a crop at the candidate's own detail, the whole candidate is
-        # enlarged as the query was (17 inliers). Only for a query enlarged 2x or
-        # more and a candidate small enough to be enlarged whole: unrelated
-        # queries otherwise took this look for half of their closer looks.
-        enlarged_side = max(record.width, record.height) * magnification
-        if magnification < _LOOSE_FIT_MAGNIFICATION or enlarged_side > 2 * working_side:
+        # A small query, enlarged 2x or more to be described, with a fit too loose
+        # to place it. Unrelated queries took this look for half of their closer
+        # looks when any enlarged query did.
+        if magnification < _LOOSE_FIT_MAGNIFICATION:
+            return None
+        if whole_detail < 1 and _same_shape(query_source, record):
+            # Taken for a smaller copy of the whole, as its shape says: a 42 px
+            # copy of a 168 px photo had 6 inliers under a degenerate fit.
+            return _WHOLE_REGION, CopyMaking(
+                detail=whole_detail,
+                luma_table=query_source.luma_table,
+                magnification=magnification,
+            )
+        # Taken for a crop at the candidate's own detail: the whole candidate is
+        # enlarged as the query was, if it is small enough (a 44 px crop of a 95
+        # px photo: 8 inliers under a wild perspective, 17 so).
+        if max(record.width, record.height) * magnification > 2 * working_side:
             return None
         return _WHOLE_REGION, CopyMaking(
             luma_table=query_source.luma_table, magnification=magnification
@@ -780,7 +792,7 @@ def _made_as(
         # A copy of the whole: reduced to the copy's very size, so that the JPEG
         # blocks fall where the copy's fell (a fit of 6 or 7 inliers misjudges
         # the scale by a fifth).
-        detail = max(query_source.width, query_source.height) / max(record.width, record.height)
+        detail = whole_detail
     else:
         detail = query_pixels / (footprint.scale * candidate_pixels)
     return footprint.region, CopyMaking(
@@ -788,6 +800,14 @@ def _made_as(
         luma_table=query_source.luma_table,
         magnification=magnification,
     )
+
+
+def _same_shape(query_source: QuerySource, record: ImageRecord) -> bool:
+    """Whether the query has the candidate's aspect ratio, as a resized copy does
+    (within the rounding of a side of a few dozen pixels)."""
+    query_aspect = query_source.width / query_source.height
+    record_aspect = record.width / record.height
+    return abs(query_aspect - record_aspect) <= _SAME_SHAPE * record_aspect
 
 
 def _inner_loader(
