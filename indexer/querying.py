@@ -99,7 +99,7 @@ MIN_REGION_KEYPOINTS = 24
 _WHOLE = 0.99
 _WHOLE_REGION = Region(0.0, 0.0, 1.0, 1.0)
 # A query enlarged this much or more to be described is small enough to be a
-# crop a loose fit cannot place (see _made_as).
+# crop a loose fit cannot place (see closer_look_part).
 _LOOSE_FIT_MAGNIFICATION = 2.0
 # Aspect ratios this close (relative) are one shape: a 29 px side rounds by 2-3%.
 _SAME_SHAPE = 0.04
@@ -685,7 +685,7 @@ class QueryPipeline:
             record, candidate = records.get(image_id), stored.get(image_id)
             if record is None or candidate is None or record.moving:
                 continue  # removed meanwhile, or a frame of a video: no picture to look at
-            made_as = _made_as(
+            made_as = closer_look_part(
                 verdicts[image_id],
                 features,
                 candidate,
@@ -747,7 +747,7 @@ class QueryPipeline:
         return dict(zip(present, verdicts, strict=True))
 
 
-def _made_as(
+def closer_look_part(
     verdict: Verification,
     query: LocalFeatures,
     candidate: LocalFeatures,
@@ -758,6 +758,8 @@ def _made_as(
 ) -> tuple[Region, CopyMaking] | None:
     """The part of ``candidate`` a closer look describes, and how to make it as the
     query was made; None when there is nothing to look at closer."""
+    if verdict.homography is None:
+        return None
     footprint = query_footprint(verdict, query, candidate)
     if query_source is None:
         return None if footprint is None else (footprint.region, CopyMaking())
@@ -767,26 +769,8 @@ def _made_as(
     magnification = 1 / query_pixels
     whole_detail = max(query_source.width, query_source.height) / max(record.width, record.height)
     if footprint is None:
-        # A small query, enlarged 2x or more to be described, with a fit too loose
-        # to place it. Unrelated queries took this look for half of their closer
-        # looks when any enlarged query did.
-        if magnification < _LOOSE_FIT_MAGNIFICATION:
-            return None
-        if whole_detail < 1 and _same_shape(query_source, record):
-            # Taken for a smaller copy of the whole, as its shape says: a 42 px
-            # copy of a 168 px photo had 6 inliers under a degenerate fit.
-            return _WHOLE_REGION, CopyMaking(
-                detail=whole_detail,
-                luma_table=query_source.luma_table,
-                magnification=magnification,
-            )
-        # Taken for a crop at the candidate's own detail: the whole candidate is
-        # enlarged as the query was, if it is small enough (a 44 px crop of a 95
-        # px photo: 8 inliers under a wild perspective, 17 so).
-        if max(record.width, record.height) * magnification > 2 * working_side:
-            return None
-        return _WHOLE_REGION, CopyMaking(
-            luma_table=query_source.luma_table, magnification=magnification
+        return _loose_fit_part(
+            query_source, record, whole_detail, magnification, working_side=working_side
         )
     if footprint.region.area > _WHOLE:
         # A copy of the whole: reduced to the copy's very size, so that the JPEG
@@ -799,6 +783,36 @@ def _made_as(
         detail=min(1.0, detail),
         luma_table=query_source.luma_table,
         magnification=magnification,
+    )
+
+
+def _loose_fit_part(
+    query_source: QuerySource,
+    record: ImageRecord,
+    whole_detail: float,
+    magnification: float,
+    *,
+    working_side: int,
+) -> tuple[Region, CopyMaking] | None:
+    """The part a closer look describes for a fit too loose to place the query."""
+    # Only for a small query, enlarged 2x or more to be described: unrelated
+    # queries took this look for half of their closer looks when any enlarged
+    # query did.
+    if magnification < _LOOSE_FIT_MAGNIFICATION:
+        return None
+    if whole_detail < 1 and _same_shape(query_source, record):
+        # Taken for a smaller copy of the whole, as its shape says: a 42 px copy
+        # of a 168 px photo had 6 inliers under a degenerate fit.
+        return _WHOLE_REGION, CopyMaking(
+            detail=whole_detail, luma_table=query_source.luma_table, magnification=magnification
+        )
+    # Taken for a crop at the candidate's own detail: the whole candidate is
+    # enlarged as the query was, if it is small enough (a 44 px crop of a 95 px
+    # photo: 8 inliers under a wild perspective, 17 so).
+    if max(record.width, record.height) * magnification > 2 * working_side:
+        return None
+    return _WHOLE_REGION, CopyMaking(
+        luma_table=query_source.luma_table, magnification=magnification
     )
 
 
