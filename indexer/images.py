@@ -173,7 +173,7 @@ class CopyMaking:
 
 
 # A part made as a copy was is described at most this many working sides long.
-_MAX_MADE_AS = 2
+MAX_MADE_AS_SIDES = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -465,7 +465,7 @@ def _render_crop(
         size = working_size(part.width, part.height, working_side, min_side)
     else:
         longest = round(
-            min(max(part.size) * made_as.magnification, _MAX_MADE_AS * working_side)
+            min(max(part.size) * made_as.magnification, MAX_MADE_AS_SIDES * working_side)
         )
         size = working_size(part.width, part.height, longest, longest)
     if part.size != size:

@@ -38,7 +38,7 @@ from indexer.analysis import (
 from indexer.catalog import GLOBAL_SCOPE, Catalog, ImageRecord
 from indexer.errors import ImageError, SourceError
 from indexer.features import LocalFeatures
-from indexer.images import CopyMaking
+from indexer.images import MAX_MADE_AS_SIDES, CopyMaking
 from indexer.maintenance import ServingView
 from indexer.regions import Region, region_grid
 from indexer.segments import SegmentSet
@@ -809,7 +809,7 @@ def _loose_fit_part(
     # Taken for a crop at the candidate's own detail: the whole candidate is
     # enlarged as the query was, if it is small enough (a 44 px crop of a 95 px
     # photo: 8 inliers under a wild perspective, 17 so).
-    if max(record.width, record.height) * magnification > 2 * working_side:
+    if max(record.width, record.height) * magnification > MAX_MADE_AS_SIDES * working_side:
         return None
     return _WHOLE_REGION, CopyMaking(
         luma_table=query_source.luma_table, magnification=magnification
