@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 
 from bench.common import machine_info, median, write_json
 from indexer.analysis import analyze_path
@@ -40,23 +39,11 @@ from indexer.features import LocalFeatures
 from indexer.inverted_file import POSTINGS_DIR
 from indexer.postings import vote
 from indexer.search import CATALOG_FILE
-from indexer.segments import SegmentSet, SegmentStore
+from indexer.segments import SegmentSet, SegmentStore, within_budget
 from indexer.settings import EngineSettings
 
 FIRST_BATCH = 8
 DEPTH = 32
-
-
-def within_budget(frequency: npt.NDArray[np.int64], voting: npt.NDArray[np.bool_],
-                  budget: int) -> npt.NDArray[np.bool_]:
-    """``voting`` less the longest lists that would take the postings over ``budget``."""
-    lengths = np.where(voting, frequency, 0)
-    if budget <= 0 or int(lengths.sum()) <= budget:
-        return voting
-    order = np.argsort(lengths, kind="stable")
-    kept = np.zeros(len(frequency), dtype=np.bool_)
-    kept[order[np.cumsum(lengths[order]) <= budget]] = True
-    return voting & kept
 
 
 def ranked(segment_set: SegmentSet, features: LocalFeatures, budget: int,
