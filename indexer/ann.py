@@ -22,7 +22,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +107,18 @@ class Generation:
             similarities=1.0 - distance * distance / 2.0,
         )
 
+    def similarities(self, vector: FloatArray, image_ids: Sequence[int]) -> dict[int, float]:
+        """Cosine similarity of ``vector`` (unit length) to the stored vector of each
+        of ``image_ids`` that this generation holds."""
+        wanted = np.asarray(image_ids, dtype=np.int64)
+        positions = np.searchsorted(self.ids, wanted)
+        found: dict[int, float] = {}
+        for image_id, position in zip(wanted.tolist(), positions.tolist(), strict=True):
+            if position < len(self.ids) and int(self.ids[position]) == image_id:
+                stored = np.asarray(self._annoy.get_item_vector(position), dtype=np.float32)
+                found[image_id] = _cosine(vector, stored)
+        return found
+
     def unload(self) -> None:
         self._annoy.unload()
 
@@ -152,6 +164,12 @@ class ExactVectors:
         self._scopes = self._scopes[: self._length][keep].copy()
         self._matrix = self._matrix[: self._length][keep].copy()
         self._length = len(self._ids)
+
+    def similarities(self, vector: FloatArray, image_ids: Sequence[int]) -> dict[int, float]:
+        """Cosine similarity of ``vector`` (unit length) to each of ``image_ids`` held here."""
+        length, ids, matrix = self._length, self._ids, self._matrix
+        rows = np.flatnonzero(np.isin(ids[:length], np.asarray(image_ids, dtype=np.int64)))
+        return {int(ids[row]): _cosine(vector, matrix[row]) for row in rows}
 
     def search(self, vector: FloatArray, count: int) -> Candidates:
         length, ids, scopes, matrix = self._length, self._ids, self._scopes, self._matrix
@@ -320,6 +338,11 @@ class GenerationStore:
         """Forget the current generation (after corruption); the next build starts afresh."""
         with contextlib.suppress(FileNotFoundError):
             (self.root / CURRENT_FILE).unlink()
+
+
+def _cosine(unit: FloatArray, other: FloatArray) -> float:
+    # Stored vectors are unit length when written; dividing keeps a stray one honest.
+    return float(unit @ other) / max(float(np.linalg.norm(other)), 1e-12)
 
 
 def _chunk_digests(path: Path) -> list[str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,6 +57,15 @@ class ServingView:
     def pending(self) -> int:
         """Changes since the generation was built: what a rebuild would fold in."""
         return len(self.fresh) + len(self.removed)
+
+    def similarities(self, vector: FloatArray, image_ids: Sequence[int]) -> dict[int, float]:
+        """Cosine similarity of ``vector`` (a query's global vector) to each of
+        ``image_ids`` still searchable, from the generation or the fresh buffer."""
+        if self.generation is None:
+            return {}
+        found = self.generation.similarities(vector, image_ids)
+        found.update(self.fresh.similarities(vector, image_ids))
+        return {i: value for i, value in found.items() if i not in self.removed}
 
     def record_added(self, image_id: int, scope: int, vector: FloatArray) -> None:
         """Make an image added to the catalog searchable until the next rebuild."""

@@ -93,14 +93,7 @@ class PostingLists:
 
     def lookup(self, query_words: UintArray) -> tuple[IdArray, IdArray]:
         """Where each query word's postings start and end (equal where it has none)."""
-        position = np.searchsorted(self.words, query_words)
-        inside = np.minimum(position, max(len(self.words) - 1, 0))
-        present = (position < len(self.words)) & (
-            self.words[inside] == query_words if len(self.words) else False
-        )
-        begin = np.where(present, self.starts[position.clip(max=len(self.starts) - 1)], 0)
-        end = np.where(present, self.starts[(position + 1).clip(max=len(self.starts) - 1)], 0)
-        return begin.astype(np.int64), end.astype(np.int64)
+        return _lookup_kernel(self.words, self.starts, np.asarray(query_words, np.uint32))
 
     def per_doc_words(self) -> tuple[UintArray, UintArray, UintArray]:
         """Every posting as (doc, word, signature), doc-major: the inverse of :meth:`build`."""
@@ -204,6 +197,44 @@ def load_lists(folder: Path) -> PostingLists:
     if not consistent:
         raise IndexCorruptError(f"posting segment {folder.name} has inconsistent arrays")
     return lists
+
+
+@numba.njit(cache=True, nogil=True)
+def _lookup_kernel(  # pragma: no cover - compiled; tested against a plain search
+    words: UintArray, starts: IdArray, query_words: UintArray
+) -> tuple[IdArray, IdArray]:
+    """(begin, end) of each of the ascending ``query_words`` in ``words``.
+
+    A query's words ascend, so each search gallops on from where the last one
+    ended: a sweep through the list of words in one direction, where a binary
+    search per word would land on a new page of a million-word list every time.
+    A word below the last one starts again from the beginning.
+    """
+    count = len(words)
+    begin = np.zeros(len(query_words), np.int64)
+    end = np.zeros(len(query_words), np.int64)
+    low = 0
+    for i in range(len(query_words)):
+        wanted = query_words[i]
+        if i and wanted < query_words[i - 1]:
+            low = 0
+        step = 1
+        high = low
+        while high < count and words[high] < wanted:
+            low = high + 1
+            high = low + step
+            step *= 2
+        high = min(high, count)
+        while low < high:  # the first position whose word is not below ``wanted``
+            middle = (low + high) >> 1
+            if words[middle] < wanted:
+                low = middle + 1
+            else:
+                high = middle
+        if low < count and words[low] == wanted:
+            begin[i] = starts[low]
+            end[i] = starts[low + 1]
+    return begin, end
 
 
 # -- voting --------------------------------------------------------------------------

@@ -1,13 +1,17 @@
 """The query pipeline: from a query's features to verified matches.
 
-A query runs in stages: decode and extract (worker), encode the query and its
-mirror image into global vectors, take candidates from the serving view (the
-Annoy generation and the fresh buffer), verify the best few geometrically
-(worker), and only if none verifies, look at a photo framed inside the query,
-then again with regional vectors (the photo may be a small part of the query,
-as in a screenshot) and verify more. When still none verifies, the candidates
-that came closest get a closer look: the part of each that the query shows is
-described again, at the query's own detail, and verified once more.
+A query runs in stages: decode and extract (worker); a quick look, in which
+the query's rarest words vote within a fixed budget of postings and the best
+few are verified geometrically (worker), and which finds most copies at a cost
+that does not grow with the collection. Only if none verifies: encode the
+query and its mirror image into global vectors, take candidates from the
+serving view (the Annoy generation and the fresh buffer) and from the inverted
+file's full vote, and verify the best few. If still none verifies, look at a
+photo framed inside the query, then again with regional vectors (the photo may
+be a small part of the query, as in a screenshot) and verify more. When still
+none verifies, the candidates that came closest get a closer look: the part of
+each that the query shows is described again, at the query's own detail, and
+verified once more.
 """
 
 from __future__ import annotations
@@ -150,6 +154,14 @@ def _alternated(first: Sequence[int], second: Sequence[int]) -> list[int]:
                 seen.add(item)
                 taken.append(item)
     return taken
+
+
+@dataclass(frozen=True, slots=True)
+class QuickLook:
+    """What the quick look found: its candidates, best voted first, and their verdicts."""
+
+    ranked: list[int]
+    verdicts: dict[int, Verification]
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,6 +347,21 @@ class QueryPipeline:
         # Voting, encoding and Annoy are pure CPU work of a few milliseconds each:
         # on a thread they never stall the event loop (numba, numpy and annoy
         # release the GIL).
+        quick = await self._quick_look(
+            segments, features, scope=scope, top=top, timings=timings, frame_marks=frame_marks
+        )
+        if any(v.verified for v in quick.verdicts.values()):
+            clock = time.perf_counter()
+            similarity = await asyncio.to_thread(
+                self.similarities, serving, oriented, quick.ranked
+            )
+            timings.add("similarity", time.perf_counter() - clock)
+            return await self._results(
+                quick.ranked, quick.verdicts, similarity, visible=visible, top=top,
+                timings=timings,
+            )
+        verdicts = dict(quick.verdicts)
+
         clock = time.perf_counter()
         # Deep enough to take part in the regional look's fusion below; only the
         # first batch of it is verified before that.
@@ -344,15 +371,9 @@ class QueryPipeline:
         rankings = look.rankings
         similarity = _best_similarity(rankings)
         ranked = look.order(similarity)
-        # The original is nearly always first: verify the top two alone, and the
-        # rest of the first batch only when they leave doubt.
-        verdicts = await self._verify(features, ranked[:2], timings, frame_marks)
-        if not any(v.verified and v.inliers >= _CONFIDENT_INLIERS for v in verdicts.values()):
-            verdicts.update(
-                await self._verify(
-                    features, ranked[2 : self.settings.first_batch], timings, frame_marks
-                )
-            )
+        # The candidates the quick look turned down are not verified again.
+        unjudged = [image_id for image_id in ranked if image_id not in verdicts]
+        await self._verify_first_batch(features, unjudged, verdicts, timings, frame_marks)
         # An inner photo's verdicts are kept apart: a candidate it rejects may
         # still verify against the whole query, and each has a budget of its own.
         framed_verdicts: dict[int, Verification] = {}
@@ -400,6 +421,72 @@ class QueryPipeline:
         return await self._results(
             ranked, verdicts, similarity, visible=visible, top=top, timings=timings
         )
+
+    async def _quick_look(
+        self,
+        segments: SegmentSet | None,
+        features: LocalFeatures,
+        *,
+        scope: int,
+        top: int,
+        timings: StageTimings,
+        frame_marks: npt.NDArray[np.bool_] | None,
+    ) -> QuickLook:
+        """The quick look (``EngineSettings.quick_vote``): the query as sent votes
+        on its rarest words within a budget of postings, and the first batch of
+        what it finds is verified as the first look's is."""
+        params = self.settings.quick_vote
+        if params is None or segments is None:
+            return QuickLook([], {})
+        clock = time.perf_counter()
+        voted = await asyncio.to_thread(
+            segments.vote,
+            (features,),
+            scope=scope,
+            # Enough to fill the results with ``top`` pictures, a video's frames counting once.
+            count=max(self.settings.first_batch, top * max(1, self.settings.video_frames)),
+            params=params,
+        )
+        timings.add("candidates", time.perf_counter() - clock)
+        ranked = [image_id for image_id, _ in voted]
+        verdicts: dict[int, Verification] = {}
+        await self._verify_first_batch(features, ranked, verdicts, timings, frame_marks)
+        if any(v.verified for v in verdicts.values()):
+            timings.count("quick look found")
+        return QuickLook(ranked, verdicts)
+
+    async def _verify_first_batch(
+        self,
+        features: LocalFeatures,
+        ranked: Sequence[int],
+        verdicts: dict[int, Verification],
+        timings: StageTimings,
+        frame_marks: npt.NDArray[np.bool_] | None,
+    ) -> None:
+        """Verify the first batch of ``ranked`` into ``verdicts``: the original is
+        nearly always first, so the top two alone, and the rest of the batch only
+        when they leave doubt."""
+        verdicts.update(await self._verify(features, ranked[:2], timings, frame_marks))
+        if not any(v.verified and v.inliers >= _CONFIDENT_INLIERS for v in verdicts.values()):
+            verdicts.update(
+                await self._verify(
+                    features, ranked[2 : self.settings.first_batch], timings, frame_marks
+                )
+            )
+
+    def similarities(
+        self, serving: ServingView, oriented: Sequence[LocalFeatures], image_ids: Sequence[int]
+    ) -> dict[int, float]:
+        """Each image's best global similarity to the query in either orientation, for
+        results found without a search of the global vectors. Blocking: run it on a thread."""
+        if serving.generation is None or not image_ids:
+            return {}
+        codebook = serving.generation.codebook
+        best: dict[int, float] = {}
+        for features in oriented:
+            found = serving.similarities(codebook.encode(features.descriptors), image_ids)
+            _best_similarity([list(found.items())], best)
+        return best
 
     async def _results(
         self,

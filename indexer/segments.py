@@ -74,6 +74,10 @@ class VoteParams:
     # while scanning 27% of the postings (docs/BENCHMARKS.md, "Inverted file").
     stop_fraction: float = 0.01
     stop_minimum: int = 8  # ... but a small collection keeps lists up to this long
+    # The most postings a vote scans, the shortest lists first (0: no limit). A
+    # budget makes a vote's cost independent of the collection's size: the quick
+    # look (EngineSettings.quick_vote) votes with one.
+    posting_budget: int = 0
 
     @property
     def hamming_weights(self) -> npt.NDArray[np.float32]:
@@ -165,7 +169,9 @@ class SegmentSet:
         """The words ``features`` vote with, weighted by idf squared (a word shared
         by the query and an image counts once on each side: Jegou et al. 2009,
         with Hamming embedding), stop-listed words weighing 0."""
-        segments = tuple(s for s in self.segments if len(s.lists))
+        # A segment whose images were all removed waits for a merge; until then it
+        # costs every query a lookup of each word for nothing.
+        segments = tuple(s for s in self.segments if s.live)
         documents = sum(len(s.lists) for s in segments)
         stop = max(params.stop_minimum, params.stop_fraction * documents)
         assignment = self.vocabulary.assign(
@@ -182,7 +188,9 @@ class SegmentSet:
             (end - begin for begin, end in ranges), np.zeros(len(grouped.words), np.int64)
         )
         idf = np.log(max(documents, 1) / np.maximum(frequency, 1)).astype(np.float32)
-        weights = np.where((frequency > 0) & (frequency <= stop), idf * idf, 0.0)
+        voting = within_budget(frequency, (frequency > 0) & (frequency <= stop),
+                               params.posting_budget)
+        weights = np.where(voting, idf * idf, 0.0)
         return WeightedQuery(
             words=replace(grouped, weights=weights.astype(np.float32)),
             segments=segments,
@@ -225,6 +233,24 @@ class SegmentSet:
                         best[image_id] = score
         ordered = sorted(best.items(), key=lambda item: item[1], reverse=True)
         return ordered[:count]
+
+
+def within_budget(
+    frequency: IdArray, voting: npt.NDArray[np.bool_], budget: int
+) -> npt.NDArray[np.bool_]:
+    """``voting`` less the longest of its lists whose postings would take the
+    vote over ``budget`` postings (0: no budget).
+
+    The shortest lists are kept: they are the rarest words, which weigh most
+    by idf and cost least to scan.
+    """
+    lengths = np.where(voting, frequency, 0)
+    if budget <= 0 or int(lengths.sum()) <= budget:
+        return voting
+    order = np.argsort(lengths, kind="stable")
+    kept = np.zeros(len(frequency), dtype=np.bool_)
+    kept[order[np.cumsum(lengths[order]) <= budget]] = True
+    return voting & kept
 
 
 def _top_votes(

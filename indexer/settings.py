@@ -77,6 +77,14 @@ class EngineSettings:
     vocabulary_training_descriptors: int = 131_072
     vote: VoteParams = field(default_factory=VoteParams)
     vote_candidates: int = 32  # best-voted images that take part in the fusion
+    # The quick look, before the first: the query's strongest descriptors vote on
+    # their rarest words alone, within a budget of postings, and the best two are
+    # verified. Most copies are found there at a cost that does not grow with the
+    # collection; the rest take the first look as before (None: no quick look).
+    # docs/BENCHMARKS.md, "The quick look".
+    quick_vote: VoteParams | None = field(
+        default_factory=lambda: VoteParams(voting_descriptors=300, posting_budget=20_000)
+    )
     seal_after: int = 256  # images in memory before they are written as a segment
     merge_factor: int = 8  # adjacent segments of one size class merged into one
     segment_images: int = 131_072  # images per segment written by a rebuild

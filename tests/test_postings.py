@@ -25,6 +25,7 @@ from indexer.segments import (
     VoteParams,
     merge_plan,
     merged,
+    within_budget,
 )
 from indexer.vocabulary import (
     SIGNATURE_BITS,
@@ -497,3 +498,123 @@ def test_voting_on_lists_longer_than_the_kernels_block_equals_brute_force(
     assert got.keys() == expected.keys()
     for image_id, score in expected.items():
         assert got[image_id] == pytest.approx(score, rel=1e-5)
+
+
+# -- a budget of postings ---------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 50), st.booleans()), max_size=40),
+    st.integers(0, 400),
+)
+def test_a_budget_keeps_the_shortest_voting_lists_that_fit(
+    words: list[tuple[int, bool]], budget: int
+) -> None:
+    frequency = np.array([length for length, _ in words], dtype=np.int64)
+    voting = np.array([wanted for _, wanted in words], dtype=np.bool_)
+
+    kept = within_budget(frequency, voting, budget)
+
+    assert not (kept & ~voting).any()  # only voting words are kept
+    if budget == 0 or frequency[voting].sum() <= budget:
+        assert (kept == voting).all()
+        return
+    assert frequency[kept].sum() <= budget
+    dropped = voting & ~kept
+    # Every dropped list is at least as long as every kept one, and the shortest
+    # dropped one would not have fitted.
+    assert frequency[dropped].min() >= frequency[kept].max(initial=0)
+    assert frequency[kept].sum() + frequency[dropped].min() > budget
+
+
+def test_a_budgeted_vote_counts_the_kept_words_alone_as_brute_force_does(
+    vocabulary: Vocabulary,
+) -> None:
+    images = random_images(vocabulary, seed=21, count=60)
+    segments = []
+    for first, last in ((3, 60), (63, 120), (123, 180)):  # three sealed segments
+        part = {i: images[i] for i in images if first <= i <= last}
+        segments.append(Segment(f"s{first}", lists_of(part)))
+    segment_set = SegmentSet(
+        vocabulary, tuple(segments), Segment(None, PostingLists.empty()), ceiling=180
+    )
+    query = features_of(unit_rows(np.random.default_rng(22), 40), seed=3)
+    everything = VoteParams(stop_fraction=1.0)
+    full = segment_set.weighted_query(query, everything)
+    postings = sum(end - begin for begin, end in full.ranges)
+    budget = int(postings[full.words.weights > 0].sum()) // 3
+    budgeted = dataclasses.replace(everything, posting_budget=budget)
+
+    weighted = segment_set.weighted_query(query, budgeted)
+    kept = weighted.words.weights > 0
+
+    assert 0 < int(postings[kept].sum()) <= budget
+    assert kept.sum() < (full.words.weights > 0).sum()
+    # The kept words weigh what they weighed without a budget (idf is unchanged).
+    assert np.array_equal(weighted.words.weights[kept], full.words.weights[kept])
+    grouped = weighted.words
+    entries = (
+        np.repeat(grouped.words, np.diff(grouped.starts)),
+        grouped.signatures,
+        dict(zip(grouped.words.tolist(), grouped.weights.tolist(), strict=True)),
+    )
+    expected = brute_force_scores(
+        images, entries, max_hamming=budgeted.max_hamming, scope=0, removed=set()
+    )
+    got = dict(segment_set.vote([query], scope=0, count=len(images), params=budgeted))
+    assert got.keys() == expected.keys()
+    for image_id, score in expected.items():
+        assert got[image_id] == pytest.approx(score, rel=1e-5)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.integers(0, 300), max_size=60, unique=True),
+    st.lists(st.integers(0, 320), max_size=40),
+)
+def test_looking_words_up_finds_each_word_s_postings_in_any_order(
+    stored: list[int], wanted: list[int]
+) -> None:
+    words = np.array(sorted(stored), dtype=np.uint32)
+    lengths = np.arange(len(words)) % 4 + 1
+    lists = PostingLists(
+        words=words,
+        starts=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        docs=np.zeros(int(lengths.sum()), np.uint32),
+        signatures=np.zeros(int(lengths.sum()), np.uint32),
+        ids=np.array([1], np.int64),
+        scopes=np.zeros(1, np.int64),
+    )
+    # The engine asks with its words ascending; any order must give the same answer.
+    for query in (sorted(set(wanted)), wanted):
+        begin, end = lists.lookup(np.array(query, dtype=np.uint32))
+        for word, first, last in zip(query, begin.tolist(), end.tolist(), strict=True):
+            if word in stored:
+                position = int(np.searchsorted(words, word))
+                assert (first, last) == (lists.starts[position], lists.starts[position + 1])
+            else:
+                assert first == last
+
+
+def test_a_segment_whose_images_were_all_removed_is_not_looked_up(
+    vocabulary: Vocabulary,
+) -> None:
+    images = random_images(vocabulary, seed=31, count=20)
+    first = {i: images[i] for i in images if i <= 30}
+    second = {i: images[i] for i in images if i > 30}
+    segment_set = SegmentSet(
+        vocabulary,
+        (Segment("s1", lists_of(first)), Segment("s2", lists_of(second))),
+        Segment(None, PostingLists.empty()),
+        ceiling=60,
+    )
+    query = features_of(unit_rows(np.random.default_rng(32), 30), seed=4)
+
+    emptied = segment_set.without_images(sorted(first))
+    weighted = emptied.weighted_query(query, VoteParams())
+
+    assert [segment.name for segment in weighted.segments] == ["s2"]
+    ranking = emptied.vote([query], scope=0, count=20, params=VoteParams())
+    assert ranking
+    assert all(image_id in second for image_id, _ in ranking)

@@ -122,6 +122,52 @@ async def test_an_edited_photo_finds_its_original_first_and_verified(
     assert [m.score for m in matches] == sorted((m.score for m in matches), reverse=True)
 
 
+# --- the quick look ----------------------------------------------------------------------
+
+WITHOUT_QUICK_LOOK = dataclasses.replace(TEST_SETTINGS, quick_vote=None)
+
+
+@pytest.mark.parametrize(
+    ("photo", "edit"),
+    [("coffee", "crop"), ("rocket", "rotate_15"), ("chelsea", "caption"), ("camera", "brighter")],
+)
+async def test_a_copy_the_quick_look_finds_is_answered_as_the_first_look_answers_it(
+    search_index: Path, photo: str, edit: str
+) -> None:
+    query = edited_jpeg(photo, edit)
+    timings = StageTimings()
+    async with opened_service(search_index) as service:
+        quick = await service.query(query, top=3, timings=timings)
+    async with opened_service(search_index, settings=WITHOUT_QUICK_LOOK) as service:
+        first_look = await service.query(query, top=3)
+
+    assert timings.counts.get("quick look found") == 1
+    assert (stem(quick[0]), quick[0].verified) == (photo, True), describe(quick)
+    assert (quick[0].image.id, quick[0].inliers, quick[0].mirrored) == (
+        first_look[0].image.id,
+        first_look[0].inliers,
+        first_look[0].mirrored,
+    )
+    # Its global similarity is read from the stored vector instead of found by Annoy.
+    assert quick[0].similarity == pytest.approx(first_look[0].similarity, abs=1e-4)
+    assert len(quick) == 3
+    assert all(m.score < VERIFIED_SCORE for m in quick[1:]), describe(quick)
+
+
+async def test_what_the_quick_look_cannot_verify_takes_every_other_look(
+    search_index: Path,
+) -> None:
+    # A photo shown small on a page of text: the page's words outvote it, and only
+    # the look at the photo framed inside the query finds it.
+    page = compose_page(photo_array("chelsea"), 3, [photo_array("brick")])
+    timings = StageTimings()
+    async with opened_service(search_index) as service:
+        matches = await service.query(jpeg_bytes(page.image, 85), top=3, timings=timings)
+
+    assert "quick look found" not in timings.counts
+    assert (stem(matches[0]), matches[0].verified) == ("chelsea", True), describe(matches)
+
+
 @pytest.mark.parametrize(
     "query",
     [*UNINDEXED_PHOTOS, "noise_1", "shapes_1", "shapes_2"],
