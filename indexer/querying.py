@@ -767,7 +767,7 @@ class QueryPipeline:
             return {}
         records = await self.catalog.get_many(closest)
         stored = await self.catalog.features(closest)
-        looked: dict[int, Verification] = {}
+        parts: dict[int, tuple[Path, Region, CopyMaking]] = {}
         for image_id in closest:
             record, candidate = records.get(image_id), stored.get(image_id)
             if record is None or candidate is None or record.moving:
@@ -780,30 +780,47 @@ class QueryPipeline:
                 query_source,
                 working_side=settings.working_side,
             )
-            if made_as is None:
-                continue
-            region, making = made_as
-            clock = time.perf_counter()
-            try:
-                described = await self.pool.run(
-                    analyze_framed, self._locate(record), region, settings, made_as=making
-                )
-            except (SourceError, ImageError) as error:
-                # The file moved or changed since it was indexed: the candidate
-                # keeps the verdict it had.
-                log.info("no closer look at image %d: %s", image_id, error)
-                continue
-            finally:
-                timings.add("closer look", time.perf_counter() - clock)
+            if made_as is not None:
+                parts[image_id] = (self._locate(record), *made_as)
+        if not parts:
+            return {}
+        clock = time.perf_counter()
+        # Described side by side on the pool, then verified in one batch.
+        described = await asyncio.gather(
+            *(self._describe_part(image_id, *part) for image_id, part in parts.items())
+        )
+        timings.add("closer look", time.perf_counter() - clock)
+        looked_at = {
+            image_id: part
+            for image_id, part in zip(parts, described, strict=True)
+            if part is not None
+        }
+        for _ in looked_at:
             timings.count("closer look")
-            (looked[image_id],) = await self.pool.run(
-                verify_candidates,
-                features,
-                [described],
-                params=settings.verify,
-                frame_marks=frame_marks,
+        if not looked_at:
+            return {}
+        verdicts_of_parts = await self.pool.run(
+            verify_candidates,
+            features,
+            list(looked_at.values()),
+            params=settings.verify,
+            frame_marks=frame_marks,
+        )
+        return dict(zip(looked_at, verdicts_of_parts, strict=True))
+
+    async def _describe_part(
+        self, image_id: int, path: Path, region: Region, making: CopyMaking
+    ) -> LocalFeatures | None:
+        """The features of a candidate's part for a closer look, or ``None`` (logged)
+        when its file moved or changed since it was indexed: the candidate then
+        keeps the verdict it had."""
+        try:
+            return await self.pool.run(
+                analyze_framed, path, region, self.settings, made_as=making
             )
-        return looked
+        except (SourceError, ImageError) as error:
+            log.info("no closer look at image %d: %s", image_id, error)
+            return None
 
     async def verdicts(self, analysis: Analysis, ids: Sequence[int]) -> dict[int, Verification]:
         """The verdicts of these images alone against an analysed query (absent ones left out)."""
