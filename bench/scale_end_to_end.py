@@ -47,12 +47,14 @@ over every vector with ``GenerationStore.write``. The built index is cached unde
 number, so the 100k set is a prefix of the 1M set.
 
 Measured with ``SearchService.open`` on that index, in a fresh process limited to one
-BLAS and OpenCV thread, queries run one at a time on the inline pool: the new candidate
-stage (default settings: inverted-file votes fused with Annoy) and the old one
-(``EngineSettings(vote_candidates=0)``: Annoy only), on the same queries in the same run.
-Per stage: R@1, R@5 and verified@1 per kind; false verifications on the unrelated photos;
-``StageTimings`` "candidates" p50/p95 (the first look, plus the regional look of the
-queries whose first look verified nothing), whole-query p50 and its ratio to bare KAZE of
+BLAS and OpenCV thread, queries run one at a time on the inline pool, three candidate
+stages (``STAGES``) on the same queries in the same run: the engine's (default settings:
+the quick look, then inverted-file votes fused with Annoy when it verifies nothing), the
+same without the quick look, and the old one (Annoy only). Per stage: R@1, R@5 and
+verified@1 per kind; false verifications on the unrelated photos; the share of edited
+copies the quick look answered; ``StageTimings`` "candidates" p50/p95 (the quick look, the
+first look and the regional look, those that ran), for the edited copies and for the
+unrelated photos apart, whole-query p50 and its ratio to bare KAZE of
 the same query; RSS and USS after opening and after the queries; start-up (warm page
 cache: dropping it needs root). Then, on the same files opened apart, the first look alone
 per query, split into its parts (global vectors, Annoy, word assignment, posting lookups,
@@ -513,7 +515,17 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
             "mean": float(array.mean()), "count": len(array)}
 
 
-async def measure_stage(index_dir: Path, *, votes: bool, queries: Sequence[Any],
+STAGES = {
+    # The engine as it stands: the quick look, then the first look when it verifies nothing.
+    "new": {},
+    # The inverted file's full vote fused with Annoy, with no quick look before it.
+    "first_look": {"quick_vote": None},
+    # Annoy alone: the candidate stage before the inverted file.
+    "old": {"quick_vote": None, "vote_candidates": 0},
+}
+
+
+async def measure_stage(index_dir: Path, *, stage: str, queries: Sequence[Any],
                         unrelated: Sequence[Path], collection_paths: Sequence[Path],
                         kaze: dict[Path, float]) -> dict[str, Any]:
     from bench.quality import bare_kaze_seconds
@@ -523,7 +535,7 @@ async def measure_stage(index_dir: Path, *, votes: bool, queries: Sequence[Any],
 
     gc.collect()
     before = memory()
-    settings = EngineSettings() if votes else EngineSettings(vote_candidates=0)
+    settings = EngineSettings(**STAGES[stage])
     clock = time.perf_counter()
     service = await SearchService.open(index_dir, settings=settings)
     startup = time.perf_counter() - clock
@@ -531,6 +543,8 @@ async def measure_stage(index_dir: Path, *, votes: bool, queries: Sequence[Any],
     expected = [path.resolve() for path in collection_paths]
     kinds: dict[str, list[tuple[int | None, bool]]] = {}
     candidates, whole, kaze_of = [], [], []
+    unrelated_candidates, unrelated_whole = [], []
+    quick_found = 0
     failed: list[str] = []
     try:
         await service.query(unrelated[0], top=TOP_K)  # numba, caches: not timed
@@ -545,6 +559,7 @@ async def measure_stage(index_dir: Path, *, votes: bool, queries: Sequence[Any],
                 continue
             whole.append(time.perf_counter() - clock)
             candidates.append(timings.seconds.get("candidates", 0.0))
+            quick_found += timings.counts.get("quick look found", 0)
             if query.path not in kaze:
                 kaze[query.path] = bare_kaze_seconds(query.path, 640)
             kaze_of.append(kaze[query.path])
@@ -555,10 +570,14 @@ async def measure_stage(index_dir: Path, *, votes: bool, queries: Sequence[Any],
                 (rank, rank == 0 and bool(matches[0].verified)))
         false_verified = []
         for photo in unrelated:
+            timings = StageTimings()
+            clock = time.perf_counter()
             try:
-                matches = await service.query(photo, top=TOP_K)
+                matches = await service.query(photo, top=TOP_K, timings=timings)
             except ImageError:
                 continue
+            unrelated_whole.append(time.perf_counter() - clock)
+            unrelated_candidates.append(timings.seconds.get("candidates", 0.0))
             if any(m.verified for m in matches):
                 false_verified.append(photo.name)
         after_queries = memory()
@@ -581,6 +600,9 @@ async def measure_stage(index_dir: Path, *, votes: bool, queries: Sequence[Any],
         "unrelated_queries": len(unrelated),
         "candidate_ms": percentiles(candidates),
         "query_ms": percentiles(whole),
+        "quick_look_found": quick_found / max(len(candidates), 1),
+        "unrelated_candidate_ms": percentiles(unrelated_candidates),
+        "unrelated_query_ms": percentiles(unrelated_whole),
         "bare_kaze_ms": percentiles(kaze_of),
         "query_to_kaze": median(whole) / median(kaze_of),
         "rss_mb": after_queries["rss_mb"],
@@ -594,7 +616,8 @@ def profile_first_look(index_dir: Path, queries: Sequence[Any], limit: int) -> d
     """The first look of each query, timed part by part, on the same files opened apart:
     the global vectors (``Codebook.encode``), Annoy, the whole vote
     (``SegmentSet.vote``), and inside it the word assignment and the posting lookups
-    timed again on their own; the numba kernel is the rest of the vote."""
+    timed again on their own; the numba kernel is the rest of the vote. The quick look's
+    vote (the query as sent) is split the same way."""
     from indexer.analysis import analyze_path
     from indexer.ann import GenerationStore
     from indexer.catalog import GLOBAL_SCOPE
@@ -602,7 +625,7 @@ def profile_first_look(index_dir: Path, queries: Sequence[Any], limit: int) -> d
     from indexer.inverted_file import POSTINGS_DIR
     from indexer.postings import QueryWords
     from indexer.search import GENERATIONS_DIR
-    from indexer.segments import SegmentStore
+    from indexer.segments import SegmentStore, within_budget
     from indexer.settings import EngineSettings
 
     settings = EngineSettings()
@@ -612,14 +635,17 @@ def profile_first_look(index_dir: Path, queries: Sequence[Any], limit: int) -> d
     assert generation is not None
     assert segment_set is not None
     params = settings.vote
-    segments = [s for s in segment_set.segments if len(s.lists)]
+    segments = [s for s in segment_set.segments if s.live]
     documents = sum(len(s.lists) for s in segments)
     stop = max(params.stop_minimum, params.stop_fraction * documents)
     depth = max(TOP_K, settings.verify_limit)
     parts: dict[str, list[float]] = {
         k: [] for k in ("encode", "annoy", "vote", "assign", "lookup", "kernel_and_rest",
-                        "total")}
-    scanned, distinct_words = [], []
+                        "total", "quick_vote", "quick_assign", "quick_lookup",
+                        "quick_kernel_and_rest")}
+    scanned, distinct_words, quick_scanned = [], [], []
+    quick = settings.quick_vote
+    assert quick is not None
     for query in seeded_sample(list(queries), limit, 1):
         try:
             features = analyze_path(query.path, settings, for_query=True).features
@@ -651,6 +677,25 @@ def profile_first_look(index_dir: Path, queries: Sequence[Any], limit: int) -> d
             voting = (frequency > 0) & (frequency <= stop)
             postings += int(frequency[voting].sum())
             words_voting += int(voting.sum())
+        clock = time.perf_counter()
+        segment_set.vote([features], scope=GLOBAL_SCOPE, count=depth, params=quick)
+        times["quick_vote"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        assignment = segment_set.vocabulary.assign(
+            features.descriptors[: quick.voting_descriptors], per_half=quick.assignments_per_half)
+        times["quick_assign"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        nearest = quick.words_per_descriptor
+        grouped = QueryWords.of(assignment.words[:, :nearest].reshape(-1),
+                                assignment.signatures[:, :nearest].reshape(-1))
+        ranges = [s.lists.lookup(grouped.words) for s in segments]
+        frequency = sum((e - b for b, e in ranges), np.zeros(len(grouped.words), np.int64))
+        times["quick_lookup"] = time.perf_counter() - clock
+        times["quick_kernel_and_rest"] = (
+            times["quick_vote"] - times["quick_assign"] - times["quick_lookup"])
+        kept = within_budget(frequency, (frequency > 0) & (frequency <= stop),
+                             quick.posting_budget)
+        quick_scanned.append(int(frequency[kept].sum()))
         times["kernel_and_rest"] = times["vote"] - times["assign"] - times["lookup"]
         times["total"] = times["encode"] + times["annoy"] + times["vote"]
         for key, value in times.items():
@@ -664,6 +709,8 @@ def profile_first_look(index_dir: Path, queries: Sequence[Any], limit: int) -> d
         "postings_scanned": {"p50": float(np.median(scanned)),
                              "p95": float(np.percentile(scanned, 95))},
         "distinct_words_voting": float(np.median(distinct_words)),
+        "quick_postings_scanned": {"p50": float(np.median(quick_scanned)),
+                                   "p95": float(np.percentile(quick_scanned, 95))},
         "segments": len(segments),
         "stop_list_length": stop,
         "note": "both orientations encoded, searched in Annoy and voted; the engine's first "
@@ -676,21 +723,19 @@ def profile_first_look(index_dir: Path, queries: Sequence[Any], limit: int) -> d
 def measure_entry(index_dir: Path, queries: list[Any], unrelated: list[Path],  # noqa: PLR0917
                   collection_paths: list[Path], profile_queries: int, out: Path) -> None:
     # (positional: multiprocessing passes a child's arguments as a tuple)
-    """Child process (one BLAS thread): both stages, then the first-look profile."""
+    """Child process (one BLAS thread): every stage, then the first-look profile."""
     from indexer.features import limit_threads
 
     limit_threads()
 
-    async def both() -> dict[str, Any]:
+    async def every_stage() -> dict[str, Any]:
         kaze: dict[Path, float] = {}
-        new = await measure_stage(index_dir, votes=True, queries=queries, unrelated=unrelated,
-                                  collection_paths=collection_paths, kaze=kaze)
-        old = await measure_stage(index_dir, votes=False, queries=queries,
-                                  unrelated=unrelated, collection_paths=collection_paths,
-                                  kaze=kaze)
-        return {"new": new, "old": old}
+        return {stage: await measure_stage(index_dir, stage=stage, queries=queries,
+                                           unrelated=unrelated,
+                                           collection_paths=collection_paths, kaze=kaze)
+                for stage in STAGES}
 
-    result = asyncio.run(both())
+    result = asyncio.run(every_stage())
     write_json(out, result)  # the stages survive a failed profile
     try:
         result["profile"] = profile_first_look(index_dir, queries, profile_queries)
@@ -754,7 +799,7 @@ def run(config: Config) -> dict[str, Any]:
               list(split.collection), config.profile_queries, measured_file, env=single)
     measured = json.loads(measured_file.read_text())
     disk = disk_usage(target, build["images"])
-    new, old = measured["new"], measured["old"]
+    new, first_look, old = measured["new"], measured["first_look"], measured["old"]
     result: dict[str, Any] = {
         "benchmark": "scale-end-to-end",
         "distractors": config.distractors,
@@ -762,6 +807,7 @@ def run(config: Config) -> dict[str, Any]:
         **new,
         "disk_kb_per_image": disk["total_kb_per_image"],
         "global_only": {**old, "disk_kb_per_image": disk["total_kb_per_image"]},
+        "without_quick_look": {**first_look, "disk_kb_per_image": disk["total_kb_per_image"]},
         "first_look_profile": measured["profile"],
         "disk": disk,
         "build": {**build, "reused": reused, "base_index_seconds": base_seconds},
@@ -776,19 +822,22 @@ def run(config: Config) -> dict[str, Any]:
 
 
 def print_report(result: dict[str, Any]) -> None:
-    new, old = result, result["global_only"]
-    kinds = [k for k in new["r1"] if k != "all"] + ["all"]
+    stages = (("new", result), ("first look", result["without_quick_look"]),
+              ("old", result["global_only"]))
+    kinds = [k for k in result["r1"] if k != "all"] + ["all"]
     print(f"\n## {result['distractors']} distractors ({result['images']} images)\n")
     print(markdown_table(
-        ("kind", "new R@1", "new R@5", "new verified@1", "old R@1", "old R@5",
-         "old verified@1"),
-        [(k, percent(new["r1"][k]), percent(new["r5"][k]), percent(new["verified_at_1"][k]),
-          percent(old["r1"][k]), percent(old["r5"][k]), percent(old["verified_at_1"][k]))
+        ("kind", *(f"{label} {figure}" for label, _ in stages
+                   for figure in ("R@1", "R@5", "verified@1"))),
+        [(k, *(percent(stage[figure][k]) for _, stage in stages
+               for figure in ("r1", "r5", "verified_at_1")))
          for k in kinds]))
-    for label, stage in (("new", new), ("old", old)):
+    for label, stage in stages:
         print(f"{label}: candidates p50 {stage['candidate_ms']['p50']:.1f} ms p95 "
-              f"{stage['candidate_ms']['p95']:.1f} ms; query p50 {stage['query_ms']['p50']:.0f}"
-              f" ms, {stage['query_to_kaze']:.2f}x bare KAZE; RSS {stage['rss_mb']:.0f} MB; "
+              f"{stage['candidate_ms']['p95']:.1f} ms (unrelated "
+              f"{stage['unrelated_candidate_ms']['p50']:.1f}); query p50 "
+              f"{stage['query_ms']['p50']:.0f} ms, {stage['query_to_kaze']:.2f}x bare KAZE; "
+              f"quick look found {stage['quick_look_found']:.1%}; RSS {stage['rss_mb']:.0f} MB; "
               f"start-up {stage['startup_s']:.2f} s; false verified {stage['false_verified']}"
               f"/{stage['unrelated_queries']}")
     profile = result["first_look_profile"]
