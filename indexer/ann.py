@@ -107,17 +107,17 @@ class Generation:
             similarities=1.0 - distance * distance / 2.0,
         )
 
-    def similarities(self, vector: FloatArray, image_ids: Sequence[int]) -> dict[int, float]:
-        """Cosine similarity of ``vector`` (unit length) to the stored vector of each
-        of ``image_ids`` that this generation holds."""
+    def vectors(self, image_ids: Sequence[int]) -> tuple[IdArray, FloatArray]:
+        """The stored vectors of those of ``image_ids`` this generation holds: their
+        ids and one row each."""
         wanted = np.asarray(image_ids, dtype=np.int64)
-        positions = np.searchsorted(self.ids, wanted)
-        found: dict[int, float] = {}
-        for image_id, position in zip(wanted.tolist(), positions.tolist(), strict=True):
-            if position < len(self.ids) and int(self.ids[position]) == image_id:
-                stored = np.asarray(self._annoy.get_item_vector(position), dtype=np.float32)
-                found[image_id] = _cosine(vector, stored)
-        return found
+        positions = np.searchsorted(self.ids, wanted).clip(max=max(len(self.ids) - 1, 0))
+        held = (
+            self.ids[positions] == wanted if len(self.ids) else np.zeros(len(wanted), np.bool_)
+        )
+        rows = [self._annoy.get_item_vector(int(p)) for p in positions[held]]
+        matrix = np.asarray(rows, dtype=np.float32).reshape(len(rows), self.dimensions)
+        return wanted[held], matrix
 
     def unload(self) -> None:
         self._annoy.unload()
@@ -165,11 +165,11 @@ class ExactVectors:
         self._matrix = self._matrix[: self._length][keep].copy()
         self._length = len(self._ids)
 
-    def similarities(self, vector: FloatArray, image_ids: Sequence[int]) -> dict[int, float]:
-        """Cosine similarity of ``vector`` (unit length) to each of ``image_ids`` held here."""
+    def vectors(self, image_ids: Sequence[int]) -> tuple[IdArray, FloatArray]:
+        """The vectors of those of ``image_ids`` held here: their ids and one row each."""
         length, ids, matrix = self._length, self._ids, self._matrix
         rows = np.flatnonzero(np.isin(ids[:length], np.asarray(image_ids, dtype=np.int64)))
-        return {int(ids[row]): _cosine(vector, matrix[row]) for row in rows}
+        return ids[rows], matrix[rows]
 
     def search(self, vector: FloatArray, count: int) -> Candidates:
         length, ids, scopes, matrix = self._length, self._ids, self._scopes, self._matrix
@@ -338,11 +338,6 @@ class GenerationStore:
         """Forget the current generation (after corruption); the next build starts afresh."""
         with contextlib.suppress(FileNotFoundError):
             (self.root / CURRENT_FILE).unlink()
-
-
-def _cosine(unit: FloatArray, other: FloatArray) -> float:
-    # Stored vectors are unit length when written; dividing keeps a stray one honest.
-    return float(unit @ other) / max(float(np.linalg.norm(other)), 1e-12)
 
 
 def _chunk_digests(path: Path) -> list[str]:

@@ -29,6 +29,7 @@ from indexer.settings import EngineSettings
 log = logging.getLogger(__name__)
 
 FloatArray = npt.NDArray[np.float32]
+IdArray = npt.NDArray[np.int64]
 
 # k-means needs far fewer descriptors than the collection has; more only costs time.
 CENTROID_TRAINING_DESCRIPTORS = 200_000
@@ -58,14 +59,16 @@ class ServingView:
         """Changes since the generation was built: what a rebuild would fold in."""
         return len(self.fresh) + len(self.removed)
 
-    def similarities(self, vector: FloatArray, image_ids: Sequence[int]) -> dict[int, float]:
-        """Cosine similarity of ``vector`` (a query's global vector) to each of
-        ``image_ids`` still searchable, from the generation or the fresh buffer."""
+    def vectors(self, image_ids: Sequence[int]) -> tuple[IdArray, FloatArray]:
+        """The global vectors of those of ``image_ids`` still searchable (from the
+        generation or the fresh buffer): their ids and one row each."""
         if self.generation is None:
-            return {}
-        found = self.generation.similarities(vector, image_ids)
-        found.update(self.fresh.similarities(vector, image_ids))
-        return {i: value for i, value in found.items() if i not in self.removed}
+            return np.empty(0, np.int64), np.empty((0, 0), np.float32)
+        found = [self.generation.vectors(image_ids), self.fresh.vectors(image_ids)]
+        ids = np.concatenate([ids for ids, _ in found])
+        matrix = np.concatenate([matrix for _, matrix in found])
+        searchable = ~np.isin(ids, np.fromiter(self.removed, np.int64, len(self.removed)))
+        return ids[searchable], matrix[searchable]
 
     def record_added(self, image_id: int, scope: int, vector: FloatArray) -> None:
         """Make an image added to the catalog searchable until the next rebuild."""

@@ -482,11 +482,12 @@ class QueryPipeline:
         if serving.generation is None or not image_ids:
             return {}
         codebook = serving.generation.codebook
-        best: dict[int, float] = {}
-        for features in oriented:
-            found = serving.similarities(codebook.encode(features.descriptors), image_ids)
-            _best_similarity([list(found.items())], best)
-        return best
+        ids, stored = serving.vectors(image_ids)
+        queries = np.stack([codebook.encode(features.descriptors) for features in oriented])
+        # Stored vectors are unit length when written; dividing keeps a stray one honest.
+        norms = np.maximum(np.linalg.norm(stored, axis=1), 1e-12)
+        best = (stored @ queries.T).max(axis=1, initial=-1.0) / norms
+        return dict(zip(ids.tolist(), best.tolist(), strict=True))
 
     async def _results(
         self,

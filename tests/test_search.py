@@ -154,6 +154,25 @@ async def test_a_copy_the_quick_look_finds_is_answered_as_the_first_look_answers
     assert all(m.score < VERIFIED_SCORE for m in quick[1:]), describe(quick)
 
 
+async def test_a_photo_just_added_has_its_global_similarity_in_a_quick_answer(
+    private_index: Path,
+) -> None:
+    query = edited_jpeg("coins", "crop")
+    async with opened_service(private_index) as service:
+        added = await service.add(jpeg_bytes(photo_array("coins")), added_by="alice")
+        assert (await service.stats()).fresh == 1  # its vector is in the fresh buffer
+        timings = StageTimings()
+        quick = await service.query(query, top=2, timings=timings)
+    async with opened_service(private_index, settings=WITHOUT_QUICK_LOOK) as service:
+        first_look = await service.query(query, top=2)
+
+    assert timings.counts.get("quick look found") == 1
+    assert (quick[0].image.id, quick[0].verified) == (added.image.id, True), describe(quick)
+    assert first_look[0].image.id == added.image.id
+    assert quick[0].similarity == pytest.approx(first_look[0].similarity, abs=1e-4)
+    assert quick[0].similarity > 0
+
+
 async def test_what_the_quick_look_cannot_verify_takes_every_other_look(
     search_index: Path,
 ) -> None:
