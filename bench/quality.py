@@ -263,7 +263,8 @@ async def open_engine(photos_dir: Path, index_dir: Path, workers: int,
     from indexer import EngineSettings, SearchService, build_index
 
     await build_index(photos_dir, index_dir, workers=workers, progress=True)
-    settings = EngineSettings() if votes else EngineSettings(vote_candidates=0)
+    settings = (EngineSettings() if votes
+                else EngineSettings(vote_candidates=0, quick_vote=None))
     service = await SearchService.open(index_dir, settings=settings)
 
     async def search(query: Path) -> list[EngineMatch]:
