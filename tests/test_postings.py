@@ -618,3 +618,72 @@ def test_a_segment_whose_images_were_all_removed_is_not_looked_up(
     ranking = emptied.vote([query], scope=0, count=20, params=VoteParams())
     assert ranking
     assert all(image_id in second for image_id, _ in ranking)
+
+
+def dense_lists(rng: np.random.Generator, words: int, docs: int) -> PostingLists:
+    """Lists of ``docs`` images on half of the words below ``words``: enough for a directory."""
+    present = np.flatnonzero(rng.random(words) < 0.5).astype(np.uint32)
+    images = [rng.choice(present, size=20) for _ in range(docs)]
+    return PostingLists.build(
+        np.arange(1, docs + 1),
+        np.zeros(docs, np.int64),
+        images,
+        [rng.integers(0, 2**32, size=20, dtype=np.uint32) for _ in images],
+    )
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**16), st.lists(st.integers(0, 700), max_size=80))
+def test_a_directory_finds_what_the_search_through_the_words_finds(
+    seed: int, wanted: list[int]
+) -> None:
+    lists = dense_lists(np.random.default_rng(seed), words=600, docs=30)
+    with_directory = lists.with_directory()
+    assert lists.directory is None
+    assert with_directory.directory is not None
+
+    for query in (np.array(sorted(set(wanted)), np.uint32), np.array(wanted, np.uint32)):
+        begin, end = lists.lookup(query)
+        found_begin, found_end = with_directory.lookup(query)
+        assert np.array_equal(end - begin, found_end - found_begin)
+        held = end > begin
+        assert np.array_equal(begin[held], found_begin[held])
+
+
+def test_a_sparse_segment_gets_no_directory_and_a_dense_one_gets_it_when_loaded(
+    tmp_path: Path,
+) -> None:
+    rng = np.random.default_rng(40)
+    sparse = PostingLists.build(
+        [1, 2], [0, 0], [np.array([3, 9000], np.uint32), np.array([5], np.uint32)],
+        [np.zeros(2, np.uint32), np.zeros(1, np.uint32)],
+    )
+    dense = dense_lists(rng, words=2000, docs=50)
+    for name, lists in (("sparse", sparse), ("dense", dense)):
+        (tmp_path / name).mkdir()
+        save_lists(lists, tmp_path / name)
+
+    assert load_lists(tmp_path / "sparse").directory is None
+    loaded = load_lists(tmp_path / "dense")
+    assert loaded.directory is not None
+    query = np.arange(0, 2100, 7, dtype=np.uint32)
+    begin, end = dense.lookup(query)
+    found_begin, found_end = loaded.lookup(query)
+    assert np.array_equal(end - begin, found_end - found_begin)
+    assert np.array_equal(begin[end > begin], found_begin[end > begin])
+
+
+def test_votes_on_one_thread_after_another_leave_no_scores_behind(
+    vocabulary: Vocabulary,
+) -> None:
+    # The kernel's score buffers are kept per thread between votes.
+    large = lists_of(random_images(vocabulary, seed=41, count=50))
+    small = lists_of(random_images(vocabulary, seed=42, count=10))
+    query, _ = query_words(vocabulary, unit_rows(np.random.default_rng(43), 60))
+
+    first = voted(large, query, max_hamming=32, scope=0)
+    voted(small, query, max_hamming=32, scope=0)
+    again = voted(large, query, max_hamming=32, scope=0)
+
+    assert first
+    assert again == first
