@@ -229,7 +229,7 @@ def load_lists(folder: Path) -> PostingLists:
 def _lookup_kernel(  # pragma: no cover - compiled; tested against a plain search
     words: UintArray, starts: IdArray, query_words: UintArray
 ) -> tuple[IdArray, IdArray]:
-    """(begin, end) of each of the ascending ``query_words`` in ``words``.
+    """(begin, end) of each of ``query_words`` in ``words``.
 
     A query's words ascend, so each search gallops on from where the last one
     ended: a sweep through the list of words in one direction, where a binary
