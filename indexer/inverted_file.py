@@ -117,6 +117,8 @@ class InvertedFile:
             return
         self._current = self._current.without_images(image_ids)
         await self._commit()
+        if not all(segment.live for segment in self._current.sealed):
+            self._start_upkeep()  # a segment emptied: upkeep drops it
 
     # -- upkeep -----------------------------------------------------------------------------
 
@@ -127,7 +129,10 @@ class InvertedFile:
     async def _upkeep(self) -> None:
         try:
             async with self._upkeep_lock:
-                await self._seal()
+                current = self._current
+                # Upkeep started by a removal that emptied a segment seals nothing early.
+                if current is not None and len(current.open.lists) >= self.settings.seal_after:
+                    await self._seal()
                 await self._merge_while_planned()
         except Exception:
             # The catalog holds every image: a failed seal only leaves them in
@@ -146,7 +151,26 @@ class InvertedFile:
         await self._commit()
         log.info("sealed %d images into segment %s", len(snapshot), segment.name)
 
+    async def _drop_emptied(self) -> None:
+        """Forget the sealed segments whose images were all removed, and delete them.
+
+        The log merge policy picks segments by size, so an emptied one could wait
+        for a merge forever (a folder build that replaces a collection empties its
+        old segments), kept on disk and looked up by nothing.
+        """
+        current = self._current
+        if current is None or all(segment.live for segment in current.sealed):
+            return
+        # Read and replaced with no await between: an add or a removal landing while
+        # this runs acts on the set it finds, which keeps every live segment.
+        kept = tuple(segment for segment in current.sealed if segment.live)
+        self._current = replace(current, sealed=kept)
+        await self._commit()
+        await asyncio.to_thread(self.store.remove_stale)
+        log.info("dropped %d emptied segments", len(current.sealed) - len(kept))
+
     async def _merge_while_planned(self) -> None:
+        await self._drop_emptied()
         while True:
             current = self._current
             if current is None:

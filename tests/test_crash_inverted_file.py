@@ -27,6 +27,7 @@ from reliability_helpers import (
 from test_reliability_crash import drawing, drawing_query
 
 from indexer.inverted_file import POSTINGS_DIR
+from indexer.segments import SegmentStore
 
 # Seal every 3 adds, merge every 2 segments: a kill lands in a seal or a merge often.
 SEALING_ENGINE = dataclasses.replace(FAST_ENGINE, seal_after=3, merge_factor=2)
@@ -139,3 +140,38 @@ async def test_an_index_without_an_inverted_file_gets_one_at_open_and_finds_by_v
     assert stats.voting_images == stats.images == 5
     assert match.verified
     assert (index / POSTINGS_DIR / "SEGMENTS.json").exists()
+
+
+async def test_a_segment_whose_images_were_all_removed_is_dropped_and_deleted(
+    tmp_path: Path,
+) -> None:
+    index = tmp_path / "index"
+    unmerged = dataclasses.replace(SEALING_ENGINE, merge_factor=8)  # segments stay apart
+    await create_empty_index(index, unmerged)
+    async with service_of(index, settings=unmerged) as service:
+        added = {(await service.add(drawing(seed))).image.id: seed for seed in range(9)}
+    store = SegmentStore(index / POSTINGS_DIR)
+    before = store.load()
+    assert before is not None
+    assert len(before.sealed) >= 2
+    emptied = before.sealed[0]
+    removed = [int(i) for i in emptied.lists.ids]
+
+    async with service_of(index, settings=unmerged) as service:
+        for image_id in removed:
+            await service.remove(image_id)
+    # Closing waited for the upkeep that the emptied segment started.
+    after = store.read_commit()
+    assert after is not None
+    on_disk = {p.name for p in (index / POSTINGS_DIR).iterdir() if p.is_dir()}
+
+    assert emptied.name not in after.segments
+    assert after.segments == tuple(s.name for s in before.sealed[1:])
+    assert after.tombstones == frozenset()  # no live segment holds a removed image
+    assert on_disk == set(after.segments)
+    async with service_of(index, settings=unmerged) as service:
+        stats = await service.stats()
+        kept = next(i for i in added if i not in removed)
+        [match] = await service.query(drawing_query(added[kept]), top=1)
+    assert stats.voting_images == stats.images == len(added) - len(removed)
+    assert (match.image.id, match.verified) == (kept, True)
