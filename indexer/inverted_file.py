@@ -88,7 +88,9 @@ class InvertedFile:
             return
         await asyncio.to_thread(self.store.remove_stale)
         self._current = await self._with_catalog_images(loaded, after_id=loaded.ceiling)
-        if len(self._current.open.lists) >= self.settings.seal_after:
+        if len(self._current.open.lists) >= self.settings.seal_after or not all(
+            segment.live for segment in self._current.sealed
+        ):
             self._start_upkeep()
 
     async def close(self) -> None:

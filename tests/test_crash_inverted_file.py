@@ -26,7 +26,9 @@ from reliability_helpers import (
 )
 from test_reliability_crash import drawing, drawing_query
 
+from indexer.catalog import Catalog
 from indexer.inverted_file import POSTINGS_DIR
+from indexer.search import CATALOG_FILE
 from indexer.segments import SegmentStore
 
 # Seal every 3 adds, merge every 2 segments: a kill lands in a seal or a merge often.
@@ -175,3 +177,32 @@ async def test_a_segment_whose_images_were_all_removed_is_dropped_and_deleted(
         [match] = await service.query(drawing_query(added[kept]), top=1)
     assert stats.voting_images == stats.images == len(added) - len(removed)
     assert (match.image.id, match.verified) == (kept, True)
+
+
+async def test_an_index_left_with_an_emptied_segment_drops_it_when_opened(
+    tmp_path: Path,
+) -> None:
+    index = tmp_path / "index"
+    unmerged = dataclasses.replace(SEALING_ENGINE, merge_factor=8)
+    await create_empty_index(index, unmerged)
+    async with service_of(index, settings=unmerged) as service:
+        for seed in range(9):
+            await service.add(drawing(seed))
+    store = SegmentStore(index / POSTINGS_DIR)
+    before = store.load()
+    assert before is not None
+    emptied = before.sealed[0]
+    removed = [int(i) for i in emptied.lists.ids]
+    # The state an older version left behind: removed from the catalog, tombstoned
+    # in a committed segment, never merged.
+    async with await Catalog.open(index / CATALOG_FILE) as catalog:
+        await catalog.delete_images(removed)
+    store.commit(before.without_images(removed))
+
+    async with service_of(index, settings=unmerged) as service:
+        stats = await service.stats()
+    after = store.read_commit()
+
+    assert after is not None
+    assert emptied.name not in after.segments
+    assert stats.voting_images == stats.images == 9 - len(removed)
