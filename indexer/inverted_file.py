@@ -88,9 +88,7 @@ class InvertedFile:
             return
         await asyncio.to_thread(self.store.remove_stale)
         self._current = await self._with_catalog_images(loaded, after_id=loaded.ceiling)
-        if len(self._current.open.lists) >= self.settings.seal_after or not all(
-            segment.live for segment in self._current.sealed
-        ):
+        if len(self._current.open.lists) >= self.settings.seal_after or self._current.emptied:
             self._start_upkeep()
 
     async def close(self) -> None:
@@ -119,8 +117,8 @@ class InvertedFile:
             return
         self._current = self._current.without_images(image_ids)
         await self._commit()
-        if not all(segment.live for segment in self._current.sealed):
-            self._start_upkeep()  # a segment emptied: upkeep drops it
+        if self._current.emptied:
+            self._start_upkeep()  # upkeep drops the emptied segment
 
     # -- upkeep -----------------------------------------------------------------------------
 
@@ -161,7 +159,7 @@ class InvertedFile:
         old segments), kept on disk and looked up by nothing.
         """
         current = self._current
-        if current is None or all(segment.live for segment in current.sealed):
+        if current is None or not current.emptied:
             return
         # Read and replaced with no await between: an add or a removal landing while
         # this runs acts on the set it finds, which keeps every live segment.

@@ -140,6 +140,11 @@ class SegmentSet:
         return sum(segment.live for segment in (*self.sealed, self.open))
 
     @property
+    def emptied(self) -> bool:
+        """Whether a sealed segment holds no live image (upkeep drops it)."""
+        return not all(segment.live for segment in self.sealed)
+
+    @property
     def segments(self) -> tuple[Segment, ...]:
         return (*self.sealed, self.open)
 
@@ -169,8 +174,8 @@ class SegmentSet:
         """The words ``features`` vote with, weighted by idf squared (a word shared
         by the query and an image counts once on each side: Jegou et al. 2009,
         with Hamming embedding), stop-listed words weighing 0."""
-        # A segment whose images were all removed waits for a merge; until then it
-        # costs every query a lookup of each word for nothing.
+        # A segment whose images were all removed waits for the upkeep that drops
+        # it; until then it would cost every query a lookup of each word for nothing.
         segments = tuple(s for s in self.segments if s.live)
         documents = sum(len(s.lists) for s in segments)
         stop = max(params.stop_minimum, params.stop_fraction * documents)
