@@ -625,7 +625,7 @@ def profile_first_look(index_dir: Path, queries: Sequence[Any], limit: int) -> d
     from indexer.inverted_file import POSTINGS_DIR
     from indexer.postings import QueryWords
     from indexer.search import GENERATIONS_DIR
-    from indexer.segments import SegmentStore, within_budget
+    from indexer.segments import SegmentStore
     from indexer.settings import EngineSettings
 
     settings = EngineSettings()
@@ -693,9 +693,11 @@ def profile_first_look(index_dir: Path, queries: Sequence[Any], limit: int) -> d
         times["quick_lookup"] = time.perf_counter() - clock
         times["quick_kernel_and_rest"] = (
             times["quick_vote"] - times["quick_assign"] - times["quick_lookup"])
-        kept = within_budget(frequency, (frequency > 0) & (frequency <= stop),
-                             quick.posting_budget)
-        quick_scanned.append(int(frequency[kept].sum()))
+        # The engine's own choice of words, for the postings the quick vote scanned.
+        weighted = segment_set.weighted_query(features, quick)
+        scanned_by_word = sum((e - b for b, e in weighted.ranges),
+                              np.zeros(len(weighted.words.words), np.int64))
+        quick_scanned.append(int(scanned_by_word[weighted.words.weights > 0].sum()))
         times["kernel_and_rest"] = times["vote"] - times["assign"] - times["lookup"]
         times["total"] = times["encode"] + times["annoy"] + times["vote"]
         for key, value in times.items():
