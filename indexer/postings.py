@@ -337,9 +337,9 @@ def vote(
     """
     if not len(lists) or not len(query.words):
         return Votes(np.empty(0, np.uint32), np.empty(0, np.float32))
-    dead = (
-        np.zeros(len(lists), dtype=np.bool_) if deleted is None else np.asarray(deleted, np.bool_)
-    )
+    # Most segments have no tombstones: an empty array says so without an array
+    # of every doc to allocate and zero for each vote.
+    dead = _NONE_DELETED if deleted is None else np.asarray(deleted, np.bool_)
     scratch, touched = _scratch(len(lists))
     docs, scores = _vote_kernel(
         scratch,
@@ -355,11 +355,12 @@ def vote(
         dead,
         np.int64(scope),
         np.int64(max_hamming),
-        hamming_weights.astype(np.float32),
+        np.asarray(hamming_weights, np.float32),
     )
     return Votes(docs, scores)
 
 
+_NONE_DELETED = np.zeros(0, dtype=np.bool_)
 _SCRATCH = threading.local()
 
 
@@ -409,6 +410,14 @@ def _vote_kernel(  # noqa: PLR0917, PLR0912 - numba kernels take positional arra
 ) -> tuple[UintArray, FloatArray]:
     touched_count = 0
     distances = np.empty(_DISTANCE_BLOCK, np.uint32)
+    # The first line of each voting list, read in a loop of independent loads so
+    # that their cache misses overlap; the scoring loop below would wait for
+    # them one word at a time.
+    first_lines = np.uint32(0)
+    for word in range(len(begin)):
+        if query_weights[word] > 0.0 and begin[word] < end[word]:
+            first_lines ^= signatures[begin[word]] ^ docs[begin[word]]
+    touched[0] = first_lines  # kept, so that the loads are not optimised away
     for word in range(len(begin)):
         weight = query_weights[word]
         if weight <= 0.0:
@@ -456,7 +465,7 @@ def _vote_kernel(  # noqa: PLR0917, PLR0912 - numba kernels take positional arra
     for i in range(touched_count):
         doc = touched[i]
         doc_scope = scopes[doc]
-        if (doc_scope != 0 and doc_scope != scope) or deleted[doc]:  # noqa: PLR1714 - plain
+        if (doc_scope != 0 and doc_scope != scope) or (len(deleted) and deleted[doc]):  # noqa: PLR1714 - plain
             # comparisons compile to two instructions in numba
             continue
         found[kept] = doc

@@ -34,7 +34,7 @@ from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -87,6 +87,7 @@ class VoteParams:
 
 
 Ranking = list[tuple[int, float]]
+_Key = TypeVar("_Key", bound=np.generic)
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,10 +233,17 @@ class SegmentSet:
                 count=count,
             )
             parts = list(zip(query.segments, query.ranges, strict=True))
-            for ids, scores in (threads.map if threads else map)(top_of, parts):
-                for image_id, score in zip(ids.tolist(), scores.tolist(), strict=True):
-                    if score > best.get(image_id, 0.0):
-                        best[image_id] = score
+            found = list((threads.map if threads else map)(top_of, parts))
+            # An image lives in one segment: the best ``count`` of every segment's
+            # best are this orientation's best.
+            ids, scores = _top(
+                np.concatenate([ids for ids, _ in found]),
+                np.concatenate([scores for _, scores in found]),
+                count,
+            )
+            for image_id, score in zip(ids.tolist(), scores.tolist(), strict=True):
+                if score > best.get(image_id, 0.0):
+                    best[image_id] = score
         ordered = sorted(best.items(), key=lambda item: item[1], reverse=True)
         return ordered[:count]
 
@@ -280,11 +288,18 @@ def _top_votes(
         scope=scope,
         deleted=segment.deleted,
     )
-    keep = min(count, len(votes.docs))
-    if not keep:
-        return np.empty(0, np.int64), np.empty(0, np.float32)
-    top = np.argpartition(-votes.scores, keep - 1)[:keep]
-    return np.asarray(segment.lists.ids)[votes.docs[top]], votes.scores[top]
+    docs, scores = _top(votes.docs, votes.scores, count)
+    return np.asarray(segment.lists.ids)[docs].astype(np.int64, copy=False), scores
+
+
+def _top(
+    keys: npt.NDArray[_Key], scores: FloatArray, count: int
+) -> tuple[npt.NDArray[_Key], FloatArray]:
+    """The ``count`` entries with the highest scores (unordered)."""
+    if len(scores) <= count:
+        return keys, scores
+    top = np.argpartition(-scores, count - 1)[:count]
+    return keys[top], scores[top]
 
 
 # -- the folder ---------------------------------------------------------------------

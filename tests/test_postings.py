@@ -568,6 +568,30 @@ def test_a_budgeted_vote_counts_the_kept_words_alone_as_brute_force_does(
         assert got[image_id] == pytest.approx(score, rel=1e-5)
 
 
+def test_the_best_few_across_segments_are_the_best_of_the_whole_vote(
+    vocabulary: Vocabulary,
+) -> None:
+    images = random_images(vocabulary, seed=23, count=60)
+    segments = []
+    for first, last in ((3, 60), (63, 120), (123, 180)):  # three sealed segments
+        part = {i: images[i] for i in images if first <= i <= last}
+        segments.append(Segment(f"s{first}", lists_of(part)))
+    segment_set = SegmentSet(
+        vocabulary, tuple(segments), Segment(None, PostingLists.empty()), ceiling=180
+    )
+    params = VoteParams(stop_fraction=1.0)
+    for seed in range(4):
+        query = features_of(unit_rows(np.random.default_rng(30 + seed), 300), seed=seed)
+        whole = dict(segment_set.vote([query], scope=0, count=len(images), params=params))
+        assert len(whole) > 10  # the query's words reach images of every segment
+        for count in (1, 3, 10):
+            best = segment_set.vote([query], scope=0, count=count, params=params)
+            assert len(best) == count
+            # Each image keeps its score, and no image left out scores higher.
+            assert all(whole[image_id] == score for image_id, score in best)
+            assert [s for _, s in best] == sorted(whole.values(), reverse=True)[:count]
+
+
 @settings(max_examples=100, deadline=None)
 @given(
     st.lists(st.integers(0, 300), max_size=60, unique=True),
