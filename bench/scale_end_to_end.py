@@ -55,11 +55,19 @@ verified@1 per kind; false verifications on the unrelated photos; the share of e
 copies the quick look answered; ``StageTimings`` "candidates" p50/p95 (the quick look, the
 first look and the regional look, those that ran), for the edited copies and for the
 unrelated photos apart, whole-query p50 and its ratio to bare KAZE of
-the same query; RSS and USS after opening and after the queries; start-up (warm page
-cache: dropping it needs root). Then, on the same files opened apart, the first look alone
-per query, split into its parts (global vectors, Annoy, word assignment, posting lookups,
-the numba voting kernel) with the postings it scanned. Disk per image: catalog + current
-generation + postings, over every image.
+the same query; RSS, USS and PSS after opening and after the queries, with RSS split into
+private memory and mapped index pages; start-up (warm page cache). Then, on the same files
+opened apart, the first look alone per query, split into its parts (global vectors, Annoy,
+word assignment, posting lookups, the numba voting kernel) with the postings it scanned.
+Disk per image: catalog + current generation + postings, over every image.
+
+``--cold`` measures the engine's stage alone, with no warm-up pass, after asking the kernel
+to drop the index's files from the page cache (``posix_fadvise``, no root needed): start-up
+and queries from a cold start. Run under a memory limit, it tests the engine within that
+limit, page cache included, and the JSON records the limit of the process's cgroup::
+
+    systemd-run --scope -p MemoryMax=1536M .venv/bin/python -m bench.scale --end-to-end \\
+        --distractors 1000000 --cold --keep --out bench/out/scale-e2e-1m-capped.json
 """
 
 from __future__ import annotations
@@ -127,6 +135,7 @@ class Config:
     profile_queries: int
     spread: float = 0.04
     copies: int = 64
+    cold: bool = False  # the engine's stage alone, from a cold page cache
 
     def key(self) -> dict[str, Any]:
         """What a cached distractor index depends on."""
@@ -498,6 +507,9 @@ def build_entry(config: Config, base: Path, target: Path, unrelated: list[Path])
 
 
 def memory() -> dict[str, float]:
+    """RSS, USS and PSS, and on Linux RSS split into private memory (``anon_mb``) and
+    mapped file pages (``file_mb``: clean pages of the index, which the kernel may drop and
+    other processes mapping the same files share)."""
     process = psutil.Process()
     result = {"rss_mb": process.memory_info().rss / 2**20}
     try:
@@ -506,7 +518,55 @@ def memory() -> dict[str, float]:
         result["pss_mb"] = getattr(full, "pss", 0) / 2**20
     except (psutil.AccessDenied, AttributeError):
         pass
+    status = Path("/proc/self/status")
+    if status.exists():
+        fields = dict(line.split(":", 1) for line in status.read_text().splitlines()
+                      if ":" in line)
+        for field, key in (("RssAnon", "anon_mb"), ("RssFile", "file_mb")):
+            if field in fields:
+                result[key] = int(fields[field].split()[0]) / 1024
     return result
+
+
+def memory_limit_mb() -> float | None:
+    """The memory limit of this process's cgroup (v2 ``memory.max`` or v1
+    ``memory.limit_in_bytes``), or None when it has none or it cannot be read."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            candidate = Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max"
+        elif "memory" in controllers.split(","):
+            candidate = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes"
+        else:
+            continue
+        try:
+            text = candidate.read_text().strip()
+        except OSError:
+            continue
+        if text != "max" and int(text) < 2**60:  # v1 writes "no limit" as a huge number
+            return int(text) / 2**20
+    return None
+
+
+def evict_page_cache(folder: Path) -> int:
+    """Ask the kernel to drop the cached pages of every file under ``folder`` (no root
+    needed; pages another process maps stay), so that a measurement starts cold.
+    Returns the bytes of the files advised."""
+    advised = 0
+    for path in folder.rglob("*"):
+        if not path.is_file():
+            continue
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(descriptor)
+        advised += path.stat().st_size
+    return advised
 
 
 def percentiles(values: Sequence[float]) -> dict[str, float]:
@@ -754,6 +814,22 @@ def measure_entry(index_dir: Path, queries: list[Any], unrelated: list[Path],  #
     write_json(out, result)
 
 
+def measure_cold_entry(index_dir: Path, queries: list[Any], unrelated: list[Path],
+                       collection_paths: list[Path], out: Path) -> None:
+    """Child process (one BLAS thread): the engine's stage alone, its index's files
+    dropped from the page cache first, no warm-up pass: how the engine serves from a
+    cold start, and, run in a cgroup with a memory limit, within that limit."""
+    from indexer.features import limit_threads
+
+    limit_threads()
+    advised = evict_page_cache(index_dir)
+    result = asyncio.run(measure_stage(index_dir, stage="new", queries=queries,
+                                       unrelated=unrelated, collection_paths=collection_paths,
+                                       kaze={}))
+    write_json(out, {"new": result, "evicted_bytes": advised,
+                     "memory_limit_mb": memory_limit_mb()})
+
+
 def disk_usage(index_dir: Path, images: int) -> dict[str, Any]:
     from indexer.ann import CURRENT_FILE
     from indexer.inverted_file import POSTINGS_DIR
@@ -805,10 +881,29 @@ def run(config: Config) -> dict[str, Any]:
         run_child(build_entry, config, base, target, list(split.unrelated), env=single)
     build = json.loads(stamp.read_text())["stats"]
     measured_file = config.work / f"measured-{config.distractors}.json"
+    disk = disk_usage(target, build["images"])
+    if config.cold:
+        run_child(measure_cold_entry, target, list(queries), list(split.unrelated),
+                  list(split.collection), measured_file, env=single)
+        measured = json.loads(measured_file.read_text())
+        return {
+            "benchmark": "scale-end-to-end-cold",
+            "distractors": config.distractors,
+            "images": build["images"],
+            **measured["new"],
+            "memory_limit_mb": measured["memory_limit_mb"],
+            "evicted_bytes": measured["evicted_bytes"],
+            "disk_kb_per_image": disk["total_kb_per_image"],
+            "disk": disk,
+            "machine": machine_info(),
+            "config": {**{k: str(v) for k, v in asdict(config).items()},
+                       "photos": os.path.relpath(config.photos),
+                       "distractor_design": config.key()},
+            "seconds": time.perf_counter() - started,
+        }
     run_child(measure_entry, target, list(queries), list(split.unrelated),
               list(split.collection), config.profile_queries, measured_file, env=single)
     measured = json.loads(measured_file.read_text())
-    disk = disk_usage(target, build["images"])
     new, first_look, old = measured["new"], measured["first_look"], measured["old"]
     result: dict[str, Any] = {
         "benchmark": "scale-end-to-end",
@@ -832,8 +927,9 @@ def run(config: Config) -> dict[str, Any]:
 
 
 def print_report(result: dict[str, Any]) -> None:
-    stages = (("new", result), ("first look", result["without_quick_look"]),
-              ("old", result["global_only"]))
+    stages: tuple[tuple[str, dict[str, Any]], ...] = (("new", result),)
+    if "global_only" in result:  # not in a --cold run
+        stages += (("first look", result["without_quick_look"]), ("old", result["global_only"]))
     kinds = [k for k in result["r1"] if k != "all"] + ["all"]
     print(f"\n## {result['distractors']} distractors ({result['images']} images)\n")
     print(markdown_table(
@@ -850,6 +946,12 @@ def print_report(result: dict[str, Any]) -> None:
               f"quick look found {stage['quick_look_found']:.1%}; RSS {stage['rss_mb']:.0f} MB; "
               f"start-up {stage['startup_s']:.2f} s; false verified {stage['false_verified']}"
               f"/{stage['unrelated_queries']}")
+    after = result["memory"]["after_queries"]
+    if "anon_mb" in after:
+        print(f"after the queries: private {after['anon_mb']:.0f} MB, mapped files "
+              f"{after['file_mb']:.0f} MB; memory limit {result.get('memory_limit_mb')} MB")
+    if "first_look_profile" not in result:
+        return
     profile = result["first_look_profile"]
     if "error" in profile:
         print(f"first-look profile failed: {profile['error']}")
@@ -879,6 +981,9 @@ def parse_arguments(argv: Sequence[str] | None = None) -> Config:
                         help="noisy copies of each pool descriptor")
     parser.add_argument("--keep", action="store_true",
                         help="keep the distractor index (otherwise deleted at the end)")
+    parser.add_argument("--cold", action="store_true",
+                        help="only the engine's stage, after dropping the index's files from "
+                             "the page cache (run it under a memory limit to test one)")
     arguments = parser.parse_args(argv)
     if arguments.distractors < 1 or arguments.queries_per_kind < 1 or arguments.copies < 1:
         parser.error("--distractors, --queries-per-kind and --copies must be positive")
@@ -889,7 +994,7 @@ def parse_arguments(argv: Sequence[str] | None = None) -> Config:
                   queries_per_kind=arguments.queries_per_kind, seed=arguments.seed,
                   workers=arguments.workers, keep=arguments.keep,
                   profile_queries=arguments.profile_queries, spread=arguments.spread,
-                  copies=arguments.copies)
+                  copies=arguments.copies, cold=arguments.cold)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
