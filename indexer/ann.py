@@ -35,6 +35,7 @@ from annoy import AnnoyIndex
 from indexer.durable import fsync_directory, fsync_file
 from indexer.encoding import Codebook
 from indexer.errors import IndexCorruptError, IndexIncompatibleError
+from indexer.mapped import advise_random_reads
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +86,10 @@ class Generation:
         self.scopes: IdArray = np.load(path / SCOPES_FILE, mmap_mode="r", allow_pickle=False)
         self._annoy = AnnoyIndex(self.dimensions, "angular")
         if len(self.ids):
-            # Annoy mmaps the file: pages are shared between processes and loaded on demand.
+            # Annoy mmaps the file: pages are shared between processes and loaded on
+            # demand, and a search reads its tree nodes at random.
             self._annoy.load(str(path / ANNOY_FILE), prefault=False)
+            advise_random_reads(path / ANNOY_FILE)
 
     def __len__(self) -> int:
         return len(self.ids)

@@ -17,20 +17,17 @@ Eight bytes a posting (doc and signature): with 500 keypoints an image, 4 KB.
 
 from __future__ import annotations
 
-import math
-import mmap
-import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import numba
 import numpy as np
 import numpy.typing as npt
 
 from indexer.errors import IndexCorruptError
+from indexer.mapped import map_array
 
 IdArray = npt.NDArray[np.int64]
 UintArray = npt.NDArray[np.uint32]
@@ -214,7 +211,7 @@ def load_lists(folder: Path) -> PostingLists:
     """
     try:
         arrays = {
-            name: _map_array(folder / f"{name}.npy", random_access=name in _RANDOM_ACCESS)
+            name: map_array(folder / f"{name}.npy", random_access=name in _RANDOM_ACCESS)
             for name in _ARRAYS
         }
     except (OSError, ValueError) as error:
@@ -229,43 +226,6 @@ def load_lists(folder: Path) -> PostingLists:
     if not consistent:
         raise IndexCorruptError(f"posting segment {folder.name} has inconsistent arrays")
     return lists.with_directory()
-
-
-def _map_array(path: Path, *, random_access: bool) -> npt.NDArray[Any]:
-    """The array saved in ``path`` by ``np.save``, mapped read-only.
-
-    With ``random_access`` the kernel is told (``MADV_RANDOM``) to read only the
-    page a query touches. By default a fault reads the 128 KB around it: for
-    lists of a few hundred bytes spread over gigabytes that is 32 pages read for
-    one used, which a cold start pays in disk reads and a process under a memory
-    limit in page cache evicted for nothing.
-
-    Raises:
-        OSError: the file cannot be read.
-        ValueError: it is not a .npy file this reads, or it is truncated.
-    """
-    with path.open("rb") as file:
-        version = np.lib.format.read_magic(file)
-        if version == (1, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(file)
-        elif version == (2, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(file)
-        else:
-            raise ValueError(f"{path.name}: .npy version {version} is not supported")
-        if (fortran_order and len(shape) > 1) or dtype.hasobject:
-            raise ValueError(f"{path.name}: not a flat array of numbers")
-        offset = file.tell()
-        count = math.prod(shape)
-        available = os.fstat(file.fileno()).st_size - offset
-        if count * dtype.itemsize > available:
-            raise ValueError(f"{path.name} is truncated")
-        if not count:
-            return np.empty(shape, dtype)
-        mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-    if random_access:
-        mapping.madvise(mmap.MADV_RANDOM)
-    # The array keeps the mapping alive; it is closed when the array is collected.
-    return np.frombuffer(mapping, dtype=dtype, count=count, offset=offset).reshape(shape)
 
 
 @numba.njit(cache=True, nogil=True)

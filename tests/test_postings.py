@@ -276,32 +276,6 @@ def test_lists_round_trip_through_files_and_truncation_is_reported(
         load_lists(tmp_path)
 
 
-def smaps_flags(path: Path) -> set[str]:
-    """The VmFlags of this process's mapping of ``path`` (Linux)."""
-    entries = Path("/proc/self/smaps").read_text().split("\n")
-    for number, line in enumerate(entries):
-        if line.endswith(str(path)):
-            for following in entries[number + 1 :]:
-                if following.startswith("VmFlags:"):
-                    return set(following.split()[1:])
-    raise AssertionError(f"{path} is not mapped")
-
-
-@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads Linux's smaps")
-def test_postings_are_mapped_for_random_reads_and_their_words_are_not(
-    vocabulary: Vocabulary, tmp_path: Path
-) -> None:
-    lists = lists_of(random_images(vocabulary, seed=11, count=40))
-    save_lists(lists, tmp_path)
-    loaded = load_lists(tmp_path)
-
-    # "rr": the kernel reads no pages ahead of a fault in the postings.
-    assert "rr" in smaps_flags(tmp_path / "docs.npy")
-    assert "rr" in smaps_flags(tmp_path / "signatures.npy")
-    assert "rr" not in smaps_flags(tmp_path / "words.npy")  # swept in order
-    assert not loaded.docs.flags.writeable
-
-
 def test_ids_must_ascend() -> None:
     with pytest.raises(ValueError, match="ascending"):
         PostingLists.build([3, 2], [0, 0], [np.ones(1, np.uint32)] * 2, [np.ones(1, np.uint32)] * 2)
