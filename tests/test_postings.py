@@ -531,17 +531,24 @@ def test_a_budget_keeps_the_shortest_voting_lists_that_fit(
     assert frequency[kept].sum() + frequency[dropped].min() > budget
 
 
+def three_sealed_segments(
+    vocabulary: Vocabulary, images: dict[int, tuple[np.ndarray, np.ndarray, int]]
+) -> SegmentSet:
+    """``random_images(..., count=60)`` (ids 3 to 180) as three sealed segments of 20."""
+    segments = []
+    for first, last in ((3, 60), (63, 120), (123, 180)):
+        part = {i: images[i] for i in images if first <= i <= last}
+        segments.append(Segment(f"s{first}", lists_of(part)))
+    return SegmentSet(
+        vocabulary, tuple(segments), Segment(None, PostingLists.empty()), ceiling=180
+    )
+
+
 def test_a_budgeted_vote_counts_the_kept_words_alone_as_brute_force_does(
     vocabulary: Vocabulary,
 ) -> None:
     images = random_images(vocabulary, seed=21, count=60)
-    segments = []
-    for first, last in ((3, 60), (63, 120), (123, 180)):  # three sealed segments
-        part = {i: images[i] for i in images if first <= i <= last}
-        segments.append(Segment(f"s{first}", lists_of(part)))
-    segment_set = SegmentSet(
-        vocabulary, tuple(segments), Segment(None, PostingLists.empty()), ceiling=180
-    )
+    segment_set = three_sealed_segments(vocabulary, images)
     query = features_of(unit_rows(np.random.default_rng(22), 40), seed=3)
     everything = VoteParams(stop_fraction=1.0)
     full = segment_set.weighted_query(query, everything)
@@ -575,13 +582,7 @@ def test_the_best_few_across_segments_are_the_best_of_the_whole_vote(
     vocabulary: Vocabulary,
 ) -> None:
     images = random_images(vocabulary, seed=23, count=60)
-    segments = []
-    for first, last in ((3, 60), (63, 120), (123, 180)):  # three sealed segments
-        part = {i: images[i] for i in images if first <= i <= last}
-        segments.append(Segment(f"s{first}", lists_of(part)))
-    segment_set = SegmentSet(
-        vocabulary, tuple(segments), Segment(None, PostingLists.empty()), ceiling=180
-    )
+    segment_set = three_sealed_segments(vocabulary, images)
     params = VoteParams(stop_fraction=1.0)
     for seed in range(4):
         query = features_of(unit_rows(np.random.default_rng(30 + seed), 300), seed=seed)
