@@ -529,27 +529,11 @@ def memory() -> dict[str, float]:
 
 
 def memory_limit_mb() -> float | None:
-    """The memory limit of this process's cgroup (v2 ``memory.max`` or v1
-    ``memory.limit_in_bytes``), or None when it has none or it cannot be read."""
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError:
-        return None
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if controllers == "":
-            candidate = Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.max"
-        elif "memory" in controllers.split(","):
-            candidate = Path("/sys/fs/cgroup/memory") / path.lstrip("/") / "memory.limit_in_bytes"
-        else:
-            continue
-        try:
-            text = candidate.read_text().strip()
-        except OSError:
-            continue
-        if text != "max" and int(text) < 2**60:  # v1 writes "no limit" as a huge number
-            return int(text) / 2**20
-    return None
+    """The memory limit of this process's cgroup, or None when it has none."""
+    from indexer.mapped import cgroup_memory
+
+    limited = cgroup_memory()
+    return limited[0] / 2**20 if limited is not None else None
 
 
 def evict_page_cache(folder: Path) -> int:

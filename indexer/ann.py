@@ -94,6 +94,10 @@ class Generation:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def mapped_files(self) -> list[Path]:
+        """The files a search reads at random (Annoy's trees)."""
+        return [self.path / ANNOY_FILE] if len(self.ids) else []
+
     def search(self, vector: FloatArray, count: int, search_k: int) -> Candidates:
         """The ``count`` approximate nearest images to ``vector``."""
         if not len(self.ids) or count <= 0:

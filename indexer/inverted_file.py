@@ -26,7 +26,7 @@ import numpy as np
 from indexer.catalog import Catalog
 from indexer.errors import IndexCorruptError
 from indexer.features import LocalFeatures
-from indexer.postings import PostingLists, merge_lists
+from indexer.postings import PostingLists, merge_lists, random_access_files
 from indexer.segments import Segment, SegmentSet, SegmentStore, merge_plan, merged
 from indexer.settings import EngineSettings
 from indexer.vocabulary import Vocabulary, half_words_for, train_vocabulary
@@ -65,6 +65,18 @@ class InvertedFile:
     def current(self) -> SegmentSet | None:
         """The set queries vote on now (``None`` before the first build); take it once."""
         return self._current
+
+    def mapped_files(self) -> list[Path]:
+        """The files of the sealed segments that queries read at random."""
+        current = self._current
+        if current is None:
+            return []
+        return [
+            path
+            for segment in current.sealed
+            if segment.name is not None
+            for path in random_access_files(self.store.root / segment.name)
+        ]
 
     # -- life cycle ---------------------------------------------------------------------
 

@@ -24,6 +24,7 @@ from indexer.catalog import Catalog
 from indexer.encoding import Codebook, train_centroids, train_codebook, vlad_vector
 from indexer.errors import IndexCorruptError
 from indexer.inverted_file import InvertedFile
+from indexer.mapped import PageCacheWarmer
 from indexer.settings import EngineSettings
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class IndexMaintainer:
         self._serving = ServingView.empty()
         self._rebuild_lock = asyncio.Lock()
         self._rebuild_task: asyncio.Task[str | None] | None = None
+        self._warmer = PageCacheWarmer([])
 
     @property
     def serving(self) -> ServingView:
@@ -123,6 +125,20 @@ class IndexMaintainer:
                 return
         self._store.remove_stale(keep=set())
         await self.install(generation)
+        self._warm_page_cache()
+
+    def _warm_page_cache(self) -> None:
+        """Read the files queries map at random once, in the background, if they fit
+        in memory (:class:`PageCacheWarmer`)."""
+        generation = self._serving.generation
+        self._warmer = PageCacheWarmer(
+            [
+                *self.inverted.mapped_files(),
+                *(generation.mapped_files() if generation is not None else ()),
+            ]
+        )
+        if self._warmer.start():
+            log.info("reading the index's mapped files into the page cache in the background")
 
     async def close(self) -> None:
         """Wait for a running background rebuild, then serve nothing.
@@ -131,6 +147,7 @@ class IndexMaintainer:
         failed (:meth:`_background_rebuild_done`); the index it leaves is the
         previous one, whole, so closing goes on.
         """
+        await asyncio.to_thread(self._warmer.stop)
         if self._rebuild_task is not None:
             await asyncio.wait({self._rebuild_task})
         await self.inverted.close()

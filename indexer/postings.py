@@ -203,6 +203,11 @@ def save_lists(lists: PostingLists, folder: Path) -> list[str]:
     return names
 
 
+def random_access_files(folder: Path) -> list[Path]:
+    """The files of the lists saved in ``folder`` that votes read at random."""
+    return [folder / f"{name}.npy" for name in _ARRAYS if name in _RANDOM_ACCESS]
+
+
 def load_lists(folder: Path) -> PostingLists:
     """Map the lists saved in ``folder``; pages are read on demand and shared.
 

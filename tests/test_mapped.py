@@ -9,7 +9,13 @@ import pytest
 from test_ann import loaded, unit_rows, write_generation
 
 from indexer.ann import ANNOY_FILE, GenerationStore
-from indexer.mapped import advise_random_reads, map_array
+from indexer.mapped import (
+    PageCacheWarmer,
+    advise_random_reads,
+    available_memory,
+    cgroup_memory,
+    map_array,
+)
 
 linux_only = pytest.mark.skipif(
     not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps"
@@ -90,3 +96,61 @@ def test_a_loaded_annoy_generation_is_read_at_random(tmp_path: Path) -> None:
     assert flags  # Annoy maps its file
     assert all("rr" in f for f in flags)
     assert advise_random_reads(tmp_path / "not-mapped.bin") == 0
+
+
+# -- warming the page cache ---------------------------------------------------------------
+
+
+def files_of(tmp_path: Path, sizes: list[int]) -> list[Path]:
+    paths = []
+    for number, size in enumerate(sizes):
+        path = tmp_path / f"f{number}.bin"
+        path.write_bytes(bytes(size))
+        paths.append(path)
+    return paths
+
+
+def test_files_that_fit_are_read_once_in_the_background(tmp_path: Path) -> None:
+    paths = files_of(tmp_path, [5 << 20, 1000, 0])
+    warmer = PageCacheWarmer([*paths, tmp_path / "merged-away.npy"])
+
+    assert warmer.start()
+    warmer.wait()
+
+    assert warmer.bytes_read == (5 << 20) + 1000
+
+
+def test_files_that_do_not_fit_are_not_read(tmp_path: Path) -> None:
+    paths = files_of(tmp_path, [1 << 20])
+    room = available_memory()
+    assert room is not None
+    assert room > 0
+    warmer = PageCacheWarmer(paths, share=(1 << 20) / room / 2)  # half the room they need
+
+    assert not warmer.start()
+    warmer.stop()
+    assert warmer.bytes_read == 0
+
+
+def test_a_warmer_stopped_before_it_starts_reads_nothing(tmp_path: Path) -> None:
+    warmer = PageCacheWarmer(files_of(tmp_path, [1 << 20]))
+    warmer.stop()  # a service closed before its index was loaded
+
+    assert not warmer.start()
+    assert warmer.bytes_read == 0
+
+
+@linux_only
+def test_the_memory_available_is_the_kernels_or_less() -> None:
+    meminfo = dict(
+        line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines()
+    )
+    kernel = int(meminfo["MemAvailable"].split()[0]) * 1024
+    room = available_memory()
+    assert room is not None
+    # Allow for what other processes free or take between the two reads.
+    assert 0 <= room <= kernel * 1.1
+    limited = cgroup_memory()
+    if limited is not None:
+        limit, usage = limited
+        assert room <= max(limit - usage, 0) * 1.1
