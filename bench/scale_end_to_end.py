@@ -932,8 +932,10 @@ def print_report(result: dict[str, Any]) -> None:
               f"/{stage['unrelated_queries']}")
     after = result["memory"]["after_queries"]
     if "anon_mb" in after:
+        limit = result.get("memory_limit_mb")
         print(f"after the queries: private {after['anon_mb']:.0f} MB, mapped files "
-              f"{after['file_mb']:.0f} MB; memory limit {result.get('memory_limit_mb')} MB")
+              f"{after['file_mb']:.0f} MB; "
+              + (f"memory limit {limit:.0f} MB" if limit else "no memory limit"))
     if "first_look_profile" not in result:
         return
     profile = result["first_look_profile"]
