@@ -89,7 +89,7 @@ class Generation:
             # Annoy mmaps the file: pages are shared between processes and loaded on
             # demand, and a search reads its tree nodes at random.
             self._annoy.load(str(path / ANNOY_FILE), prefault=False)
-            advise_random_reads(path / ANNOY_FILE)
+            advise_random_reads(self.mapped_files())
 
     def __len__(self) -> int:
         return len(self.ids)

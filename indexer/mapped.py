@@ -15,77 +15,40 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import math
 import mmap
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
-
-import numpy as np
-import numpy.typing as npt
 
 _MAPS = Path("/proc/self/maps")
 
 
-def map_array(path: Path, *, random_access: bool) -> npt.NDArray[Any]:
-    """The array saved in ``path`` by ``np.save``, mapped read-only.
+def advise_random_reads(paths: Iterable[Path]) -> int:
+    """Tell the kernel that this process reads its mappings of ``paths`` at random
+    (``MADV_RANDOM``), whoever mapped them: numpy (``np.load(..., mmap_mode="r")``)
+    or a library (Annoy).
 
-    With ``random_access`` the kernel reads only the pages a fault touches.
-
-    Raises:
-        OSError: the file cannot be read.
-        ValueError: it is not a .npy file this reads, or it is truncated.
-    """
-    with path.open("rb") as file:
-        version = np.lib.format.read_magic(file)
-        if version == (1, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(file)
-        elif version == (2, 0):
-            shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(file)
-        else:
-            raise ValueError(f"{path.name}: .npy version {version} is not supported")
-        if (fortran_order and len(shape) > 1) or dtype.hasobject:
-            raise ValueError(f"{path.name}: not a flat array of numbers")
-        offset = file.tell()
-        count = math.prod(shape)
-        available = os.fstat(file.fileno()).st_size - offset
-        if count * dtype.itemsize > available:
-            raise ValueError(f"{path.name} is truncated")
-        if not count:
-            return np.empty(shape, dtype)
-        mapping = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
-    if random_access:
-        mapping.madvise(mmap.MADV_RANDOM)
-    # The array keeps the mapping alive; it is closed when the array is collected.
-    return np.frombuffer(mapping, dtype=dtype, count=count, offset=offset).reshape(shape)
-
-
-def advise_random_reads(path: Path) -> int:
-    """Tell the kernel that this process reads its mappings of ``path`` at random
-    (``MADV_RANDOM``): for a file a library mapped itself, such as Annoy's.
-
-    Returns how many mappings were advised: 0 where the process does not map
-    ``path``, or where the system lists no mappings (``/proc/self/maps``, Linux).
+    Returns how many mappings were advised: none where the process does not map
+    a path, or where the system lists no mappings (``/proc/self/maps``, Linux).
 
     Raises:
         OSError: the kernel refused the advice.
     """
-    if not _MAPS.exists():
+    targets = {str(path.resolve()) for path in paths}
+    if not targets or not _MAPS.exists():
         return 0
-    target = str(path.resolve())
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
     advised = 0
     for line in _MAPS.read_text().splitlines():
         fields = line.split(maxsplit=5)  # the last field, the path, may hold spaces
-        if len(fields) < 6 or fields[5] != target:
+        if len(fields) < 6 or fields[5] not in targets:
             continue
         start, end = (int(address, 16) for address in fields[0].split("-"))
         if libc.madvise(start, end - start, mmap.MADV_RANDOM) != 0:
             error = ctypes.get_errno()
-            raise OSError(error, f"madvise of {path.name}: {os.strerror(error)}")
+            raise OSError(error, f"madvise of {fields[5]}: {os.strerror(error)}")
         advised += 1
     return advised
 

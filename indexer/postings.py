@@ -27,7 +27,7 @@ import numpy as np
 import numpy.typing as npt
 
 from indexer.errors import IndexCorruptError
-from indexer.mapped import map_array
+from indexer.mapped import advise_random_reads
 
 IdArray = npt.NDArray[np.int64]
 UintArray = npt.NDArray[np.uint32]
@@ -216,9 +216,10 @@ def load_lists(folder: Path) -> PostingLists:
     """
     try:
         arrays = {
-            name: map_array(folder / f"{name}.npy", random_access=name in _RANDOM_ACCESS)
+            name: np.load(folder / f"{name}.npy", mmap_mode="r", allow_pickle=False)
             for name in _ARRAYS
         }
+        advise_random_reads(random_access_files(folder))
     except (OSError, ValueError) as error:
         raise IndexCorruptError(f"posting segment {folder.name}: {error}") from error
     lists = PostingLists(**arrays)

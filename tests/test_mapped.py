@@ -7,15 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_ann import loaded, unit_rows, write_generation
+from test_postings import lists_of, random_images
+from test_postings import unit_rows as unit_descriptors
 
 from indexer.ann import ANNOY_FILE, GenerationStore
-from indexer.mapped import (
-    PageCacheWarmer,
-    advise_random_reads,
-    available_memory,
-    cgroup_memory,
-    map_array,
-)
+from indexer.mapped import PageCacheWarmer, advise_random_reads, available_memory, cgroup_memory
+from indexer.postings import load_lists, save_lists
+from indexer.vocabulary import train_vocabulary
 
 linux_only = pytest.mark.skipif(
     not Path("/proc/self/smaps").exists(), reason="reads Linux's /proc/self/smaps"
@@ -33,55 +31,20 @@ def mapping_flags(path: Path) -> list[set[str]]:
     return flags
 
 
-@pytest.mark.parametrize("dtype", [np.uint32, np.int64, np.float32])
-def test_a_mapped_array_equals_the_saved_one(tmp_path: Path, dtype: type) -> None:
-    saved = np.arange(1000).astype(dtype)
-    np.save(tmp_path / "a.npy", saved)
-
-    mapped = map_array(tmp_path / "a.npy", random_access=True)
-
-    np.testing.assert_array_equal(mapped, saved)
-    assert mapped.dtype == saved.dtype
-    assert not mapped.flags.writeable
-
-
-def test_an_empty_array_maps_to_an_empty_array(tmp_path: Path) -> None:
-    np.save(tmp_path / "empty.npy", np.empty(0, np.uint32))
-    assert map_array(tmp_path / "empty.npy", random_access=False).shape == (0,)
-
-
-@pytest.mark.parametrize(
-    ("damage", "message"),
-    [
-        (lambda data: data[:-4], "truncated"),
-        (lambda data: b"not an array at all", "magic"),
-    ],
-)
-def test_a_damaged_file_is_reported_not_mapped(tmp_path: Path, damage, message: str) -> None:
-    path = tmp_path / "a.npy"
-    np.save(path, np.arange(100, dtype=np.uint32))
-    path.write_bytes(damage(path.read_bytes()))
-    with pytest.raises(ValueError, match=message):
-        map_array(path, random_access=True)
-
-
-def test_objects_are_not_mapped(tmp_path: Path) -> None:
-    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(ValueError, match="numbers"):
-        map_array(tmp_path / "objects.npy", random_access=False)
-
-
 @linux_only
-def test_random_access_is_advised_only_where_asked(tmp_path: Path) -> None:
-    np.save(tmp_path / "random.npy", np.arange(5000, dtype=np.uint32))
-    np.save(tmp_path / "swept.npy", np.arange(5000, dtype=np.uint32))
+def test_postings_are_read_at_random_and_their_words_in_order(tmp_path: Path) -> None:
+    vocabulary = train_vocabulary(
+        unit_descriptors(np.random.default_rng(1), 2000), half_words=16, trained_on=4
+    )
+    images = random_images(vocabulary, seed=11, count=40)
+    save_lists(lists_of(images), tmp_path)
+    loaded = load_lists(tmp_path)
 
-    random = map_array(tmp_path / "random.npy", random_access=True)
-    swept = map_array(tmp_path / "swept.npy", random_access=False)
-
-    assert [("rr" in flags) for flags in mapping_flags(tmp_path / "random.npy")] == [True]
-    assert [("rr" in flags) for flags in mapping_flags(tmp_path / "swept.npy")] == [False]
-    assert random[4999] == swept[4999] == 4999
+    # "rr": the kernel reads no pages ahead of a fault.
+    assert [("rr" in flags) for flags in mapping_flags(tmp_path / "docs.npy")] == [True]
+    assert [("rr" in flags) for flags in mapping_flags(tmp_path / "signatures.npy")] == [True]
+    assert [("rr" in flags) for flags in mapping_flags(tmp_path / "words.npy")] == [False]
+    assert not loaded.docs.flags.writeable
 
 
 @linux_only
@@ -95,7 +58,7 @@ def test_a_loaded_annoy_generation_is_read_at_random(tmp_path: Path) -> None:
 
     assert flags  # Annoy maps its file
     assert all("rr" in f for f in flags)
-    assert advise_random_reads(tmp_path / "not-mapped.bin") == 0
+    assert advise_random_reads([tmp_path / "not-mapped.bin"]) == 0
 
 
 # -- warming the page cache ---------------------------------------------------------------
