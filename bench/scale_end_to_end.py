@@ -739,9 +739,7 @@ def profile_first_look(index_dir: Path, queries: Sequence[Any], limit: int) -> d
             times["quick_vote"] - times["quick_assign"] - times["quick_lookup"])
         # The engine's own choice of words, for the postings the quick vote scanned.
         weighted = segment_set.weighted_query(features, quick)
-        scanned_by_word = sum((e - b for b, e in weighted.ranges),
-                              np.zeros(len(weighted.words.words), np.int64))
-        quick_scanned.append(int(scanned_by_word[weighted.words.weights > 0].sum()))
+        quick_scanned.append(int(weighted.frequency[weighted.words.weights > 0].sum()))
         times["kernel_and_rest"] = times["vote"] - times["assign"] - times["lookup"]
         times["total"] = times["encode"] + times["annoy"] + times["vote"]
         for key, value in times.items():

@@ -57,8 +57,7 @@ def ranked(segment_set: SegmentSet, features: LocalFeatures, params: VoteParams,
     seconds = time.perf_counter() - clock
     query = segment_set.weighted_query(features, params)
     voting = query.words.weights > 0
-    frequency = sum((end - begin for begin, end in query.ranges),
-                    np.zeros(len(query.words.words), np.int64))
+    frequency = query.frequency
     outside = np.zeros(len(frequency), np.int64)
     for segment, (begin, end) in zip(query.segments, query.ranges, strict=True):
         if len(segment.lists) and int(segment.lists.ids[0]) > last_original:

@@ -97,6 +97,7 @@ class WeightedQuery:
     words: QueryWords
     segments: tuple[Segment, ...]  # the segments that hold images
     ranges: tuple[tuple[IdArray, IdArray], ...]  # (begin, end) of each word, per segment
+    frequency: IdArray  # each word's postings over every segment
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +202,7 @@ class SegmentSet:
             words=replace(grouped, weights=weights.astype(np.float32)),
             segments=segments,
             ranges=ranges,
+            frequency=frequency,
         )
 
     def vote(
