@@ -100,7 +100,7 @@ class InvertedFile:
             return
         await asyncio.to_thread(self.store.remove_stale)
         self._current = await self._with_catalog_images(loaded, after_id=loaded.ceiling)
-        if len(self._current.open.lists) >= self.settings.seal_after or self._current.emptied:
+        if self._seal_due() or self._current.emptied:
             self._start_upkeep()
 
     async def close(self) -> None:
@@ -120,7 +120,7 @@ class InvertedFile:
             return  # no vocabulary yet: the first rebuild reads the image from the catalog
         assignment = current.vocabulary.assign(features.descriptors)
         self._current = current.with_images([image_id], [scope], [assignment])
-        if len(self._current.open.lists) >= self.settings.seal_after:
+        if self._seal_due():
             self._start_upkeep()
 
     async def remove(self, image_ids: Sequence[int]) -> None:
@@ -134,6 +134,11 @@ class InvertedFile:
 
     # -- upkeep -----------------------------------------------------------------------------
 
+    def _seal_due(self) -> bool:
+        """Whether the open set has reached ``seal_after`` images."""
+        current = self._current
+        return current is not None and len(current.open.lists) >= self.settings.seal_after
+
     def _start_upkeep(self) -> None:
         if self._upkeep_task is None or self._upkeep_task.done():
             self._upkeep_task = asyncio.create_task(self._upkeep(), name="inverted-file-upkeep")
@@ -141,9 +146,8 @@ class InvertedFile:
     async def _upkeep(self) -> None:
         try:
             async with self._upkeep_lock:
-                current = self._current
                 # Upkeep started by a removal that emptied a segment seals nothing early.
-                if current is not None and len(current.open.lists) >= self.settings.seal_after:
+                if self._seal_due():
                     await self._seal()
                 await self._merge_while_planned()
         except Exception:
