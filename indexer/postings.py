@@ -35,7 +35,7 @@ FloatArray = npt.NDArray[np.float32]
 
 _ARRAYS = ("words", "starts", "docs", "signatures", "ids", "scopes")
 # Read a list at a time, at random: no read-ahead around the pages a query touches.
-_RANDOM_ACCESS = frozenset({"docs", "signatures"})
+_RANDOM_ACCESS = ("docs", "signatures")
 # A segment holding this share of the words up to its last one gets a directory.
 DIRECTORY_SHARE = 0.25
 
@@ -205,7 +205,7 @@ def save_lists(lists: PostingLists, folder: Path) -> list[str]:
 
 def random_access_files(folder: Path) -> list[Path]:
     """The files of the lists saved in ``folder`` that votes read at random."""
-    return [folder / f"{name}.npy" for name in _ARRAYS if name in _RANDOM_ACCESS]
+    return [folder / f"{name}.npy" for name in _RANDOM_ACCESS]
 
 
 def load_lists(folder: Path) -> PostingLists:
