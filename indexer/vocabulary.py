@@ -61,6 +61,17 @@ class Assignment:
 
 
 @dataclass(frozen=True, slots=True)
+class _HalfScoring:
+    """One half's matrices, for descriptor halves with a 1 appended (n, 33)."""
+
+    words: FloatArray  # (33, k + _NEVER_COLUMNS): -|x - c|^2 / 2 up to a constant
+    projections: FloatArray  # (33, 16): the Hamming embedding's projections
+
+
+_NEVER_COLUMNS = 16
+
+
+@dataclass(frozen=True, slots=True)
 class Vocabulary:
     """Two half-codebooks plus their Hamming-embedding parameters; immutable."""
 
@@ -68,12 +79,12 @@ class Vocabulary:
     projections: FloatArray  # (2, 32, 16) orthonormal columns
     medians: FloatArray  # (2, k, 16) per half-word thresholds
     trained_on: int  # images the vocabulary was trained on
-    # Per half, the matrix that scores words and projects in one product (built
-    # once: rebuilding it cost a quick vote a tenth of a millisecond).
-    _scoring: tuple[FloatArray, FloatArray] = field(init=False, repr=False, compare=False)
+    # Per half, the matrices that score words and project (built once: rebuilding
+    # them cost a quick vote a tenth of a millisecond).
+    _scoring: tuple[_HalfScoring, _HalfScoring] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_scoring", (self._scoring_matrix(0), self._scoring_matrix(1)))
+        object.__setattr__(self, "_scoring", (self._half_scoring(0), self._half_scoring(1)))
 
     @property
     def half_words(self) -> int:
@@ -105,15 +116,13 @@ class Vocabulary:
         ones = np.ones((count, 1), dtype=np.float32)
         nearest: list[npt.NDArray[np.intp]] = []
         bits: list[npt.NDArray[np.uint32]] = []
-        for side in range(2):
+        for side, scoring in enumerate(self._scoring):
             half = np.hstack([descriptors[:, side * HALF : (side + 1) * HALF], ones])
-            # One matrix product gives both the word scores and the projections:
             # argmin |x - c|^2 == argmax (x.c - |c|^2 / 2), the constant riding on
-            # the column of ones; a separate subtraction would cost as much again.
-            products = half @ self._scoring[side]
-            best = _best_columns(products[:, : self.half_words], per_half)
+            # the column of ones: a separate subtraction would cost as much again.
+            best = _best_columns(half @ scoring.words, per_half)
             nearest.append(best)
-            projected = products[:, self.half_words :]  # (n, 16)
+            projected = half @ scoring.projections  # (n, 16)
             above = projected[:, None, :] > self.medians[side][best]  # (n, per_half, 16)
             weights = (1 << np.arange(BITS_PER_HALF, dtype=np.uint32)).astype(np.uint32)
             bits.append((above.astype(np.uint32) * weights).sum(axis=2, dtype=np.uint32))
@@ -131,14 +140,20 @@ class Vocabulary:
             signatures=np.ascontiguousarray(signatures.reshape(shape)[:, order], dtype=np.uint32),
         )
 
-    def _scoring_matrix(self, side: int) -> FloatArray:
-        """(33, k + 16): the half-centroids with -|c|^2 / 2 below them, then the projections."""
+    def _half_scoring(self, side: int) -> _HalfScoring:
         centroids = self.centroids[side]
-        word_part = np.vstack([centroids.T, -0.5 * np.einsum("ij,ij->i", centroids, centroids)])
-        projection_part = np.vstack(
-            [self.projections[side], np.zeros((1, BITS_PER_HALF), np.float32)]
+        words = np.vstack([centroids.T, -0.5 * np.einsum("ij,ij->i", centroids, centroids)])
+        # Columns that never win, so that the scores' rows are not a power of two
+        # apart: at 1,024 words such rows share cache sets, and the product and
+        # the search for each row's best took a quarter longer (docs/BENCHMARKS.md,
+        # "Memory a query frees").
+        never = np.zeros((HALF + 1, _NEVER_COLUMNS), np.float32)
+        never[HALF] = np.finfo(np.float32).min
+        projections = np.vstack([self.projections[side], np.zeros((1, BITS_PER_HALF))])
+        return _HalfScoring(
+            words=np.ascontiguousarray(np.hstack([words, never]), dtype=np.float32),
+            projections=np.ascontiguousarray(projections, dtype=np.float32),
         )
-        return np.hstack([word_part, projection_part]).astype(np.float32)
 
     def save(self, path: Path) -> None:
         """Write to ``path`` (npz). The caller makes the write atomic."""

@@ -28,6 +28,8 @@ from indexer.segments import (
     within_budget,
 )
 from indexer.vocabulary import (
+    BITS_PER_HALF,
+    HALF,
     SIGNATURE_BITS,
     Vocabulary,
     half_words_for,
@@ -120,6 +122,47 @@ def test_multiple_assignment_lists_the_nearest_pair_first(vocabulary: Vocabulary
     assert len(np.unique(several.words, axis=1)[0]) == 4
     np.testing.assert_array_equal(several.words[:, 0], single.words[:, 0])
     np.testing.assert_array_equal(several.signatures[:, 0], single.signatures[:, 0])
+
+
+@pytest.mark.parametrize("per_half", [1, 2])
+def test_assignment_equals_the_nearest_half_words_by_brute_force(
+    vocabulary: Vocabulary, per_half: int
+) -> None:
+    descriptors = unit_rows(np.random.default_rng(4), 40)
+
+    assignment = vocabulary.assign(descriptors, per_half=per_half)
+
+    ranks, bits = [], []
+    for side in range(2):
+        halves = descriptors[:, side * HALF : (side + 1) * HALF].astype(np.float64)
+        distances = ((halves[:, None, :] - vocabulary.centroids[side][None]) ** 2).sum(axis=2)
+        nearest = np.argsort(distances, axis=1, kind="stable")[:, :per_half]
+        above = (halves @ vocabulary.projections[side])[:, None, :] > (
+            vocabulary.medians[side][nearest]
+        )
+        ranks.append(nearest)
+        bits.append((above * (1 << np.arange(BITS_PER_HALF))).sum(axis=2))
+    for row in range(len(descriptors)):
+        pairs = sorted(
+            ((a, b) for a in range(per_half) for b in range(per_half)),
+            key=lambda pair: pair[0] + pair[1],
+        )
+        expected_words = [ranks[0][row, a] * vocabulary.half_words + ranks[1][row, b]
+                          for a, b in pairs]
+        expected_signatures = [bits[0][row, a] | (bits[1][row, b] << BITS_PER_HALF)
+                               for a, b in pairs]
+        assert assignment.words[row].tolist() == expected_words
+        assert assignment.signatures[row].tolist() == expected_signatures
+
+
+def test_assigning_every_half_word_gives_every_word_once(vocabulary: Vocabulary) -> None:
+    descriptors = unit_rows(np.random.default_rng(5), 3)
+
+    assignment = vocabulary.assign(descriptors, per_half=vocabulary.half_words)
+
+    every_word = np.arange(vocabulary.size)
+    for words in assignment.words:
+        np.testing.assert_array_equal(np.sort(words), every_word)
 
 
 def test_the_vocabulary_round_trips_and_a_damaged_file_is_reported(
