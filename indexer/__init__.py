@@ -16,6 +16,12 @@ import os as _os
 for _variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     _os.environ.setdefault(_variable, "1")
 
+from indexer.heap import keep_freed_memory  # noqa: E402
+
+# Every process that runs the engine (the bot, the CLI, the worker processes, which
+# import it too) keeps the memory a query frees for the next query (indexer/heap.py).
+keep_freed_memory()
+
 from indexer.backfill import ImportReport, import_export  # noqa: E402
 from indexer.build import BuildReport, build_index  # noqa: E402
 from indexer.catalog import GLOBAL_SCOPE, ChatRecords, ImageRecord  # noqa: E402
