@@ -3,12 +3,13 @@
 A query allocates and frees the same large buffers every time: OpenCV's KAZE
 scale space (tens of MB for a photo), numpy's temporaries of a MB or more in
 the vocabulary's assignment and in verification. glibc's malloc hands such
-memory back to the kernel as soon as it is free (above 128 KB at first, and
-whenever more than a few MB are free at the top of the heap), so the next query
-takes every one of those pages again as a page fault: about 18,000 faults and a
-quarter of a query's time at a million images (docs/BENCHMARKS.md, "Memory a
-query frees"). Keeping up to a few hundred MB of freed memory in the process
-costs nothing the engine does not use again within the next query.
+memory back to the kernel as soon as it is free: a block above its mmap
+threshold (128 KB at first, raised with use to 32 MB at most), and free memory
+at the top of a heap beyond twice that. So the next query takes every one of
+those pages again as a page fault: about 16,000 faults, and more than a quarter
+of a query's time, at a million images (docs/BENCHMARKS.md, "Memory a query
+frees"). Keeping up to a few hundred MB of freed memory in the process costs
+nothing the engine does not use again within the next query.
 """
 
 from __future__ import annotations

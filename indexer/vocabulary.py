@@ -144,9 +144,8 @@ class Vocabulary:
         centroids = self.centroids[side]
         words = np.vstack([centroids.T, -0.5 * np.einsum("ij,ij->i", centroids, centroids)])
         # Columns that never win, so that the scores' rows are not a power of two
-        # apart: at 1,024 words such rows share cache sets, and the product and
-        # the search for each row's best took a quarter longer (docs/BENCHMARKS.md,
-        # "Memory a query frees").
+        # apart: at 1,024 words such rows share cache sets, and the assignment took
+        # a quarter longer (docs/BENCHMARKS.md, "Memory a query frees").
         never = np.zeros((HALF + 1, _NEVER_COLUMNS), np.float32)
         never[HALF] = np.finfo(np.float32).min
         projections = np.vstack([self.projections[side], np.zeros((1, BITS_PER_HALF))])

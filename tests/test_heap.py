@@ -54,7 +54,6 @@ def test_importing_the_engine_keeps_freed_memory_for_reuse() -> None:
     assert with_engine < plain // 20
 
 
-
 @pytest.mark.skipif(not keep_freed_memory(), reason="the C library is not glibc")
 def test_the_switch_leaves_the_allocator_as_the_c_library_set_it() -> None:
     plain = _page_faults("")
