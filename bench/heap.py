@@ -29,17 +29,11 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import list_photos, machine_info, median, write_json
+from bench.scale_end_to_end import memory
 from indexer import SearchService, StageTimings
 from indexer.features import limit_threads
 
 MODES = {"kept": "1", "returned": "0"}
-
-
-def _private_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 async def _measure(index: Path, queries: Sequence[Path]) -> dict[str, Any]:
@@ -63,7 +57,7 @@ async def _measure(index: Path, queries: Sequence[Path]) -> dict[str, Any]:
         "query_ms": 1000 * median(whole),
         "candidate_ms": 1000 * median(candidates),
         "page_faults_per_query": faults / len(queries),
-        "private_mb": _private_mb(),
+        "private_mb": memory().get("anon_mb", float("nan")),
     }
 
 
@@ -72,8 +66,10 @@ def _child(mode: str, index: Path, queries: Path) -> dict[str, Any]:
         [sys.executable, "-m", "bench.heap", "--index", str(index), "--queries", str(queries),
          "--child"],
         env={**os.environ, "INDEXER_KEEP_FREED_MEMORY": MODES[mode]},
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=False,
     )
+    if completed.returncode != 0:
+        raise SystemExit(f"the {mode} run failed:\n{completed.stderr[-3000:]}")
     result: dict[str, Any] = json.loads(completed.stdout.splitlines()[-1])
     return result
 
