@@ -60,14 +60,7 @@ class Assignment:
     signatures: SignatureArray  # (n, m)
 
 
-@dataclass(frozen=True, slots=True)
-class _HalfScoring:
-    """One half's matrices, for descriptor halves with a 1 appended (n, 33)."""
-
-    words: FloatArray  # (33, k + _NEVER_COLUMNS): -|x - c|^2 / 2 up to a constant
-    projections: FloatArray  # (33, 16): the Hamming embedding's projections
-
-
+# Columns of word scores that never win (Vocabulary._word_scoring).
 _NEVER_COLUMNS = 16
 
 
@@ -79,12 +72,12 @@ class Vocabulary:
     projections: FloatArray  # (2, 32, 16) orthonormal columns
     medians: FloatArray  # (2, k, 16) per half-word thresholds
     trained_on: int  # images the vocabulary was trained on
-    # Per half, the matrices that score words and project (built once: rebuilding
-    # them cost a quick vote a tenth of a millisecond).
-    _scoring: tuple[_HalfScoring, _HalfScoring] = field(init=False, repr=False, compare=False)
+    # Per half, the matrix that scores words (built once: rebuilding it cost a
+    # quick vote a tenth of a millisecond).
+    _scoring: tuple[FloatArray, FloatArray] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_scoring", (self._half_scoring(0), self._half_scoring(1)))
+        object.__setattr__(self, "_scoring", (self._word_scoring(0), self._word_scoring(1)))
 
     @property
     def half_words(self) -> int:
@@ -120,9 +113,9 @@ class Vocabulary:
             half = np.hstack([descriptors[:, side * HALF : (side + 1) * HALF], ones])
             # argmin |x - c|^2 == argmax (x.c - |c|^2 / 2), the constant riding on
             # the column of ones: a separate subtraction would cost as much again.
-            best = _best_columns(half @ scoring.words, per_half)
+            best = _best_columns(half @ scoring, per_half)
             nearest.append(best)
-            projected = half @ scoring.projections  # (n, 16)
+            projected = half[:, :HALF] @ self.projections[side]  # (n, 16)
             above = projected[:, None, :] > self.medians[side][best]  # (n, per_half, 16)
             weights = (1 << np.arange(BITS_PER_HALF, dtype=np.uint32)).astype(np.uint32)
             bits.append((above.astype(np.uint32) * weights).sum(axis=2, dtype=np.uint32))
@@ -140,7 +133,9 @@ class Vocabulary:
             signatures=np.ascontiguousarray(signatures.reshape(shape)[:, order], dtype=np.uint32),
         )
 
-    def _half_scoring(self, side: int) -> _HalfScoring:
+    def _word_scoring(self, side: int) -> FloatArray:
+        """(33, k + 16): the half-centroids with -|c|^2 / 2 below them, then columns
+        that never win."""
         centroids = self.centroids[side]
         words = np.vstack([centroids.T, -0.5 * np.einsum("ij,ij->i", centroids, centroids)])
         # Columns that never win, so that the scores' rows are not a power of two
@@ -148,11 +143,7 @@ class Vocabulary:
         # a quarter longer (docs/BENCHMARKS.md, "Memory a query frees").
         never = np.zeros((HALF + 1, _NEVER_COLUMNS), np.float32)
         never[HALF] = np.finfo(np.float32).min
-        projections = np.vstack([self.projections[side], np.zeros((1, BITS_PER_HALF))])
-        return _HalfScoring(
-            words=np.ascontiguousarray(np.hstack([words, never]), dtype=np.float32),
-            projections=np.ascontiguousarray(projections, dtype=np.float32),
-        )
+        return np.ascontiguousarray(np.hstack([words, never]), dtype=np.float32)
 
     def save(self, path: Path) -> None:
         """Write to ``path`` (npz). The caller makes the write atomic."""
