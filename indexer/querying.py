@@ -344,9 +344,10 @@ class QueryPipeline:
         visible = {GLOBAL_SCOPE, scope}
         oriented = (features, features.mirrored())
 
-        # Voting, encoding and Annoy are pure CPU work of a few milliseconds each:
-        # on a thread they never stall the event loop (numba, numpy and annoy
-        # release the GIL).
+        # The first look's votes, encoding and Annoy are pure CPU work of tens of
+        # milliseconds at a million images: on threads they never stall the event
+        # loop (numba, numpy and annoy release the GIL). The quick vote, bounded by
+        # its budget, runs on the loop (_quick_look).
         quick = await self._quick_look(
             segments, features, scope=scope, top=top, timings=timings, frame_marks=frame_marks
         )
@@ -439,8 +440,10 @@ class QueryPipeline:
         if params is None or segments is None:
             return QuickLook([], {})
         clock = time.perf_counter()
-        voted = await asyncio.to_thread(
-            segments.vote,
+        # On the event loop, not a thread: its posting budget bounds the vote at 2-3 ms
+        # at a million images, and handing it to a thread and back cost 0.35-0.45 ms
+        # more (docs/BENCHMARKS.md, "The quick vote on the event loop").
+        voted = segments.vote(
             (features,),
             scope=scope,
             # Enough to fill the results with ``top`` pictures, a video's frames counting once.
