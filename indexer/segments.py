@@ -108,6 +108,11 @@ class Segment:
     lists: PostingLists
     deleted: npt.NDArray[np.bool_] | None = None
 
+    def __post_init__(self) -> None:
+        # Every vote looks its words up in every segment: each gets a directory once.
+        if self.lists.directory is None and self.lists.blocks is None:
+            object.__setattr__(self, "lists", self.lists.with_directory())
+
     def without(self, image_ids: Sequence[int]) -> Segment:
         """This segment with the given images tombstoned (ids it does not hold are ignored)."""
         ids = np.asarray(self.lists.ids)

@@ -17,7 +17,16 @@ from hypothesis import strategies as st
 
 from indexer.errors import IndexCorruptError
 from indexer.features import LocalFeatures
-from indexer.postings import PostingLists, QueryWords, load_lists, merge_lists, save_lists, vote
+from indexer.postings import (
+    WORDS_PER_BLOCK,
+    PostingLists,
+    QueryWords,
+    WordBlocks,
+    load_lists,
+    merge_lists,
+    save_lists,
+    vote,
+)
 from indexer.segments import (
     Segment,
     SegmentSet,
@@ -641,12 +650,18 @@ def test_the_best_few_across_segments_are_the_best_of_the_whole_vote(
 
 @settings(max_examples=100, deadline=None)
 @given(
-    st.lists(st.integers(0, 300), max_size=60, unique=True),
-    st.lists(st.integers(0, 320), max_size=40),
+    st.sampled_from([300, 5_000, 2**20 - 1]),
+    st.data(),
 )
 def test_looking_words_up_finds_each_word_s_postings_in_any_order(
-    stored: list[int], wanted: list[int]
+    largest: int, data: st.DataObject
 ) -> None:
+    # From a few hundred word ids to the whole vocabulary's: blocks of one to thousands of ids.
+    stored = data.draw(st.lists(st.integers(0, largest), max_size=60, unique=True))
+    wanted = data.draw(
+        st.lists(st.one_of(st.sampled_from(stored or [0]), st.integers(0, largest + 20)),
+                 max_size=40)
+    )
     words = np.array(sorted(stored), dtype=np.uint32)
     lengths = np.arange(len(words)) % 4 + 1
     lists = PostingLists(
@@ -666,6 +681,22 @@ def test_looking_words_up_finds_each_word_s_postings_in_any_order(
                 assert (first, last) == (lists.starts[position], lists.starts[position + 1])
             else:
                 assert first == last
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 2**20 - 1), min_size=1, max_size=3_000, unique=True))
+def test_word_blocks_hold_every_word_in_its_block_a_few_words_each(stored: list[int]) -> None:
+    words = np.array(sorted(stored), dtype=np.uint32)
+    blocks = WordBlocks.of(words)
+
+    for block in range(len(blocks.starts) - 1):
+        inside = words[blocks.starts[block] : blocks.starts[block + 1]]
+        assert np.all(inside >> blocks.shift == block)
+    assert blocks.starts[-1] == len(words)
+    # About WORDS_PER_BLOCK words a block: never more than twice as wide as that needs.
+    span = int(words[-1]) + 1
+    assert len(blocks.starts) - 1 <= 2 * len(words) // WORDS_PER_BLOCK + 1
+    assert (1 << blocks.shift) <= WORDS_PER_BLOCK * span // len(words)
 
 
 def test_a_segment_whose_images_were_all_removed_is_not_looked_up(
@@ -721,7 +752,7 @@ def test_a_directory_finds_what_the_search_through_the_words_finds(
         assert np.array_equal(begin[held], found_begin[held])
 
 
-def test_a_sparse_segment_gets_no_directory_and_a_dense_one_gets_it_when_loaded(
+def test_a_segment_gets_a_directory_of_words_when_dense_and_of_blocks_when_sparse(
     tmp_path: Path,
 ) -> None:
     rng = np.random.default_rng(40)
@@ -734,14 +765,20 @@ def test_a_sparse_segment_gets_no_directory_and_a_dense_one_gets_it_when_loaded(
         (tmp_path / name).mkdir()
         save_lists(lists, tmp_path / name)
 
-    assert load_lists(tmp_path / "sparse").directory is None
-    loaded = load_lists(tmp_path / "dense")
-    assert loaded.directory is not None
-    query = np.arange(0, 2100, 7, dtype=np.uint32)
-    begin, end = dense.lookup(query)
-    found_begin, found_end = loaded.lookup(query)
-    assert np.array_equal(end - begin, found_end - found_begin)
-    assert np.array_equal(begin[end > begin], found_begin[end > begin])
+    mapped_sparse = Segment("sparse", load_lists(tmp_path / "sparse")).lists
+    mapped_dense = Segment("dense", load_lists(tmp_path / "dense")).lists
+    open_set = Segment(None, sparse).lists
+
+    assert (mapped_sparse.directory, mapped_dense.blocks) == (None, None)
+    assert mapped_sparse.blocks is not None
+    assert open_set.blocks is not None
+    assert mapped_dense.directory is not None
+    for plain, indexed in ((dense, mapped_dense), (sparse, mapped_sparse), (sparse, open_set)):
+        query = np.arange(0, 9100, 7, dtype=np.uint32)
+        begin, end = plain.lookup(query)
+        found_begin, found_end = indexed.lookup(query)
+        assert np.array_equal(end - begin, found_end - found_begin)
+        assert np.array_equal(begin[end > begin], found_begin[end > begin])
 
 
 def test_votes_on_one_thread_after_another_leave_no_scores_behind(
