@@ -338,10 +338,10 @@ def test_ids_must_ascend() -> None:
 
 def contents(lists: PostingLists) -> dict[int, list[tuple[int, int]]]:
     """Image id -> its sorted (word, signature) postings, whatever the layout."""
-    docs, words, signatures = lists.per_doc_words()
+    words = np.repeat(lists.words, np.diff(lists.starts))
     result: dict[int, list[tuple[int, int]]] = {int(i): [] for i in lists.ids}
     for doc, word, signature in zip(
-        docs.tolist(), words.tolist(), signatures.tolist(), strict=True
+        lists.docs.tolist(), words.tolist(), lists.signatures.tolist(), strict=True
     ):
         result[int(lists.ids[doc])].append((word, signature))
     return {i: sorted(p) for i, p in result.items()}
