@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from indexer.ann import ExactVectors, Generation, GenerationStore
+from indexer.ann import ANNOY_FILE, ExactVectors, Generation, GenerationStore
 from indexer.catalog import Catalog
 from indexer.encoding import Codebook, train_centroids, train_codebook, vlad_vector
 from indexer.errors import IndexCorruptError
@@ -99,6 +99,7 @@ class IndexMaintainer:
         self._serving = ServingView.empty()
         self._rebuild_lock = asyncio.Lock()
         self._rebuild_task: asyncio.Task[str | None] | None = None
+        self._annoy_check: asyncio.Task[None] | None = None
         self._warmer = PageCacheWarmer([])
 
     @property
@@ -112,7 +113,8 @@ class IndexMaintainer:
 
     async def load(self) -> None:
         """Serve the current generation and inverted file; rebuild either from the
-        catalog if it is corrupt or missing (an index older than the inverted file)."""
+        catalog if it is corrupt or missing (an index older than the inverted file).
+        The generation's Annoy file is checked in the background (_check_annoy_file)."""
         await self.inverted.load()
         try:
             generation = self._store.load_current()
@@ -125,7 +127,30 @@ class IndexMaintainer:
                 return
         self._store.remove_stale(keep=set())
         await self.install(generation)
+        if generation is not None:
+            self._annoy_check = asyncio.create_task(
+                self._check_annoy_file(generation), name="annoy-checksums"
+            )
         self._warm_page_cache()
+
+    async def _check_annoy_file(self, generation: Generation) -> None:
+        """Check the served generation's Annoy file after the start; if it is damaged,
+        rebuild the index from the catalog in the background (queries meanwhile find
+        candidates by their votes, and in the fresh buffer)."""
+        if await asyncio.to_thread(generation.check_annoy_file):
+            return
+        if self._serving.generation is not generation:
+            return  # a rebuild has replaced it meanwhile
+        log.warning(
+            "generation %s: %s fails its checksum; rebuilding the index from the catalog",
+            generation.name,
+            ANNOY_FILE,
+        )
+        # CURRENT keeps naming it until the new generation replaces it: a restart
+        # before then finds it damaged again, and rebuilds again.
+        if not self.rebuild_running:
+            self._rebuild_task = asyncio.create_task(self.rebuild(), name="index-rebuild")
+            self._rebuild_task.add_done_callback(self._background_rebuild_done)
 
     def _warm_page_cache(self) -> None:
         """Read the files queries map at random once, in the background, if they fit
@@ -148,6 +173,8 @@ class IndexMaintainer:
         previous one, whole, so closing goes on.
         """
         await asyncio.to_thread(self._warmer.stop)
+        if self._annoy_check is not None:
+            await asyncio.wait({self._annoy_check})
         if self._rebuild_task is not None:
             await asyncio.wait({self._rebuild_task})
         await self.inverted.close()

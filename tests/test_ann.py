@@ -326,13 +326,41 @@ def flip_one_byte(path: Path, position: int) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("file_name", [ANNOY_FILE, IDS_FILE, SCOPES_FILE, CODEBOOK_FILE])
+@pytest.mark.parametrize("file_name", [IDS_FILE, SCOPES_FILE, CODEBOOK_FILE])
 def test_an_altered_byte_fails_the_checksum(written_store: GenerationStore, file_name: str) -> None:
     path = current_folder(written_store) / file_name
     flip_one_byte(path, path.stat().st_size - 3)
 
     with pytest.raises(IndexCorruptError, match="checksum"):
         written_store.load_current()
+
+
+def test_an_altered_annoy_file_opens_but_is_never_searched(written_store: GenerationStore) -> None:
+    path = current_folder(written_store) / ANNOY_FILE
+    flip_one_byte(path, path.stat().st_size - 3)
+
+    generation = written_store.load_current()  # the Annoy file is checked when first needed
+    assert generation is not None
+    vector = np.ones(generation.dimensions, np.float32) / np.sqrt(generation.dimensions)
+
+    assert not generation.check_annoy_file()
+    assert len(generation.search(vector, 5, search_k=100).ids) == 0
+    assert len(generation.vectors([1, 2, 3])[0]) == 0
+
+
+def test_an_intact_annoy_file_is_checked_before_its_first_search(
+    written_store: GenerationStore,
+) -> None:
+    generation = written_store.load_current()
+    assert generation is not None
+    vector = np.ones(generation.dimensions, np.float32) / np.sqrt(generation.dimensions)
+
+    assert len(generation.search(vector, 5, search_k=100).ids) == 5  # checks, then searches
+    assert generation.check_annoy_file()
+    trusted = written_store.load_current(verify_checksums=False)
+    assert trusted is not None
+    flip_one_byte(current_folder(written_store) / ANNOY_FILE, 100)
+    assert trusted.check_annoy_file()  # trusted: written by this process, never hashed
 
 
 @pytest.mark.parametrize("file_name", [ANNOY_FILE, IDS_FILE, SCOPES_FILE, CODEBOOK_FILE])
@@ -397,7 +425,11 @@ def test_a_generation_of_the_first_format_is_still_read(written_store: Generatio
 def test_a_generation_of_the_first_format_is_still_checked(written_store: GenerationStore) -> None:
     as_format_1(written_store)
     flip_one_byte(current_folder(written_store) / ANNOY_FILE, 100)
+    generation = written_store.load_current()
+    assert generation is not None
+    assert not generation.check_annoy_file()
 
+    flip_one_byte(current_folder(written_store) / IDS_FILE, 100)
     with pytest.raises(IndexCorruptError, match="checksum"):
         written_store.load_current()
 

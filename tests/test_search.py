@@ -805,6 +805,35 @@ async def test_a_damaged_derived_file_is_rebuilt_from_the_catalog_on_open(
         assert (await reopened.stats()).generation == stats.generation
 
 
+async def test_a_garbled_annoy_file_is_never_searched_and_is_rebuilt_in_the_background(
+    private_index: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The same size, other bytes: only its checksum can tell, which is checked after
+    # the start (hashing it was most of a start-up at a million images).
+    damaged = current_generation(private_index)
+    damage(damaged / ANNOY_FILE, "garble")
+
+    with caplog.at_level(logging.WARNING, logger="indexer"):
+        async with opened_service(private_index) as service:
+            crop = await service.query(edited_jpeg("hubble_deep_field", "crop"), top=1)
+            # Unrelated: every look runs, Annoy's searches included, and find nothing.
+            unrelated = await service.query(noise_jpeg(5), top=3)
+        # Closing waited for the check and the rebuild it started.
+
+    assert (stem(crop[0]), crop[0].verified) == ("hubble_deep_field", True)
+    assert not any(match.verified for match in unrelated)
+    assert any(
+        "fails its checksum" in r.getMessage() and ANNOY_FILE in r.getMessage()
+        for r in caplog.records
+    )
+    async with opened_service(private_index) as reopened:
+        stats = await reopened.stats()
+        matches = await reopened.query(edited_jpeg("camera", "rotate_15"), top=1)
+    assert stats.generation != damaged.name
+    assert (stats.images, stats.indexed) == (12, 12)
+    assert (stem(matches[0]), matches[0].verified) == ("camera", True)
+
+
 async def test_current_naming_a_vanished_generation_is_rebuilt(private_index: Path) -> None:
     pointer = private_index / GENERATIONS_DIR / CURRENT_FILE
     pointer.write_text("g00000000000000000042", encoding="utf-8")
