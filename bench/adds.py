@@ -335,10 +335,10 @@ async def add_breakdown(
     """Where the time of one add goes, step by step, with nothing else running.
 
     ``SearchService.add`` extracts the photo's features, checks that the collection has no
-    verified copy of it yet (a full search), then stores the original, inserts the catalog
-    row and puts the photo in the inverted file's open set and the Annoy fresh buffer. The
-    first two are timed on their own; the rest is the add's total minus them, and its
-    in-memory part (word assignment and the open set's copy) is timed directly.
+    verified copy of it yet (the first look of a query), then stores the original, inserts
+    the catalog row and puts the photo in the inverted file's open set and the Annoy fresh
+    buffer. The first two are timed on their own; the rest is the add's total minus them,
+    and its in-memory part (word assignment and the open set's copy) is timed directly.
     """
     steps: dict[str, list[float]] = {
         "extract": [], "duplicate_check": [], "duplicate_check_candidates": [],
@@ -352,7 +352,10 @@ async def add_breakdown(
         steps["extract"].append(time.perf_counter() - clock)
         timings = StageTimings()
         clock = time.perf_counter()
-        await service.search_features(analysis.features, top=1, timings=timings)
+        # The add's own look for a copy: the first look of a query, not every look.
+        await service.pipeline.search_analysis(
+            photo.data, analysis, top=1, timings=timings, first_look_only=True
+        )
         steps["duplicate_check"].append(time.perf_counter() - clock)
         for stage in ("candidates", "verify", "catalog"):
             steps[f"duplicate_check_{stage}"].append(timings.seconds.get(stage, 0.0))
