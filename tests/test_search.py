@@ -777,6 +777,20 @@ def damage(path: Path, how: str) -> None:
         path.write_bytes(np.random.default_rng(31).bytes(len(data)))
 
 
+async def answered_by_a_rebuilt_generation(
+    index: Path, damaged: Path, photo: str, edit: str
+) -> str | None:
+    """Open ``index``: it serves a generation other than ``damaged``, holding all 12
+    photos, that finds ``photo`` verified from an ``edit`` of it. Returns its name."""
+    async with opened_service(index) as service:
+        stats = await service.stats()
+        matches = await service.query(edited_jpeg(photo, edit), top=1)
+    assert stats.generation != damaged.name
+    assert (stats.images, stats.indexed) == (12, 12)
+    assert (stem(matches[0]), matches[0].verified) == (photo, True)
+    return stats.generation
+
+
 @pytest.mark.parametrize(
     ("file_name", "how"),
     [
@@ -793,16 +807,13 @@ async def test_a_damaged_derived_file_is_rebuilt_from_the_catalog_on_open(
     damaged = current_generation(private_index)
     damage(damaged / file_name, how)
 
-    async with opened_service(private_index) as service:
-        stats = await service.stats()
-        matches = await service.query(edited_jpeg("hubble_deep_field", "crop"), top=1)
+    rebuilt = await answered_by_a_rebuilt_generation(
+        private_index, damaged, "hubble_deep_field", "crop"
+    )
 
-    assert stats.generation != damaged.name
-    assert (stats.images, stats.indexed) == (12, 12)
-    assert (stem(matches[0]), matches[0].verified) == ("hubble_deep_field", True)
     # The rebuilt generation is whole: it opens with every checksum verified.
     async with opened_service(private_index) as reopened:
-        assert (await reopened.stats()).generation == stats.generation
+        assert (await reopened.stats()).generation == rebuilt
 
 
 async def test_a_garbled_annoy_file_is_never_searched_and_is_rebuilt_in_the_background(
@@ -826,12 +837,7 @@ async def test_a_garbled_annoy_file_is_never_searched_and_is_rebuilt_in_the_back
         "fails its checksum" in r.getMessage() and ANNOY_FILE in r.getMessage()
         for r in caplog.records
     )
-    async with opened_service(private_index) as reopened:
-        stats = await reopened.stats()
-        matches = await reopened.query(edited_jpeg("camera", "rotate_15"), top=1)
-    assert stats.generation != damaged.name
-    assert (stats.images, stats.indexed) == (12, 12)
-    assert (stem(matches[0]), matches[0].verified) == ("camera", True)
+    await answered_by_a_rebuilt_generation(private_index, damaged, "camera", "rotate_15")
 
 
 async def test_current_naming_a_vanished_generation_is_rebuilt(private_index: Path) -> None:
