@@ -148,9 +148,7 @@ class IndexMaintainer:
         )
         # CURRENT keeps naming it until the new generation replaces it: a restart
         # before then finds it damaged again, and rebuilds again.
-        if not self.rebuild_running:
-            self._rebuild_task = asyncio.create_task(self.rebuild(), name="index-rebuild")
-            self._rebuild_task.add_done_callback(self._background_rebuild_done)
+        self._rebuild_in_background()
 
     def _warm_page_cache(self) -> None:
         """Read the files queries map at random once, in the background, if they fit
@@ -202,7 +200,12 @@ class IndexMaintainer:
         """Start a rebuild when enough has changed and none is running."""
         serving = self._serving
         threshold = self.settings.rebuild_threshold(len(serving.generation or ()))
-        if serving.pending >= threshold and not self.rebuild_running:
+        if serving.pending >= threshold:
+            self._rebuild_in_background()
+
+    def _rebuild_in_background(self) -> None:
+        """Start a rebuild unless one is running; its failure is logged."""
+        if not self.rebuild_running:
             self._rebuild_task = asyncio.create_task(self.rebuild(), name="index-rebuild")
             self._rebuild_task.add_done_callback(self._background_rebuild_done)
 
