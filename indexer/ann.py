@@ -152,7 +152,11 @@ class Generation:
         )
         rows = [self._annoy.get_item_vector(int(p)) for p in positions[held]]
         matrix = np.asarray(rows, dtype=np.float32).reshape(len(rows), self.dimensions)
-        return wanted[held], matrix
+        # Stored vectors are unit length. Until the file's check has run, a damaged one
+        # may hold any bytes: a row whose length is not finite is no vector.
+        with np.errstate(over="ignore", invalid="ignore"):
+            sane = np.isfinite(np.linalg.norm(matrix, axis=1))
+        return wanted[held][sane], matrix[sane]
 
     def unload(self) -> None:
         self._annoy.unload()

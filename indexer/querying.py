@@ -487,14 +487,10 @@ class QueryPipeline:
         codebook = serving.generation.codebook
         ids, stored = serving.vectors(image_ids)
         queries = np.stack([codebook.encode(features.descriptors) for features in oriented])
-        # Stored vectors are unit length when written; dividing keeps a stray one honest,
-        # and a vector read from an Annoy file not yet checked (and damaged) gives no
-        # similarity rather than NaN.
-        with np.errstate(invalid="ignore", over="ignore"):
-            norms = np.maximum(np.linalg.norm(stored, axis=1), 1e-12)
-            best = (stored @ queries.T).max(axis=1, initial=-1.0) / norms
-        finite = np.isfinite(best)
-        return dict(zip(ids[finite].tolist(), best[finite].tolist(), strict=True))
+        # Stored vectors are unit length when written; dividing keeps a stray one honest.
+        norms = np.maximum(np.linalg.norm(stored, axis=1), 1e-12)
+        best = (stored @ queries.T).max(axis=1, initial=-1.0) / norms
+        return dict(zip(ids.tolist(), best.tolist(), strict=True))
 
     async def _results(
         self,

@@ -348,6 +348,25 @@ def test_an_altered_annoy_file_opens_but_is_never_searched(written_store: Genera
     assert len(generation.vectors([1, 2, 3])[0]) == 0
 
 
+def test_stored_vectors_of_an_annoy_file_not_yet_checked_are_never_overflowing(
+    written_store: GenerationStore,
+) -> None:
+    generation = written_store.load_current()
+    assert generation is not None
+    intact_ids, intact = generation.vectors(list(range(1, 41)))
+    # Every float of the file 3.4e38: their squares overflow, as a damaged file's may.
+    path = current_folder(written_store) / ANNOY_FILE
+    path.write_bytes(b"\x7f" * path.stat().st_size)
+    damaged = written_store.load_current()
+    assert damaged is not None
+
+    ids, rows = damaged.vectors(list(range(1, 41)))  # read before the check has run
+
+    assert len(intact_ids) == 40
+    assert np.allclose(np.linalg.norm(intact, axis=1), 1.0, atol=1e-4)
+    assert (len(ids), len(rows)) == (0, 0)
+
+
 def test_an_intact_annoy_file_is_checked_before_its_first_search(
     written_store: GenerationStore,
 ) -> None:
