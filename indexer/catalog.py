@@ -490,6 +490,15 @@ class Catalog:
                 result.update((record.id, record) for record in map(_record, rows))
         return result
 
+    async def images_after(self, image_id: int) -> list[ImageRecord]:
+        """The images added after ``image_id``, the further frames of moving pictures
+        among them (ids only grow, and are never reused)."""
+        async with _translated_errors():
+            rows = await self._db.execute_fetchall(
+                f"SELECT {_IMAGE_COLUMNS} FROM images WHERE id > ? ORDER BY id", (image_id,)
+            )
+        return [_record(row) for row in rows]
+
     async def find_by_hash(self, content_hash: str, scopes: Sequence[int]) -> ImageRecord | None:
         """An image with exactly these bytes visible from ``scopes``, if there is one."""
         async with _translated_errors():

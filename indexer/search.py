@@ -23,6 +23,7 @@ from pathlib import Path
 from indexer.analysis import Analysis, analyze_bytes, analyze_video_frame
 from indexer.ann import GenerationStore
 from indexer.catalog import GLOBAL_SCOPE, Catalog, ChatRecords, ImageRecord, NewFrame, NewImage
+from indexer.copies import CopyFinder
 from indexer.errors import ImageError, IndexNotFoundError, NotFoundError
 from indexer.features import LocalFeatures
 from indexer.maintenance import CENTROID_TRAINING_DESCRIPTORS, IndexMaintainer
@@ -40,7 +41,7 @@ from indexer.querying import (
 )
 from indexer.segments import SegmentSet
 from indexer.settings import EngineSettings
-from indexer.workers import CpuPool
+from indexer.workers import CpuPool, background_work
 
 __all__ = [
     "CATALOG_FILE",
@@ -109,7 +110,7 @@ class SearchService:
         self.settings = settings
         self.pool = pool
         self._originals = OriginalStore(index_dir, catalog)
-        self._maintainer = IndexMaintainer(index_dir, catalog, settings, store)
+        self._maintainer = IndexMaintainer(index_dir, catalog, settings, store, pool=pool)
         self.pipeline = QueryPipeline(
             catalog,
             settings,
@@ -118,6 +119,7 @@ class SearchService:
             segments=lambda: self._maintainer.inverted.current,
             locate=self._originals.locate,
         )
+        self._copies = CopyFinder(catalog, self.pipeline)
 
     # -- life cycle -------------------------------------------------------------
 
@@ -250,117 +252,123 @@ class SearchService:
             ImageError: the bytes are not a usable image.
             StorageFullError: the disk is full (nothing was added).
         """
-        if analysis is None:
-            analysis = await self.analyze(data)
-        async with self._maintainer.write_lock:
-            existing = await self._find_existing(
+        # An add yields the CPU to queries: people wait for an answer, a bulk import does not.
+        with background_work():
+            if analysis is None:
+                analysis = await self.analyze(data)
+            look = await self._copies.look(
                 data, analysis, scope, distinct_from, every_look=every_look
             )
-            if existing is not None:
-                return AddResult(existing, created=False)
-            relative = self._originals.store(data, analysis)
-            # A moving picture is its first frame, and more frames tied to it.
-            described = [
-                features.keep(self.settings.max_keypoints, grid=self.settings.keypoint_grid)
-                for features in [f.features for f in analysis.video_frames] or [analysis.features]
-            ]
-            # The write lock keeps this view in place until the add is in its buffer.
-            serving = self._maintainer.serving
-            generation = serving.generation
-            vectors = [
-                generation.codebook.encode(features.descriptors) if generation else None
-                for features in described
-            ]
-            stored_features, vector = described[0], vectors[0]
-            seconds = [frame.seconds for frame in analysis.video_frames]
-            try:
-                [image_id] = await self.catalog.insert_images(
-                    [
-                        NewImage(
-                            content_hash=analysis.content_hash,
-                            scope=scope,
-                            path=relative,
-                            file_size=analysis.file_size,
-                            file_mtime_ns=0,
-                            width=analysis.width,
-                            height=analysis.height,
-                            features=stored_features,
-                            vector=vector,
-                            codebook_id=generation.codebook.id if generation else None,
-                            added_by=added_by,
-                            origin_chat_id=origin_chat_id,
-                            origin_message_id=origin_message_id,
-                            telegram_file_id=telegram_file_id,
-                            added_at=added_at,
-                            frame_seconds=seconds[0] if seconds else None,
-                            later_frames=[
-                                NewFrame(*frame)
-                                for frame in zip(seconds[1:], described[1:], vectors[1:],
-                                                 strict=True)
-                            ],
-                        )
-                    ]
+            async with self._maintainer.write_lock:
+                existing = await self._copies.confirm(
+                    look, data, analysis, scope, distinct_from, every_look=every_look
                 )
-                searchable = [image_id, *await self.catalog.frame_ids([image_id])]
-            except BaseException:
-                await self._originals.release(relative)
-                raise
-            for row_id, features, row_vector in zip(searchable, described, vectors, strict=True):
-                if row_vector is not None:
-                    serving.record_added(row_id, scope, row_vector)
-                self._maintainer.inverted.add(row_id, scope, features)
-            record = await self.catalog.get(image_id)
-        if generation is None:
-            # The first image: train a codebook so search works at once.
-            await self._maintainer.rebuild()
-        else:
-            self._maintainer.maybe_rebuild_in_background()
-        return AddResult(record, created=True)
+                if existing is not None:
+                    return AddResult(existing, created=False)
+                first_image = self._maintainer.serving.generation is None
+                record = await self._store_new(
+                    data,
+                    analysis,
+                    scope=scope,
+                    added_by=added_by,
+                    origin_chat_id=origin_chat_id,
+                    origin_message_id=origin_message_id,
+                    telegram_file_id=telegram_file_id,
+                    added_at=added_at,
+                )
+            if first_image:
+                # The first image: train a codebook so search works at once.
+                await self._maintainer.rebuild()
+            else:
+                self._maintainer.maybe_rebuild_in_background()
+            return AddResult(record, created=True)
+
+    async def _store_new(
+        self,
+        data: bytes,
+        analysis: Analysis,
+        *,
+        scope: int,
+        added_by: str | None,
+        origin_chat_id: int | None,
+        origin_message_id: int | None,
+        telegram_file_id: str | None,
+        added_at: float | None,
+    ) -> ImageRecord:
+        """Keep a new photo and make it searchable: under the write lock, which keeps
+        the serving view in place until the photo is in its buffer."""
+        relative = self._originals.store(data, analysis)
+        # A moving picture is its first frame, and more frames tied to it.
+        described = [
+            features.keep(self.settings.max_keypoints, grid=self.settings.keypoint_grid)
+            for features in [f.features for f in analysis.video_frames] or [analysis.features]
+        ]
+        serving = self._maintainer.serving
+        generation = serving.generation
+        vectors = [
+            generation.codebook.encode(features.descriptors) if generation else None
+            for features in described
+        ]
+        seconds = [frame.seconds for frame in analysis.video_frames]
+        try:
+            [image_id] = await self.catalog.insert_images(
+                [
+                    NewImage(
+                        content_hash=analysis.content_hash,
+                        scope=scope,
+                        path=relative,
+                        file_size=analysis.file_size,
+                        file_mtime_ns=0,
+                        width=analysis.width,
+                        height=analysis.height,
+                        features=described[0],
+                        vector=vectors[0],
+                        codebook_id=generation.codebook.id if generation else None,
+                        added_by=added_by,
+                        origin_chat_id=origin_chat_id,
+                        origin_message_id=origin_message_id,
+                        telegram_file_id=telegram_file_id,
+                        added_at=added_at,
+                        frame_seconds=seconds[0] if seconds else None,
+                        later_frames=[
+                            NewFrame(*frame)
+                            for frame in zip(seconds[1:], described[1:], vectors[1:], strict=True)
+                        ],
+                    )
+                ]
+            )
+            searchable = [image_id, *await self.catalog.frame_ids([image_id])]
+        except BaseException:
+            await self._originals.release(relative)
+            raise
+        for row_id, features, row_vector in zip(searchable, described, vectors, strict=True):
+            if row_vector is not None:
+                serving.record_added(row_id, scope, row_vector)
+            self._maintainer.inverted.add(row_id, scope, features)
+        return await self.catalog.get(image_id)
 
     async def analyze(self, data: bytes) -> Analysis:
-        """What :meth:`add` needs to know of ``data`` (in the CPU pool): of a moving
-        picture, every frame a query would look at.
+        """What :meth:`add` needs to know of ``data`` (on the pool's background workers,
+        as the rest of an add): of a moving picture, every frame a query would look at.
 
         Raises:
             ImageError: the bytes are not a usable image.
         """
-        analysis = await self.pool.run(analyze_bytes, data, self.settings, for_query=True)
-        if not analysis.frames_left:
-            return analysis
-        more = []
-        for index in analysis.frames_left:
-            try:
-                more.append(await self.pool.run(analyze_video_frame, data, index, self.settings))
-            except ImageError as error:
-                log.info("frame %d of a moving picture cannot be described: %s", index, error)
+        with background_work():
+            analysis = await self.pool.run(analyze_bytes, data, self.settings, for_query=True)
+            if not analysis.frames_left:
+                return analysis
+            more = []
+            for index in analysis.frames_left:
+                try:
+                    more.append(
+                        await self.pool.run(analyze_video_frame, data, index, self.settings)
+                    )
+                except ImageError as error:
+                    log.info("frame %d of a moving picture cannot be described: %s", index, error)
         return dataclasses.replace(
             analysis, video_frames=(*analysis.video_frames, *more), frames_left=()
         )
-
-    async def _find_existing(
-        self,
-        data: bytes,
-        analysis: Analysis,
-        scope: int,
-        distinct_from: Collection[int],
-        *,
-        every_look: bool,
-    ) -> ImageRecord | None:
-        scopes = sorted({GLOBAL_SCOPE, scope})
-        same_bytes = await self.catalog.find_by_hash(analysis.content_hash, scopes)
-        if same_bytes is not None:  # identical bytes are the same picture, whatever was said
-            return same_bytes
-        matches = await self.pipeline.search_analysis(
-            data,
-            analysis,
-            scope=scope,
-            top=1 + len(distinct_from),
-            first_look_only=not every_look,
-        )
-        for match in matches:
-            if match.verified and match.image.id not in distinct_from:
-                return match.image
-        return None
 
     async def closest_picture(self, analysis: Analysis, image_ids: Sequence[int]) -> int | None:
         """Of ``image_ids``, the one ``analysis``'s photo verifies as the same picture with

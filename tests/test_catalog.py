@@ -305,6 +305,21 @@ async def test_identical_bytes_are_found_only_from_scopes_that_see_them(catalog:
     assert from_elsewhere is None
 
 
+async def test_images_after_an_id_are_those_added_later_even_past_a_removed_last_one(
+    catalog: Catalog,
+) -> None:
+    first, last = await catalog.insert_images([new_image(15), new_image(16)])
+    await catalog.delete_images([last])
+    [later] = await catalog.insert_images([new_image(17)])
+
+    after_first = await catalog.images_after(first)
+    after_removed = await catalog.images_after(last)
+
+    assert [record.id for record in after_first] == [later]
+    assert [record.id for record in after_removed] == [later]
+    assert later > last  # ids are never reused, so a look's "newest seen" stays a fence
+
+
 async def test_the_telegram_file_id_is_remembered(catalog: Catalog) -> None:
     [image_id] = await catalog.insert_images([new_image(14)])
 
