@@ -322,6 +322,7 @@ async def build_distractor_index(config: Config, base: Path, target: Path,
     from indexer.search import CATALOG_FILE, GENERATIONS_DIR
     from indexer.segments import Segment, SegmentSet, SegmentStore
     from indexer.settings import EngineSettings
+    from indexer.workers import CpuPool
 
     stats: dict[str, Any] = {}
     if target.exists():
@@ -339,7 +340,7 @@ async def build_distractor_index(config: Config, base: Path, target: Path,
         # The base's images must all be in committed segments: the distractors'
         # commit raises the ceiling over every id, and an image below it is never
         # read from the catalog again.
-        inverted = InvertedFile(target, catalog, settings, asyncio.Lock())
+        inverted = InvertedFile(target, catalog, settings, asyncio.Lock(), pool=CpuPool.inline())
         await inverted.load()
         await inverted.rebuild()
         await inverted.close()

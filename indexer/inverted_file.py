@@ -30,6 +30,7 @@ from indexer.postings import PostingLists, merge_lists, random_access_files
 from indexer.segments import Segment, SegmentSet, SegmentStore, merge_plan, merged
 from indexer.settings import EngineSettings
 from indexer.vocabulary import Vocabulary, half_words_for, train_vocabulary
+from indexer.workers import CpuPool
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +48,12 @@ class InvertedFile:
         catalog: Catalog,
         settings: EngineSettings,
         write_lock: asyncio.Lock,
+        *,
+        pool: CpuPool,
     ) -> None:
         self.catalog = catalog
         self.settings = settings
+        self.pool = pool  # trains vocabularies
         # The index's write lock, held by every add: a rebuild swaps its new set
         # in under it, so no add lands in the set being replaced.
         self._write_lock = write_lock
@@ -261,7 +265,7 @@ class InvertedFile:
         ]
         descriptors = np.concatenate(sample)
         half_words = half_words_for(len(descriptors), largest=self.settings.vocabulary_half_words)
-        vocabulary = await asyncio.to_thread(
+        vocabulary = await self.pool.run(
             train_vocabulary, descriptors, half_words=half_words, trained_on=sampled
         )
         log.info("trained a vocabulary of %d words on %d images", vocabulary.size, sampled)

@@ -26,6 +26,7 @@ from indexer.errors import IndexCorruptError
 from indexer.inverted_file import InvertedFile
 from indexer.mapped import PageCacheWarmer
 from indexer.settings import EngineSettings
+from indexer.workers import CpuPool, background_work
 
 log = logging.getLogger(__name__)
 
@@ -89,12 +90,19 @@ class IndexMaintainer:
     """
 
     def __init__(
-        self, index_dir: Path, catalog: Catalog, settings: EngineSettings, store: GenerationStore
+        self,
+        index_dir: Path,
+        catalog: Catalog,
+        settings: EngineSettings,
+        store: GenerationStore,
+        *,
+        pool: CpuPool,
     ) -> None:
         self.catalog = catalog
         self.settings = settings
+        self.pool = pool  # trains codebooks and vocabularies
         self.write_lock = asyncio.Lock()
-        self.inverted = InvertedFile(index_dir, catalog, settings, self.write_lock)
+        self.inverted = InvertedFile(index_dir, catalog, settings, self.write_lock, pool=pool)
         self._store = store
         self._serving = ServingView.empty()
         self._rebuild_lock = asyncio.Lock()
@@ -206,7 +214,9 @@ class IndexMaintainer:
     def _rebuild_in_background(self) -> None:
         """Start a rebuild unless one is running; its failure is logged."""
         if not self.rebuild_running:
-            self._rebuild_task = asyncio.create_task(self.rebuild(), name="index-rebuild")
+            # Nobody waits for it: its training yields the CPU to queries and adds alike.
+            with background_work():
+                self._rebuild_task = asyncio.create_task(self.rebuild(), name="index-rebuild")
             self._rebuild_task.add_done_callback(self._background_rebuild_done)
 
     @staticmethod
@@ -286,13 +296,13 @@ class IndexMaintainer:
         sample: list[FloatArray] = []
         async for _, features in self.catalog.iter_training_features(sampled):
             sample.append(features.descriptors[:per_image])
-        centroids = await asyncio.to_thread(
+        centroids = await self.pool.run(
             train_centroids, np.concatenate(sample), centroids=self.settings.centroids
         )
         vlads: list[FloatArray] = []
         async for _, features in self.catalog.iter_training_features(sampled):
             vlads.append(vlad_vector(features.descriptors, centroids))
-        codebook = await asyncio.to_thread(
+        codebook = await self.pool.run(
             train_codebook, centroids, np.stack(vlads), dimensions=self.settings.dimensions
         )
         log.info(
