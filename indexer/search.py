@@ -23,7 +23,7 @@ from pathlib import Path
 from indexer.analysis import Analysis, analyze_bytes, analyze_video_frame
 from indexer.ann import GenerationStore
 from indexer.catalog import GLOBAL_SCOPE, Catalog, ChatRecords, ImageRecord, NewFrame, NewImage
-from indexer.copies import CopyFinder
+from indexer.copies import CopyFinder, CopyQuestion
 from indexer.errors import ImageError, IndexNotFoundError, NotFoundError
 from indexer.features import LocalFeatures
 from indexer.maintenance import CENTROID_TRAINING_DESCRIPTORS, IndexMaintainer
@@ -257,12 +257,10 @@ class SearchService:
             if analysis is None:
                 analysis = await self.analyze(data)
             look = await self._copies.look(
-                data, analysis, scope, distinct_from, every_look=every_look
+                CopyQuestion(data, analysis, scope, distinct_from, every_look)
             )
             async with self._maintainer.write_lock:
-                existing = await self._copies.confirm(
-                    look, data, analysis, scope, distinct_from, every_look=every_look
-                )
+                existing = await self._copies.confirm(look)
                 if existing is not None:
                     return AddResult(existing, created=False)
                 first_image = self._maintainer.serving.generation is None

@@ -41,7 +41,7 @@ from PIL import Image
 from indexer.analysis import analyze_bytes
 from indexer.ann import ANNOY_FILE, CODEBOOK_FILE, CURRENT_FILE, IDS_FILE, MANIFEST_FILE
 from indexer.catalog import GLOBAL_SCOPE
-from indexer.copies import CopyFinder
+from indexer.copies import CopyFinder, CopyQuestion
 from indexer.errors import (
     ImageError,
     IndexerError,
@@ -635,21 +635,18 @@ async def test_an_add_checks_again_under_the_lock_the_photos_added_since_its_loo
         copies = CopyFinder(service.catalog, service.pipeline)
         analysis = await service.analyze(copy)
         looks = {
-            scope: await copies.look(copy, analysis, scope, (), every_look=False)
+            scope: await copies.look(CopyQuestion(copy, analysis, scope, (), every_look=False))
             for scope in (CHAT_A, CHAT_B)
         }
         # Added after the looks: no look saw it.
         added = await service.add(jpeg_bytes(retina, 92), scope=CHAT_A)
+        told_apart = CopyQuestion(copy, analysis, CHAT_A, (added.image.id,), every_look=False)
 
-        in_the_same_chat = await copies.confirm(
-            looks[CHAT_A], copy, analysis, CHAT_A, (), every_look=False
-        )
+        in_the_same_chat = await copies.confirm(looks[CHAT_A])
         said_to_differ = await copies.confirm(
-            looks[CHAT_A], copy, analysis, CHAT_A, (added.image.id,), every_look=False
+            dataclasses.replace(looks[CHAT_A], question=told_apart)
         )
-        in_another_chat = await copies.confirm(
-            looks[CHAT_B], copy, analysis, CHAT_B, (), every_look=False
-        )
+        in_another_chat = await copies.confirm(looks[CHAT_B])
 
     assert [look.found for look in looks.values()] == [None, None]
     assert in_the_same_chat is not None
@@ -665,9 +662,9 @@ async def test_a_copy_removed_after_the_look_is_not_returned(private_index: Path
         added = await service.add(clock, scope=CHAT_A)
         copies = CopyFinder(service.catalog, service.pipeline)
         analysis = await service.analyze(copy)
-        look = await copies.look(copy, analysis, CHAT_A, (), every_look=False)
+        look = await copies.look(CopyQuestion(copy, analysis, CHAT_A, (), every_look=False))
         await service.remove(added.image.id)
-        confirmed = await copies.confirm(look, copy, analysis, CHAT_A, (), every_look=False)
+        confirmed = await copies.confirm(look)
         readded = await service.add(copy, scope=CHAT_A)
 
     assert look.found is not None
