@@ -7,7 +7,8 @@ because starting a worker would cost more than the query.
 Work nobody waits on as closely as a query (adds, an import, a rebuild's
 training) is started inside :func:`background_work`. A process pool runs it on
 workers of its own that the scheduler serves only with CPU time no query
-worker wants, so adds never slow the queries running beside them.
+worker wants, so adds take little from the queries running beside them
+(docs/BENCHMARKS.md, "Adds while querying").
 """
 
 from __future__ import annotations
